@@ -1,0 +1,2 @@
+def add_store_commands(group):
+    pass

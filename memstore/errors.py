@@ -1,0 +1,55 @@
+"""Exception classes for memstore.
+
+Every error the package raises on purpose derives from :class:`MemstoreError`, so the CLI can turn
+it into a one-line message and callers can catch the exact problem they care about.
+"""
+
+from __future__ import annotations
+
+
+class MemstoreError(Exception):
+    """Base class of every error memstore raises on purpose."""
+
+
+class InvalidInputError(MemstoreError, ValueError):
+    """An argument is malformed: wrong shape, dtype, NaN/inf, empty batch, bad k, bad option."""
+
+
+class DimensionMismatchError(InvalidInputError):
+    """An array's trailing dimension does not match the collection's key or value dimension."""
+
+
+class InvalidNameError(InvalidInputError):
+    """A collection name does not match ``[A-Za-z_][A-Za-z0-9_.-]{0,63}``."""
+
+
+class CollectionNotFoundError(MemstoreError, LookupError):
+    """The named collection does not exist in this store."""
+
+
+class CollectionExistsError(MemstoreError):
+    """A collection of that name already exists."""
+
+
+class RowNotFoundError(MemstoreError, LookupError):
+    """One or more requested row ids are not in the collection."""
+
+
+class DatabaseError(MemstoreError):
+    """The URL does not point at a usable memstore database (not a database, unreachable, ...)."""
+
+
+class SchemaTooNewError(DatabaseError):
+    """The database was written by a newer memstore; opening it could corrupt it."""
+
+
+class SchemaOutdatedError(DatabaseError):
+    """The database schema is older than this code; run ``memstore upgrade URL``."""
+
+
+class DriverError(MemstoreError):
+    """No available SQLite driver can load the sqlite-vec extension (or a backend driver is missing)."""
+
+
+class MissingDependencyError(MemstoreError):
+    """An optional dependency (for instance the ``torch`` extra) is not installed."""

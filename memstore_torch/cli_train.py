@@ -1,0 +1,2 @@
+def add_train_commands(group):
+    pass
