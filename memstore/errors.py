@@ -53,3 +53,11 @@ class DriverError(MemstoreError):
 
 class MissingDependencyError(MemstoreError):
     """An optional dependency (for instance the ``torch`` extra) is not installed."""
+
+
+class TeacherNotFoundError(MemstoreError, LookupError):
+    """The teacher model is neither a local directory nor in the local Hugging Face cache."""
+
+
+class StudentFormatError(MemstoreError):
+    """A student directory or training checkpoint is missing files or was written differently."""

@@ -1,0 +1,75 @@
+"""Pieces shared by teacher training and distillation: batches, learning-rate schedule, perplexity.
+
+Everything here is a pure function of its arguments (the batch of step ``s`` depends only on the
+seed and ``s``), which is what makes a resumed run follow the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def batch_for_step(blocks: np.ndarray, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The training batch of step ``step``: ``(batch_size, block_len)`` int64 token ids.
+
+    Drawn without replacement within an epoch from a permutation seeded by ``(seed, epoch)``, so
+    it depends on nothing but its arguments (no sampler state to checkpoint).
+    """
+    n = len(blocks)
+    per_epoch = max(1, n // batch_size) if n >= batch_size else 1
+    epoch, slot = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    if n >= batch_size:
+        idx = order[slot * batch_size : (slot + 1) * batch_size]
+    else:  # tiny corpora (tests, demos on a few paragraphs): sample with repetition
+        idx = np.resize(order, batch_size)
+    return torch.from_numpy(np.ascontiguousarray(blocks[idx]))
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, floor: float = 0.1) -> float:
+    """LR multiplier: linear warm-up, then cosine decay to ``floor`` of the peak at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``(B, T, V)`` of a causal LM, without building a KV cache."""
+    return model(input_ids=input_ids, use_cache=False).logits
+
+
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean"):
+    """Cross-entropy of predicting token t+1 from position t; logits (B,T,V), ids (B,T)."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(),
+        input_ids[:, 1:].reshape(-1),
+        reduction=reduction,
+    )
+
+
+@torch.no_grad()
+def perplexity(model, blocks: np.ndarray, batch_size: int = 16, max_blocks: int | None = None):
+    """exp(mean next-token cross-entropy) over every predicted token of ``blocks``.
+
+    Runs in eval mode and restores the model's previous mode, so it can be called mid-training.
+    """
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    data = blocks if max_blocks is None else blocks[:max_blocks]
+    try:
+        for start in range(0, len(data), batch_size):
+            ids = torch.from_numpy(np.ascontiguousarray(data[start : start + batch_size]))
+            nll = next_token_ce(lm_logits(model, ids), ids, reduction="sum")
+            total_nll += float(nll)
+            total_tokens += ids.shape[0] * (ids.shape[1] - 1)
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / max(1, total_tokens))
