@@ -1,2 +1,281 @@
-def add_train_commands(group):
-    pass
+"""Model commands of the ``memstore`` CLI: ``teacher train``, ``distill gpt2``, ``generate``, ``demo``.
+
+This module is imported every time ``memstore`` starts, so it must not import torch or transformers
+at module level: the store commands have to start fast and work without the ``torch`` extra. Each
+command imports its machinery when it runs and reports a missing extra as one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import click
+
+from memstore.errors import MissingDependencyError
+
+TORCH_HINT = "pip install 'memstore[torch]'"
+
+
+def require_torch() -> None:
+    """Fail with one clear line when the ``torch`` extra is not installed."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    missing = []
+    for module in ("torch", "transformers", "tokenizers"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise MissingDependencyError(f"this command needs {', '.join(missing)}: {TORCH_HINT}")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_flush_denormal(True)  # denormals make CPU training steps several times slower
+
+
+def _emit_json(summary: dict) -> None:
+    """The last line of output: one JSON object (non-finite floats become null)."""
+    click.echo(json.dumps(_finite(summary), sort_keys=True))
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _print_distill_result(summary: dict) -> None:
+    teacher, student = summary.get("teacher_ppl"), summary.get("student_ppl")
+    ratio = student / teacher if teacher and student else None
+    click.echo(f"teacher perplexity:          {_fmt(teacher)}")
+    click.echo(f"student perplexity (start):  {_fmt(summary.get('student_init_ppl'))}")
+    click.echo(f"student perplexity:          {_fmt(student)}  ({_fmt(ratio, 3)}x the teacher)")
+    click.echo(f"steps:                       {summary.get('steps')}")
+    rows = summary.get("memory_rows") or {}
+    click.echo(f"memory rows in the database: {sum(rows.values())} in {len(rows)} collection(s)")
+    click.echo(f"student saved to {summary['out']}, memory in {summary['db']}")
+
+
+# -- teacher ---------------------------------------------------------------------------------------
+@click.group("teacher")
+def teacher_group() -> None:
+    """Train a small GPT-2-architecture teacher on local text (no download needed)."""
+
+
+@teacher_group.command("train")
+@click.option(
+    "--data", "data", multiple=True, required=True, help="Text file or directory (repeatable)."
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Output model directory."
+)
+@click.option("--eval-data", multiple=True, help="Held-out text; default: last 10% of --data.")
+@click.option("--steps", default=1000, show_default=True, type=int)
+@click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--width", default=256, show_default=True, type=int)
+@click.option("--heads", default=4, show_default=True, type=int)
+@click.option("--context", default=128, show_default=True, type=int)
+@click.option("--inner", default=None, type=int, help="MLP hidden size [default: 4*width].")
+@click.option("--vocab", default=4096, show_default=True, type=int, help="BPE vocabulary size.")
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary as the last line.")
+def teacher_train(data, out, eval_data, steps, layers, width, heads, context, inner, vocab,
+                  batch_size, lr, seed, as_json) -> None:  # fmt: skip
+    """Train a byte-level BPE tokenizer and a GPT-2 teacher; save them as a HF directory.
+
+    \b
+    Example:
+      memstore teacher train --data corpus.txt --out teacher/ --steps 1000
+    """
+    require_torch()
+    from memstore_torch.teacher import TeacherSpec, train_teacher
+    from memstore_torch.text_data import read_texts
+
+    spec = TeacherSpec(layers=layers, width=width, heads=heads, context=context, inner=inner,
+                       vocab=vocab, steps=steps, batch_size=batch_size, lr=lr,
+                       warmup=min(100, max(1, steps // 10)), seed=seed)  # fmt: skip
+    spec.validate()
+    texts = read_texts(list(data))
+    eval_texts = read_texts(list(eval_data)) if eval_data else None
+    summary = train_teacher(texts, out, spec, eval_texts=eval_texts, progress=not as_json)
+    if as_json:
+        _emit_json(summary)
+    else:
+        click.echo(
+            f"teacher saved to {out}: {summary['parameters']:,} parameters, "
+            f"held-out perplexity {summary['teacher_ppl']:.2f} after {steps} steps "
+            f"({summary['seconds']:.0f} s)"
+        )
+
+
+# -- distill ---------------------------------------------------------------------------------------
+@click.group("distill")
+def distill_group() -> None:
+    """Distil a teacher into a student whose feed-forward memory lives in a database."""
+
+
+@distill_group.command("gpt2")
+@click.option(
+    "--teacher", required=True, help="Model directory, or hub name in the local HF cache."
+)
+@click.option(
+    "--data", multiple=True, required=True, help="Training text file or directory (repeatable)."
+)
+@click.option("--eval-data", multiple=True, help="Held-out text; default: last 10% of --data.")
+@click.option("--db", default=None, help="Memory database URL [default: sqlite file in --out].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Student directory.")
+@click.option("--steps", default=300, show_default=True, type=int)
+@click.option(
+    "--kind", type=click.Choice(["featural", "associative"]), default="featural", show_default=True
+)
+@click.option("--k", "k", default=128, show_default=True, type=int, help="Rows read per query.")
+@click.option("--init", type=click.Choice(["mlp", "random"]), default=None,
+              help="Initialise memory from the teacher's MLPs [default: mlp for featural].")  # fmt: skip
+@click.option(
+    "--layers", default="all", show_default=True, help="Blocks to replace: all, 0,2 or 1-3."
+)
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+@click.option(
+    "--context", default=None, type=int, help="Block length [default: min(teacher, 128)]."
+)
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--lr", default=3e-4, show_default=True, type=float)
+@click.option("--memory-lr", default=None, type=float, help="Rate for memory rows [default: --lr].")
+@click.option("--alpha", default=0.5, show_default=True, type=float, help="Weight of the KD term.")
+@click.option("--temperature", default=2.0, show_default=True, type=float)
+@click.option("--warmup", default=20, show_default=True, type=int)
+@click.option(
+    "--eval-every", default=0, show_default=True, type=int, help="0: only at start and end."
+)
+@click.option(
+    "--eval-blocks",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Held-out blocks per eval (0: all).",
+)
+@click.option("--checkpoint-every", default=100, show_default=True, type=int)
+@click.option("--heads", default=4, show_default=True, type=int, help="Associative memory heads.")
+@click.option("--capacity", default=None, type=int, help="Associative memory rows per layer.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Last line of output: one JSON summary.")
+def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers, resume, context,
+                 batch_size, lr, memory_lr, alpha, temperature, warmup, eval_every, eval_blocks,
+                 checkpoint_every, heads, capacity, seed, as_json) -> None:  # fmt: skip
+    """Distil GPT-2 TEACHER into a memory student saved in --out.
+
+    \b
+    Example:
+      memstore distill gpt2 --teacher teacher/ --data train.txt --eval-data test.txt \\
+          --out student/ --steps 300 --kind featural --k 128 --init mlp
+    """
+    require_torch()
+    from memstore_torch.distill import DistillJob, run_distill
+    from memstore_torch.trainer import DistillConfig
+
+    config = DistillConfig(
+        steps=steps, batch_size=batch_size, lr=lr, memory_lr=memory_lr, alpha=alpha,
+        temperature=temperature, warmup=warmup, eval_every=eval_every,
+        eval_blocks=eval_blocks or None, checkpoint_every=checkpoint_every, seed=seed,
+    )  # fmt: skip
+    job = DistillJob(
+        teacher=teacher, data=list(data), eval_data=list(eval_data) or None, db=db, out=out,
+        kind=kind, k=k, init=init or ("mlp" if kind == "featural" else "random"), layers=layers,
+        resume=resume, context=context, heads=heads, capacity=capacity, config=config,
+        progress=not as_json,
+    )  # fmt: skip
+    summary = run_distill(job)
+    if as_json:
+        _emit_json(summary)
+    else:
+        _print_distill_result(summary)
+
+
+# -- generate --------------------------------------------------------------------------------------
+@click.command("generate")
+@click.argument("student_dir", type=click.Path(file_okay=False))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", default=60, show_default=True, type=int)
+@click.option("--temperature", default=0.8, show_default=True, type=float, help="0: greedy.")
+@click.option("--top-k", default=40, show_default=True, type=int)
+@click.option("--seed", default=None, type=int)
+@click.option("--db", default=None, help="Use this memory database instead of the saved one.")
+def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, seed, db) -> None:
+    """Sample text from a student (or any GPT-2 directory) with its database memory.
+
+    \b
+    Example:
+      memstore generate student/ --prompt "The for statement"
+    """
+    require_torch()
+    from memstore_torch.generate import generate_text
+    from memstore_torch.student import STUDENT_FILE, load_student
+
+    if (Path(student_dir) / STUDENT_FILE).is_file():
+        loaded = load_student(student_dir, db=db)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    else:  # a plain teacher directory: handy for comparing teacher and student samples
+        from memstore_torch.teacher import load_teacher
+
+        loaded = None
+        model, tokenizer = load_teacher(student_dir)
+    try:
+        text = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k or None, seed=seed)  # fmt: skip
+    finally:
+        if loaded is not None:
+            loaded.close()
+    click.echo(text)
+
+
+# -- demo ------------------------------------------------------------------------------------------
+@click.command("demo")
+@click.option(
+    "--data", multiple=True, help="Your own text file/directory [default: Python's docs]."
+)
+@click.option("--out", default="memstore-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--teacher-steps", default=None, type=int, help="[default: sized to finish in minutes]"
+)
+@click.option(
+    "--steps", default=None, type=int, help="Distillation steps [default: sized likewise]."
+)
+@click.option("--json", "as_json", is_flag=True, help="Last line of output: one JSON summary.")
+def demo_command(data, out, teacher_steps, steps, as_json) -> None:
+    """Offline end-to-end demo: train a teacher, distil it into a SQLite memory student.
+
+    \b
+    Uses the English help texts shipped with Python unless --data is given.
+      memstore demo
+      memstore demo --data my_notes/ --out my-demo
+    """
+    require_torch()
+    from memstore_torch.demo import run_demo
+
+    summary = run_demo(list(data) or None, out, teacher_steps=teacher_steps,
+                       distill_steps=steps, log=click.echo, progress=not as_json)  # fmt: skip
+    if as_json:
+        _emit_json(summary)
+
+
+def add_train_commands(group: click.Group) -> None:
+    """Register the model commands on the ``memstore`` group (called by ``cli.py``)."""
+    group.add_command(teacher_group)
+    group.add_command(distill_group)
+    group.add_command(generate_command)
+    group.add_command(demo_command)

@@ -75,6 +75,8 @@ def clone_with_mlps(teacher, layers: Sequence[int], factory: MlpFactory):
     to initialise a featural memory from them. The teacher itself is left unchanged.
     """
     student = copy.deepcopy(teacher)
+    for param in student.parameters():  # the teacher may have been frozen for an earlier run
+        param.requires_grad_(True)
     teacher_blocks, student_blocks = gpt2_blocks(teacher), gpt2_blocks(student)
     for index in layers:
         replacement = factory(index, teacher_blocks[index].mlp)

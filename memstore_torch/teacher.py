@@ -162,7 +162,7 @@ def train_teacher(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss_value:.3f}")
     bar.close()

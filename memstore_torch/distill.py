@@ -1,0 +1,177 @@
+"""The ``memstore distill gpt2`` pipeline: teacher -> surgery -> distillation -> saved student.
+
+One function shared by the CLI, the demo and the quality benchmark, so that what is measured is
+exactly what users run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memstore.errors import InvalidInputError, StudentFormatError
+from memstore_torch.trainer import CHECKPOINT_FILE, DistillConfig, Distiller, write_summary
+
+
+@dataclass
+class DistillJob:
+    """Everything ``memstore distill gpt2`` needs; field names follow the CLI flags."""
+
+    teacher: str
+    data: list[str]
+    out: str
+    eval_data: list[str] | None = None
+    db: str | None = None
+    kind: str = "featural"
+    k: int = 128
+    init: str = "mlp"
+    layers: str | None = None
+    resume: bool = False
+    context: int | None = None  # block length; None -> min(teacher context, 128)
+    heads: int = 4  # associative memory heads
+    capacity: int | None = None  # associative memory rows per layer
+    calibration_batches: int = 4
+    config: DistillConfig = field(default_factory=DistillConfig)
+    progress: bool = True
+
+
+def prepare_data(tokenizer, job: DistillJob, context: int):
+    """(train_blocks, eval_blocks) for the job: --eval-data, or the last 10 % of --data."""
+    from memstore_torch.text_data import holdout_split, load_blocks
+
+    blocks = load_blocks(tokenizer, job.data, context)
+    if job.eval_data:
+        return blocks, load_blocks(tokenizer, job.eval_data, context)
+    return holdout_split(blocks)
+
+
+def run_distill(job: DistillJob, log=print) -> dict[str, Any]:
+    """Run (or resume) a distillation; returns the summary that ``--json`` prints."""
+    from memstore import Store
+    from memstore_torch.lm_training import batch_for_step
+    from memstore_torch.student import (
+        build_student_skeleton,
+        collection_name,
+        default_db_url,
+        memory_factory,
+        memory_layers,
+        read_manifest,
+        resolve_db_url,
+        save_student,
+    )
+    from memstore_torch.surgery import capture_mlp_inputs, clone_with_mlps, parse_layers
+    from memstore_torch.teacher import load_teacher
+
+    started = time.perf_counter()
+    teacher, tokenizer = load_teacher(job.teacher)
+    layers = parse_layers(job.layers, teacher.config.n_layer)
+    context = job.context or min(teacher.config.n_positions, 128)
+    if context > teacher.config.n_positions:
+        raise InvalidInputError(
+            f"--context {context} exceeds the teacher's {teacher.config.n_positions} positions"
+        )
+    train_blocks, eval_blocks = prepare_data(tokenizer, job, context)
+    out = Path(job.out)
+    checkpoint = out / CHECKPOINT_FILE
+
+    if job.resume:
+        manifest = read_manifest(out)
+        if not checkpoint.is_file():
+            raise StudentFormatError(f"--resume: {out} has no {CHECKPOINT_FILE} to resume from")
+        db_url = resolve_db_url(out, manifest, job.db)
+        store = Store(db_url)
+        student = build_student_skeleton(out, manifest, store)
+    else:
+        if checkpoint.is_file():
+            raise InvalidInputError(
+                f"{out} already holds a distillation run; pass --resume to continue it, "
+                "or choose another --out"
+            )
+        db_url = job.db or default_db_url(out)
+        factory = memory_factory(
+            job.kind,
+            None,
+            k=job.k,
+            init=job.init,
+            heads=job.heads,
+            capacity=job.capacity,
+        )  # validates --kind/--init/--k before the store is touched
+        store = Store(db_url)
+        existing = {c.name for c in store.list_collections()}
+        clash = sorted(existing & {collection_name(i) for i in layers})
+        if clash:
+            store.close()
+            raise InvalidInputError(
+                f"database {db_url} already holds collection(s) {', '.join(clash)}; "
+                "pass --resume to continue that run, or give another --db"
+            )
+        calibration = None
+        if job.init == "mlp":
+            batches = [
+                batch_for_step(train_blocks, s, job.config.batch_size, job.config.seed + 1)
+                for s in range(job.calibration_batches)
+            ]
+            calibration = capture_mlp_inputs(teacher, layers, batches)
+        factory = memory_factory(
+            job.kind,
+            store,
+            k=job.k,
+            init=job.init,
+            calibration=calibration,
+            heads=job.heads,
+            capacity=job.capacity,
+        )
+        student = clone_with_mlps(teacher, layers, factory)
+        save_student(student, tokenizer, out, db_url, info={"teacher": job.teacher})
+
+    try:
+        distiller = Distiller(
+            student,
+            teacher,
+            train_blocks,
+            eval_blocks,
+            job.config,
+            out_dir=out,
+            progress=job.progress,
+        )
+        if job.resume:
+            distiller.load_checkpoint()
+        result = distiller.run()
+        info = {"teacher": job.teacher, "kind": job.kind, "k": job.k, "init": job.init}
+        save_student(student, tokenizer, out, db_url, info=info)
+        rows = {str(i): len(store.collection(collection_name(i))) for i in memory_layers(student)}
+    finally:
+        store.close()
+    summary = {
+        **result,
+        "db": db_url,
+        "out": str(out),
+        "kind": job.kind,
+        "k": job.k,
+        "init": job.init,
+        "layers": layers,
+        "memory_rows": rows,
+        "db_bytes": _sqlite_bytes(db_url),
+        "parameters": sum(p.numel() for p in student.parameters()),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "train_tokens": int(train_blocks.size),
+        "eval_tokens": int(eval_blocks.size),
+        "seconds": time.perf_counter() - started,
+    }
+    write_summary(out, summary)
+    return summary
+
+
+def _sqlite_bytes(db_url: str) -> int | None:
+    prefix = "sqlite:///"
+    if not db_url.startswith(prefix):
+        return None
+    path = db_url[len(prefix) :]
+    total = 0
+    for suffix in ("", "-wal"):
+        if os.path.exists(path + suffix):
+            total += os.path.getsize(path + suffix)
+    return total

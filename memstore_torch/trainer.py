@@ -1,0 +1,313 @@
+"""Knowledge distillation of a GPT-2 teacher into a student (memory or dense), with resumable runs.
+
+loss = alpha * T^2 * KL(p_T || p_S) + (1 - alpha) * CE  (Hinton et al.; the T^2 keeps the soft-target
+gradients on the same scale as the hard-target ones when T changes).
+
+Resumability is by construction rather than by luck: the batch of step s and the learning rate of
+step s are pure functions of (seed, s); a checkpoint stores the dense weights, the optimizer, the
+RNG state and the step, and the memory rows are flushed to the database at the same moment. A run
+resumed from step s therefore replays exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memstore.errors import InvalidInputError, StudentFormatError
+from memstore_torch.lm_training import batch_for_step, lm_logits, perplexity, warmup_cosine
+from memstore_torch.student import flush_memory, split_parameters
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class DistillConfig:
+    """Hyper-parameters of a distillation run (DESIGN §9 prototype: T=2, alpha=0.5, AdamW 3e-4)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-4
+    memory_lr: float | None = None  # memory rows' own rate; None -> same as lr
+    weight_decay: float = 0.01
+    warmup: int = 20
+    alpha: float = 0.5
+    temperature: float = 2.0
+    clip: float = 1.0
+    eval_every: int = 0  # 0 -> only before and after training
+    eval_blocks: int | None = 64  # cap on held-out blocks per evaluation (None = all)
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise InvalidInputError(f"--steps must be >= 0, got {self.steps}")
+        if self.batch_size <= 0:
+            raise InvalidInputError(f"--batch-size must be positive, got {self.batch_size}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise InvalidInputError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise InvalidInputError(f"--temperature must be positive, got {self.temperature}")
+        if self.lr <= 0 or (self.memory_lr is not None and self.memory_lr < 0):
+            raise InvalidInputError("learning rates must be positive")
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    alpha: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kl, ce) for logits (B, T, V) and ids (B, T); per next-token position averages."""
+    vocab = student_logits.shape[-1]
+    s = student_logits[:, :-1].reshape(-1, vocab).float()  # (N, V), N = B*(T-1)
+    t = teacher_logits[:, :-1].reshape(-1, vocab).float()
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, dim=-1),
+        F.log_softmax(t / temperature, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    ce = F.cross_entropy(s, input_ids[:, 1:].reshape(-1))
+    loss = alpha * temperature**2 * kl + (1.0 - alpha) * ce
+    return loss, kl, ce
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    teacher_ppl: float | None = None
+    student_init_ppl: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per optimizer step
+    evals: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Distiller:
+    """Trains ``student`` towards ``teacher``; checkpoints into ``out_dir``.
+
+    The student may be anything GPT-2-shaped; its memory layers (if any) get a separate optimizer
+    group and are flushed to their collections at every checkpoint.
+    """
+
+    def __init__(
+        self,
+        student,
+        teacher,
+        train_blocks: np.ndarray,
+        eval_blocks: np.ndarray | None,
+        config: DistillConfig,
+        out_dir: str | os.PathLike | None = None,
+        progress: bool = False,
+        tensorboard: bool = True,
+    ) -> None:
+        config.validate()
+        if len(train_blocks) == 0:
+            raise InvalidInputError("no training blocks: the --data text is too short")
+        self.student, self.teacher = student, teacher
+        self.train_blocks, self.eval_blocks = train_blocks, eval_blocks
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress
+        self.tensorboard = tensorboard and self.out_dir is not None
+        self.teacher.eval()
+        for param in self.teacher.parameters():
+            param.requires_grad_(False)
+        self.optimizer = self._build_optimizer()
+        self.state = TrainState()
+        self._writer = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        dense, memory = split_parameters(self.student)
+        cfg = self.config
+        groups: list[dict[str, Any]] = [
+            {"params": dense, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "dense"}
+        ]
+        if memory:
+            memory_lr = cfg.lr if cfg.memory_lr is None else cfg.memory_lr
+            groups.append(
+                {"params": memory, "lr": memory_lr, "weight_decay": 0.0, "name": "memory"}
+            )
+        optimizer = torch.optim.AdamW(groups)
+        for group in optimizer.param_groups:
+            group["peak_lr"] = group["lr"]
+        return optimizer
+
+    def _set_lr(self, step: int) -> float:
+        factor = warmup_cosine(step, self.config.steps, self.config.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * factor
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / CHECKPOINT_FILE
+
+    def save_checkpoint(self) -> None:
+        """Flush memory rows, then atomically write dense weights + optimizer + step + RNG."""
+        if self.checkpoint_path is None:
+            return
+        flush_memory(self.student)
+        payload = {
+            "step": self.state.step,
+            "dense": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "state": {k: v for k, v in asdict(self.state).items() if k != "step"},
+            "config": asdict(self.config),
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_name(CHECKPOINT_FILE + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self) -> None:
+        """Restore a run saved by :meth:`save_checkpoint` (memory rows come from the database)."""
+        from memstore_torch.student import load_dense_state
+
+        path = self.checkpoint_path
+        if path is None or not path.is_file():
+            raise StudentFormatError(f"--resume: no checkpoint at {path}")
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        load_dense_state(self.student, payload["dense"])
+        try:
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except ValueError as exc:
+            raise StudentFormatError(
+                f"--resume: the checkpoint's optimizer does not match this student ({exc})"
+            ) from None
+        torch.set_rng_state(payload["rng"])
+        saved = payload["state"]
+        self.state = TrainState(step=payload["step"], **saved)
+
+    # -- training ------------------------------------------------------------------------------
+    def evaluate_student(self) -> float:
+        return perplexity(self.student, self.eval_blocks, max_blocks=self.config.eval_blocks)
+
+    def _log_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._writer is not None:
+            self._writer.add_scalar(tag, value, step)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        ids = batch_for_step(self.train_blocks, step, cfg.batch_size, cfg.seed)  # (B, T)
+        lr = self._set_lr(step)
+        with torch.no_grad():
+            teacher_logits = lm_logits(self.teacher, ids)  # (B, T, V)
+        student_logits = lm_logits(self.student, ids)  # (B, T, V)
+        loss, kl, ce = kd_loss(student_logits, teacher_logits, ids, cfg.alpha, cfg.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in self.optimizer.param_groups for p in g["params"]], cfg.clip
+        )
+        self.optimizer.step()
+        return {
+            "train_loss": float(loss.detach()),
+            "kd_kl": float(kl.detach()),
+            "ce": float(ce.detach()),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+        }
+
+    def run(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train from the current step to ``config.steps`` (or ``stop_at``); returns a summary."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        has_eval = self.eval_blocks is not None and len(self.eval_blocks) > 0
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        if has_eval and self.state.teacher_ppl is None:
+            self.state.teacher_ppl = perplexity(
+                self.teacher, self.eval_blocks, max_blocks=cfg.eval_blocks
+            )
+            self.state.student_init_ppl = self.evaluate_student()
+            self._log_scalar("eval/teacher_ppl", self.state.teacher_ppl, 0)
+            self._log_scalar("eval/student_ppl", self.state.student_init_ppl, 0)
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        self.student.train()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.state.step,
+            desc="distill",
+            disable=not self.progress,
+            mininterval=1.0,
+        )
+        started = time.perf_counter()
+        first_step = self.state.step
+        try:
+            while self.state.step < end:
+                step = self.state.step
+                metrics = self.train_step(step)
+                self.state.history.append({"step": step, **metrics})
+                self.state.step = step + 1
+                for tag, value in metrics.items():
+                    self._log_scalar(tag, value, step)
+                if step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
+                bar.update(1)
+                if has_eval and cfg.eval_every and self.state.step % cfg.eval_every == 0:
+                    self._record_eval()
+                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - started
+        self.state.seconds += elapsed
+        steps_done = self.state.step - first_step
+        student_ppl = None
+        if has_eval:
+            last = self.state.evals[-1] if self.state.evals else None
+            if last is not None and last["step"] == self.state.step:
+                student_ppl = last["student_ppl"]
+            else:
+                student_ppl = self._record_eval()
+        self.save_checkpoint()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+        return {
+            "teacher_ppl": self.state.teacher_ppl,
+            "student_init_ppl": self.state.student_init_ppl,
+            "student_ppl": student_ppl,
+            "steps": self.state.step,
+            "final_train_loss": self.state.history[-1]["train_loss"]
+            if self.state.history
+            else None,
+            "step_time_s": elapsed / steps_done if steps_done else None,
+            "train_seconds": self.state.seconds,
+        }
+
+    def _record_eval(self) -> float:
+        ppl = self.evaluate_student()
+        self.state.evals.append({"step": self.state.step, "student_ppl": ppl})
+        self._log_scalar("eval/student_ppl", ppl, self.state.step)
+        self.student.train()
+        return ppl
+
+
+def write_summary(out_dir: str | os.PathLike, summary: dict) -> None:
+    Path(out_dir, "distill_summary.json").write_text(json.dumps(summary, indent=2, default=_json))
+
+
+def _json(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
