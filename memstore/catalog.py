@@ -1,0 +1,122 @@
+"""Reads and writes of the catalog table (collection definitions, clocks, id allocator, counters).
+
+Dialect-neutral SQLAlchemy Core, shared by every backend.
+"""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from memstore.errors import CollectionExistsError, CollectionNotFoundError
+from memstore.schema import COUNTERS, collections
+from memstore.types import CollectionSpec
+
+_c = collections.c
+
+
+def _spec(row) -> CollectionSpec:
+    return CollectionSpec(
+        id=int(row.id),
+        name=row.name,
+        key_dim=int(row.key_dim),
+        value_dim=int(row.value_dim),
+        metric=row.metric,
+        lrfu_lambda=float(row.lrfu_lambda),
+        capacity=None if row.capacity is None else int(row.capacity),
+        index=row.index_kind,
+        oversample=int(row.oversample),
+    )
+
+
+def add(
+    conn: Connection,
+    name: str,
+    key_dim: int,
+    value_dim: int,
+    metric: str,
+    lrfu_lambda: float,
+    capacity: int | None,
+    index: str,
+    oversample: int,
+) -> CollectionSpec:
+    if conn.execute(sa.select(_c.id).where(_c.name == name)).first() is not None:
+        raise CollectionExistsError(f"collection {name!r} already exists")
+    conn.execute(
+        collections.insert().values(
+            name=name,
+            key_dim=key_dim,
+            value_dim=value_dim,
+            metric=metric,
+            lrfu_lambda=lrfu_lambda,
+            capacity=capacity,
+            index_kind=index,
+            oversample=oversample,
+        )
+    )
+    return get(conn, name)
+
+
+def get(conn: Connection, name: str) -> CollectionSpec:
+    row = conn.execute(sa.select(collections).where(_c.name == name)).first()
+    if row is None:
+        raise CollectionNotFoundError(f"no collection named {name!r}")
+    return _spec(row)
+
+
+def find(conn: Connection, name: str) -> CollectionSpec | None:
+    row = conn.execute(sa.select(collections).where(_c.name == name)).first()
+    return None if row is None else _spec(row)
+
+
+def all_specs(conn: Connection) -> list[CollectionSpec]:
+    return [_spec(r) for r in conn.execute(sa.select(collections).order_by(_c.name))]
+
+
+def remove(conn: Connection, spec: CollectionSpec) -> None:
+    conn.execute(collections.delete().where(_c.id == spec.id))
+
+
+def state(conn: Connection, collection_id: int) -> dict:
+    """Clock, id allocator and counters of one collection."""
+    row = conn.execute(
+        sa.select(_c.clock, _c.next_id, *[_c[name] for name in COUNTERS]).where(
+            _c.id == collection_id
+        )
+    ).first()
+    if row is None:
+        raise CollectionNotFoundError(f"collection id {collection_id} was dropped")
+    return {key: int(value) for key, value in row._mapping.items()}
+
+
+def set_state(
+    conn: Connection,
+    collection_id: int,
+    *,
+    clock: int | None = None,
+    next_id: int | None = None,
+    add_counters: dict[str, int] | None = None,
+) -> None:
+    values: dict = {}
+    if clock is not None:
+        values["clock"] = int(clock)
+    if next_id is not None:
+        values["next_id"] = int(next_id)
+    for name, amount in (add_counters or {}).items():
+        if amount:
+            values[name] = _c[name] + int(amount)
+    if values:
+        conn.execute(collections.update().where(_c.id == collection_id).values(**values))
+
+
+def read_index_state(conn: Connection, collection_id: int) -> dict:
+    text = conn.execute(sa.select(_c.index_state).where(_c.id == collection_id)).scalar_one()
+    return json.loads(text) if text else {}
+
+
+def write_index_state(conn: Connection, collection_id: int, value: dict) -> None:
+    conn.execute(
+        collections.update().where(_c.id == collection_id).values(index_state=json.dumps(value))
+    )

@@ -1,0 +1,127 @@
+"""Plain data carried across the store's API: what a collection is, a block of rows, a search answer.
+
+They are numpy-only dataclasses so that ``memstore_torch`` and the backends can exchange rows in bulk
+without touching SQL or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+METRICS = ("l2", "cosine", "ip")
+INDEX_KINDS = ("exact", "rescore-bit", "rescore-int8")
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    """The immutable definition of a collection as recorded in the catalog.
+
+    Backends receive it for every call, so they never have to look a collection up by name: the
+    integer ``id`` names the per-collection tables (``name`` is user text and never reaches SQL).
+    """
+
+    id: int
+    name: str
+    key_dim: int
+    value_dim: int
+    metric: str
+    lrfu_lambda: float
+    capacity: int | None
+    index: str
+    oversample: int
+
+
+@dataclass
+class RowBlock:
+    """A batch of complete rows, ordered as given; the unit of bulk export and bulk upsert."""
+
+    ids: np.ndarray  # int64 (n,)
+    keys: np.ndarray  # float32 (n, dk)
+    values: np.ndarray  # float32 (n, dv)
+    crf: np.ndarray  # float64 (n,)  LRFU combined recency-frequency, as of last_tick
+    last_tick: np.ndarray  # int64 (n,)
+    hits: np.ndarray  # int64 (n,)
+    created_tick: np.ndarray  # int64 (n,)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @classmethod
+    def empty(cls, key_dim: int, value_dim: int) -> RowBlock:
+        return cls(
+            ids=np.empty(0, np.int64),
+            keys=np.empty((0, key_dim), np.float32),
+            values=np.empty((0, value_dim), np.float32),
+            crf=np.empty(0, np.float64),
+            last_tick=np.empty(0, np.int64),
+            hits=np.empty(0, np.int64),
+            created_tick=np.empty(0, np.int64),
+        )
+
+    @classmethod
+    def fresh(cls, ids: np.ndarray, keys: np.ndarray, values: np.ndarray, tick: int) -> RowBlock:
+        """Rows as a plain insert creates them: one reference at ``tick`` (crf 1), no search hits yet.
+
+        Counting the insertion as the first reference (standard LRFU) keeps ``crf >= 1`` for every
+        row, so ``log2(crf)`` in the SQL order key is always finite.
+        """
+        n = len(ids)
+        return cls(
+            ids=np.asarray(ids, np.int64),
+            keys=keys,
+            values=values,
+            crf=np.ones(n, np.float64),
+            last_tick=np.full(n, tick, np.int64),
+            hits=np.zeros(n, np.int64),
+            created_tick=np.full(n, tick, np.int64),
+        )
+
+    def take(self, index: np.ndarray) -> RowBlock:
+        """The rows at the given positions (a numpy fancy index or boolean mask)."""
+        return RowBlock(
+            ids=self.ids[index],
+            keys=self.keys[index],
+            values=self.values[index],
+            crf=self.crf[index],
+            last_tick=self.last_tick[index],
+            hits=self.hits[index],
+            created_tick=self.created_tick[index],
+        )
+
+    @staticmethod
+    def concat(blocks: list[RowBlock]) -> RowBlock:
+        return RowBlock(
+            ids=np.concatenate([b.ids for b in blocks]),
+            keys=np.concatenate([b.keys for b in blocks]),
+            values=np.concatenate([b.values for b in blocks]),
+            crf=np.concatenate([b.crf for b in blocks]),
+            last_tick=np.concatenate([b.last_tick for b in blocks]),
+            hits=np.concatenate([b.hits for b in blocks]),
+            created_tick=np.concatenate([b.created_tick for b in blocks]),
+        )
+
+
+@dataclass
+class SearchResult:
+    """k nearest rows per query; smaller distance = nearer for every metric.
+
+    Distances: l2 -> Euclidean distance, cosine -> 1 - cosine similarity, ip -> -(q . k).
+    Where fewer than k rows exist, ids are -1, distances +inf and keys/values 0.
+    """
+
+    ids: np.ndarray  # int64 (m, k)
+    distances: np.ndarray  # float32 (m, k)
+    keys: np.ndarray  # float32 (m, k, dk)
+    values: np.ndarray  # float32 (m, k, dv)
+    changes: dict = field(default_factory=dict)  # {"recombinations": n, "novel_inserts": n, ...}
+
+    @classmethod
+    def padded(cls, m: int, k: int, key_dim: int, value_dim: int) -> SearchResult:
+        return cls(
+            ids=np.full((m, k), -1, np.int64),
+            distances=np.full((m, k), np.inf, np.float32),
+            keys=np.zeros((m, k, key_dim), np.float32),
+            values=np.zeros((m, k, value_dim), np.float32),
+        )

@@ -1,0 +1,122 @@
+"""Input checks shared by every backend: each bad input gets an error that names the problem.
+
+Everything is checked *before* any SQL runs, so a rejected call leaves the database untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from memstore.errors import DimensionMismatchError, InvalidInputError, InvalidNameError
+from memstore.types import INDEX_KINDS, METRICS
+
+NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+        raise InvalidNameError(
+            f"invalid collection name {name!r}: it must match [A-Za-z_][A-Za-z0-9_.-]{{0,63}}"
+        )
+    return name
+
+
+def check_positive_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise InvalidInputError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_collection_options(
+    key_dim: object,
+    value_dim: object,
+    metric: object,
+    lrfu_lambda: object,
+    capacity: object,
+    index: object,
+    oversample: object,
+) -> tuple[int, int, str, float, int | None, str, int]:
+    key_dim = check_positive_int(key_dim, "key_dim")
+    value_dim = check_positive_int(value_dim, "value_dim")
+    if metric not in METRICS:
+        raise InvalidInputError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    if index not in INDEX_KINDS:
+        raise InvalidInputError(f"unknown index {index!r}: use one of {', '.join(INDEX_KINDS)}")
+    try:
+        lam = float(lrfu_lambda)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            f"lrfu_lambda must be a number in [0, 1], got {lrfu_lambda!r}"
+        ) from None
+    if not (0.0 <= lam <= 1.0) or math.isnan(lam):
+        raise InvalidInputError(f"lrfu_lambda must be in [0, 1], got {lrfu_lambda!r}")
+    cap = None if capacity is None else check_positive_int(capacity, "capacity")
+    over = check_positive_int(oversample, "oversample")
+    return key_dim, value_dim, str(metric), lam, cap, str(index), over
+
+
+def as_matrix(array: object, dim: int, what: str, *, allow_empty: bool = False) -> np.ndarray:
+    """A C-contiguous float32 (n, dim) copy of ``array``, or a clear error.
+
+    Accepts any floating dtype (float64 is narrowed; values that overflow float32 are rejected as
+    inf). Rejects integer/bool/object arrays, non-2-D arrays, empty batches, NaN and inf.
+    """
+    arr = np.asarray(array)
+    if arr.dtype.kind != "f":
+        raise InvalidInputError(f"{what} must be a floating-point array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise InvalidInputError(f"{what} must be a 2-D array (rows, dim), got shape {arr.shape}")
+    if arr.shape[0] == 0 and not allow_empty:
+        raise InvalidInputError(f"{what} is an empty batch (0 rows)")
+    if arr.shape[1] != dim:
+        raise DimensionMismatchError(
+            f"{what} have dimension {arr.shape[1]} but the collection expects {dim}"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        bad = int(np.argwhere(~np.isfinite(out))[0][0])
+        raise InvalidInputError(f"{what} contain NaN or inf (first at row {bad})")
+    return out
+
+
+def as_ids(
+    ids: object, what: str = "ids", *, unique: bool = False, allow_empty: bool = False
+) -> np.ndarray:
+    """A 1-D int64 copy of ``ids`` (ints >= 0), or a clear error."""
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise InvalidInputError(f"{what} must be a 1-D array of integers, got shape {arr.shape}")
+    if arr.size == 0:
+        if not allow_empty:
+            raise InvalidInputError(f"{what} is an empty batch (0 ids)")
+        return np.empty(0, np.int64)
+    if arr.dtype.kind not in "iu":
+        raise InvalidInputError(f"{what} must be integers, got dtype {arr.dtype}")
+    out = arr.astype(np.int64)
+    if (out < 0).any():
+        raise InvalidInputError(f"{what} must be >= 0, got {int(out.min())}")
+    if unique and np.unique(out).size != out.size:
+        raise InvalidInputError(f"{what} contain duplicates")
+    return out
+
+
+def check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def check_nonzero_rows(arr: np.ndarray, what: str) -> None:
+    """Cosine distance is undefined for a zero vector."""
+    norms = np.linalg.norm(arr, axis=1)
+    if (norms == 0).any():
+        raise InvalidInputError(
+            f"{what} contain a zero vector (row {int(np.argmax(norms == 0))}); "
+            "cosine distance is undefined for it"
+        )
