@@ -1,0 +1,287 @@
+"""PostgreSQL + pgvector storage of collections (the scale-out backend).
+
+Each collection is one table ``rows_<id>``: ``id bigint`` primary key, ``key vector(dk)``,
+``value vector(dv)`` and the LRFU fields. ``index="hnsw"`` / ``"ivfflat"`` add a pgvector index on
+``key`` with the operator class of the collection's metric; ``"exact"`` scans.
+
+Why the code looks the way it does:
+
+* Bulk paths move numpy buffers, not Python rows: inserts are one binary ``COPY`` stream, exports
+  one binary ``COPY ... TO STDOUT`` parsed with a structured dtype, batches of ids / queries are one
+  binary array parameter (:mod:`memstore.backends.pg_codec`).
+* A search batch is ONE statement: each query is sliced out of a ``real[]`` parameter and joined
+  LATERAL to ``ORDER BY key <op> q LIMIT k`` - the form pgvector's index scans serve - so m queries
+  cost one round trip.
+* pgvector's operators already are our distance convention: ``<->`` Euclidean, ``<=>`` 1 - cos,
+  ``<#>`` the negative inner product. Inner product needs no reduction to L2 here.
+* Recall knob: ``oversample`` (a collection option) sets the candidates examined per result, as it
+  does for sqlite-vec's rescore index: HNSW ``hnsw.ef_search = k * oversample`` (pgvector caps it at
+  1000; a k above that scans exactly), IVFFlat ``ivfflat.probes = oversample``.
+* Rows that several transactions may touch (LRFU touches, updates, deletes) are locked in id order
+  first, so concurrent writers queue instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from memstore.backends import pg_sql
+from memstore.backends.base import VectorBackend
+from memstore.backends.pg_codec import decode_copy_rows, decode_vectors, encode_copy_rows
+from memstore.backends.pg_connect import Float4Array, Int8Array, create_pg_engine
+from memstore.errors import InvalidInputError
+from memstore.types import CollectionSpec, RowBlock, SearchResult
+
+_COPY_CHUNK = 8 << 20  # bytes per write to the COPY stream
+
+
+def _raw(conn: Connection):
+    """The psycopg connection under SQLAlchemy's, inside the same transaction."""
+    return conn.connection.driver_connection
+
+
+def _id_list_literal(ids: np.ndarray) -> str:
+    """``'{1,2,3}'::bigint[]`` for statements that cannot take parameters (COPY); ints only."""
+    return "'{" + ",".join(str(int(i)) for i in np.asarray(ids, np.int64)) + "}'::bigint[]"
+
+
+class PostgresBackend(VectorBackend):
+    """Collections as pgvector tables (see the module docstring)."""
+
+    dialect = "postgresql"
+
+    @classmethod
+    def create_engine(cls, url: sa.URL) -> Engine:
+        return create_pg_engine(url)
+
+    # ------------------------------------------------------------- lifecycle
+    def create_storage(self, conn: Connection, spec: CollectionSpec) -> None:
+        if spec.index not in pg_sql.PG_INDEX_KINDS:
+            raise InvalidInputError(
+                f"index {spec.index!r} is not available on PostgreSQL: use one of "
+                f"{', '.join(pg_sql.PG_INDEX_KINDS)}"
+            )
+        if spec.index != "exact" and spec.key_dim > pg_sql.INDEX_MAX_DIM:
+            raise InvalidInputError(
+                f"pgvector indexes at most {pg_sql.INDEX_MAX_DIM} dimensions; key_dim "
+                f"{spec.key_dim} needs index='exact'"
+            )
+        with _raw(conn).cursor() as cur:
+            cur.execute(pg_sql.create_table(spec))
+            ddl = pg_sql.create_index(spec)
+            if ddl is not None:
+                cur.execute(ddl)
+
+    def drop_storage(self, conn: Connection, spec: CollectionSpec) -> None:
+        with _raw(conn).cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {pg_sql.rows_table(spec)}")
+
+    # ------------------------------------------------------------------ rows
+    def insert_rows(self, conn: Connection, spec: CollectionSpec, rows: RowBlock) -> None:
+        if len(rows) == 0:
+            return
+        stream = encode_copy_rows(rows)
+        table = pg_sql.rows_table(spec)
+        with _raw(conn).cursor() as cur:
+            with cur.copy(f"COPY {table} ({pg_sql.ROW_COLUMNS}) FROM STDIN (FORMAT BINARY)") as cp:
+                view = memoryview(stream)
+                for start in range(0, len(view), _COPY_CHUNK):
+                    cp.write(view[start : start + _COPY_CHUNK])
+
+    def _lock_rows(self, cur, spec: CollectionSpec, ids: np.ndarray) -> None:
+        """Lock existing rows in id order, so concurrent writers queue instead of deadlocking."""
+        cur.execute(
+            f"SELECT id FROM {pg_sql.rows_table(spec)} WHERE id = ANY(%(ids)b) "
+            "ORDER BY id FOR UPDATE",
+            {"ids": Int8Array(ids)},
+        )
+
+    def update_rows(
+        self,
+        conn: Connection,
+        spec: CollectionSpec,
+        ids: np.ndarray,
+        keys: np.ndarray | None,
+        values: np.ndarray | None,
+    ) -> None:
+        if len(ids) == 0 or (keys is None and values is None):
+            return
+        table = pg_sql.rows_table(spec)
+        sets = []
+        params: dict = {"ids": Int8Array(ids)}
+        for column, array, dim in (("key", keys, spec.key_dim), ("value", values, spec.value_dim)):
+            if array is None:
+                continue
+            d = int(dim)
+            sets.append(
+                f"{column} = ((%({column}s)b::real[])[(u.i::int - 1) * {d} + 1 : u.i::int * {d}])"
+                f"::vector({d})"
+            )
+            params[f"{column}s"] = Float4Array(array)
+        with _raw(conn).cursor() as cur:
+            self._lock_rows(cur, spec, ids)
+            cur.execute(
+                f"UPDATE {table} SET {', '.join(sets)} "
+                "FROM unnest(%(ids)b::bigint[]) WITH ORDINALITY AS u(id, i) "
+                f"WHERE {table}.id = u.id",
+                params,
+            )
+
+    def delete_rows(self, conn: Connection, spec: CollectionSpec, ids: np.ndarray) -> int:
+        if len(ids) == 0:
+            return 0
+        with _raw(conn).cursor() as cur:
+            self._lock_rows(cur, spec, ids)
+            cur.execute(
+                f"DELETE FROM {pg_sql.rows_table(spec)} WHERE id = ANY(%(ids)b)",
+                {"ids": Int8Array(ids)},
+            )
+            return int(cur.rowcount)
+
+    def fetch_rows(
+        self, conn: Connection, spec: CollectionSpec, ids: np.ndarray | None = None
+    ) -> RowBlock:
+        if ids is not None and len(ids) == 0:
+            return RowBlock.empty(spec.key_dim, spec.value_dim)
+        where = "" if ids is None else f" WHERE id = ANY({_id_list_literal(ids)})"
+        sql = (
+            f"COPY (SELECT {pg_sql.ROW_COLUMNS} FROM {pg_sql.rows_table(spec)}{where} ORDER BY id)"
+            " TO STDOUT (FORMAT BINARY)"
+        )
+        with _raw(conn).cursor() as cur:
+            with cur.copy(sql) as cp:
+                stream = b"".join(bytes(chunk) for chunk in cp)
+        return decode_copy_rows(stream, spec.key_dim, spec.value_dim)
+
+    def count_rows(self, conn: Connection, spec: CollectionSpec) -> int:
+        with _raw(conn).cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {pg_sql.rows_table(spec)}")
+            return int(cur.fetchone()[0])
+
+    def max_id(self, conn: Connection, spec: CollectionSpec) -> int | None:
+        with _raw(conn).cursor() as cur:
+            cur.execute(f"SELECT max(id) FROM {pg_sql.rows_table(spec)}")
+            value = cur.fetchone()[0]
+        return None if value is None else int(value)
+
+    # ---------------------------------------------------------------- search
+    def _search_settings(self, spec: CollectionSpec, k: int) -> tuple[list[str], bool]:
+        """SET LOCAL statements for this search, and whether the result is exact."""
+        oversample = max(1, int(spec.oversample))
+        if spec.index == "hnsw":
+            if k > pg_sql.HNSW_MAX_EF_SEARCH:  # the index cannot return that many: scan instead
+                return ["SET LOCAL enable_indexscan = off"], True
+            ef_search = min(pg_sql.HNSW_MAX_EF_SEARCH, max(k, k * oversample))
+            return [f"SET LOCAL hnsw.ef_search = {int(ef_search)}"], False
+        if spec.index == "ivfflat":
+            return [f"SET LOCAL ivfflat.probes = {oversample}"], False
+        return [], True
+
+    def knn(
+        self, conn: Connection, spec: CollectionSpec, queries: np.ndarray, k: int
+    ) -> SearchResult:
+        m = int(queries.shape[0])
+        result = SearchResult.padded(m, k, spec.key_dim, spec.value_dim)
+        if m == 0:
+            return result
+        settings, exact = self._search_settings(spec, k)
+        with _raw(conn).cursor(binary=True) as cur:
+            for statement in settings:
+                cur.execute(statement)
+            cur.execute(
+                pg_sql.knn_query(spec, exact_tiebreak=exact),
+                {"q": Float4Array(queries), "m": m, "k": int(k)},
+            )
+            rows = cur.fetchall()
+            if settings:  # back to the session's defaults for the rest of the transaction
+                cur.execute("RESET enable_indexscan")
+        if not rows:
+            return result
+        ords, ids, dists, key_cells, value_cells = zip(*rows, strict=True)
+        ords = np.asarray(ords, np.int64) - 1
+        ids = np.asarray(ids, np.int64)
+        dists = np.asarray(dists, np.float64)
+        order = np.lexsort((ids, dists, ords))
+        ords, ids, dists = ords[order], ids[order], dists[order]
+        group_start = np.searchsorted(ords, ords, side="left")
+        rank = np.arange(len(ords)) - group_start
+        keys = decode_vectors(key_cells, spec.key_dim)[order]
+        values = decode_vectors(value_cells, spec.value_dim)[order]
+        result.ids[ords, rank] = ids
+        result.distances[ords, rank] = dists.astype(np.float32)
+        result.keys[ords, rank] = keys
+        result.values[ords, rank] = values
+        return result
+
+    # ------------------------------------------------------------------ LRFU
+    def touch(
+        self,
+        conn: Connection,
+        spec: CollectionSpec,
+        ids: np.ndarray,
+        counts: np.ndarray,
+        tick: int,
+    ) -> None:
+        if len(ids) == 0:
+            return
+        with _raw(conn).cursor() as cur:
+            self._lock_rows(cur, spec, ids)
+            cur.execute(
+                pg_sql.touch_statement(spec, tick),
+                {"ids": Int8Array(ids), "counts": Int8Array(counts)},
+            )
+
+    def lowest_scored(
+        self,
+        conn: Connection,
+        spec: CollectionSpec,
+        now: int,
+        *,
+        limit: int | None = None,
+        below: float | None = None,
+    ) -> np.ndarray:
+        order_key = pg_sql.order_key_sql(spec, now)
+        where = "" if below is None else f" WHERE {order_key} < %(below)s"
+        tail = "" if limit is None else " LIMIT %(limit)s"
+        with _raw(conn).cursor() as cur:
+            cur.execute(
+                f"SELECT id FROM {pg_sql.rows_table(spec)}{where} "
+                f"ORDER BY {order_key}, last_tick, id{tail}",
+                {"below": None if below is None else float(below), "limit": limit},
+            )
+            return np.asarray([row[0] for row in cur.fetchall()], np.int64)
+
+    def score_summary(self, conn: Connection, spec: CollectionSpec, now: int) -> dict:
+        order_key = pg_sql.order_key_sql(spec, now)
+        with _raw(conn).cursor() as cur:
+            cur.execute(
+                f"SELECT min({order_key}), avg({order_key}), max({order_key}) "
+                f"FROM {pg_sql.rows_table(spec)}"
+            )
+            low, mean, high = cur.fetchone()
+        as_float = lambda x: None if x is None else float(x)  # noqa: E731
+        return {"min": as_float(low), "mean": as_float(mean), "max": as_float(high)}
+
+    # ----------------------------------------------------------- maintenance
+    def compact(self, spec: CollectionSpec) -> None:
+        """VACUUM FULL rewrites the table and its indexes without dead rows (space back to the OS).
+
+        VACUUM cannot run inside a transaction, so it gets an autocommit connection; it is atomic
+        by itself (the old files stay until the new ones are complete). IVFFlat lists are then
+        re-trained on the rows now present, in one transaction (DROP + CREATE INDEX).
+        """
+        table = pg_sql.rows_table(spec)
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f"VACUUM (FULL, ANALYZE) {table}")
+        if spec.index == "ivfflat":
+            with self.engine.begin() as conn:
+                count = self.count_rows(conn, spec)
+                with _raw(conn).cursor() as cur:
+                    cur.execute(f"DROP INDEX IF EXISTS {pg_sql.index_name(spec)}")
+                    cur.execute(pg_sql.create_index(spec, lists=pg_sql.ivfflat_lists(count)))
+
+    def size_bytes(self) -> int | None:
+        with self.engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar())
