@@ -99,15 +99,15 @@ def remove_mlps(module_index: int, mlp: nn.Module) -> nn.Module:
 
 
 def keep_mlps(module_index: int, mlp: nn.Module) -> nn.Module:
-    """Factory for the dense control: an independent copy of the teacher's MLP."""
-    return copy.deepcopy(mlp)
+    """Factory for the dense control: an independent, trainable copy of the teacher's MLP."""
+    return _trainable_copy(mlp)
 
 
 def reinit_mlps(seed: int = 0) -> MlpFactory:
     """Factory for a dense student whose MLPs start from fresh GPT-2 initialisation."""
 
     def factory(module_index: int, mlp: nn.Module) -> nn.Module:
-        fresh = copy.deepcopy(mlp)
+        fresh = _trainable_copy(mlp)
         generator = torch.Generator().manual_seed(seed + module_index)
         with torch.no_grad():
             for name, param in fresh.named_parameters():
@@ -118,6 +118,14 @@ def reinit_mlps(seed: int = 0) -> MlpFactory:
         return fresh
 
     return factory
+
+
+def _trainable_copy(module: nn.Module) -> nn.Module:
+    """deepcopy that is trainable even when the source (a teacher) has been frozen."""
+    clone = copy.deepcopy(module)
+    for param in clone.parameters():
+        param.requires_grad_(True)
+    return clone
 
 
 @torch.no_grad()
