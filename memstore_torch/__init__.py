@@ -10,7 +10,19 @@ import importlib
 from typing import Any
 
 # public name -> module that defines it; extend as modules land.
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "ResidentIndex": "memstore_torch.resident",
+    "ResidentHits": "memstore_torch.resident",
+    "FeaturalMemory": "memstore_torch.featural",
+    "AssociativeMemory": "memstore_torch.associative",
+    "TopKMemoryRead": "memstore_torch.functions",
+    "StraightThroughQuery": "memstore_torch.functions",
+    "StraightThroughInsert": "memstore_torch.functions",
+    "topk_memory_read": "memstore_torch.functions",
+    "straight_through_query": "memstore_torch.functions",
+    "straight_through_insert": "memstore_torch.functions",
+    "knn_search": "memstore_torch.knn",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,348 @@
+"""FeaturalMemory: a feed-forward layer whose key/value rows live in a memstore collection.
+
+Seed steps 1-4 (DESIGN section 6): ``q = W_q x`` -> top-k stored keys by ``q . key + bias`` ->
+weighted sum of their values (``softmax(score / tau)`` or an activation such as GELU) -> ``W_o``.
+A GPT-2 MLP ``c_proj(act(c_fc x))`` is exactly this with ``n_inner`` rows, so
+:meth:`FeaturalMemory.from_mlp` turns one into the other; with ``k < n_inner`` the mean of the
+unselected rows' contribution (the "tail") is folded into the trainable output bias.
+
+Each row is stored as key ``[k, b]`` (the bias as an extra coordinate) so that an ``ip`` collection
+queried with ``[q, 1]`` gives exactly the layer's scores.
+
+Maintenance that moves rows (inserting novel queries, recombining near-duplicates) is queued during
+a training forward and applied at the start of the next forward or at :meth:`flush`, because the
+backward pass still needs the rows exactly as they were read.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from memstore.errors import InvalidInputError
+
+from .functions import make_weight_fn, topk_memory_read
+from .memory_rows import MemoryRowsMixin
+from .resident import ResidentHits, ResidentIndex
+
+_ACTIVATION_WEIGHTING = {
+    "NewGELUActivation": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "GELUPytorchTanh": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+    "GELUActivation": "gelu",
+    "GELU": "gelu",
+    "ReLU": "relu",
+}
+
+
+class FeaturalMemory(MemoryRowsMixin):
+    """Drop-in ``(B, T, d) -> (B, T, d)`` replacement for a transformer MLP."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_rows: int = 1024,
+        k: int = 32,
+        heads: int = 1,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
+        weighting: str = "softmax",
+        temperature: float = 1.0,
+        trainable_rows: bool = True,
+        novel: float | None = None,
+        recombine: float | None = None,
+        store: Any = None,
+        collection: str | None = None,
+        *,
+        lrfu_lambda: float = 0.5,
+        dropout: float = 0.0,
+        update_in_eval: bool = False,
+        _init_rows: bool = True,
+    ) -> None:
+        super().__init__()
+        if d_model < 1 or n_rows < 1 or k < 1 or heads < 1:
+            raise InvalidInputError("d_model, n_rows, k and heads must all be >= 1")
+        if temperature <= 0:
+            raise InvalidInputError(f"temperature must be > 0, got {temperature}")
+        query_dim = d_model if key_dim is None else key_dim
+        if query_dim % heads:
+            raise InvalidInputError(f"key dim {query_dim} is not divisible by heads={heads}")
+        self.d_model, self.n_rows, self.k, self.heads = d_model, n_rows, k, heads
+        self.key_dim, self.value_dim = key_dim, value_dim
+        self.head_dim = query_dim // heads
+        self.row_value_dim = d_model if value_dim is None else value_dim
+        self.weighting, self.temperature = weighting, float(temperature)
+        self.novel, self.recombine = novel, recombine
+        self.lrfu_lambda, self.dropout_p = lrfu_lambda, dropout
+        self.update_in_eval = update_in_eval
+        self._weight_fn = make_weight_fn(weighting, self.temperature)
+
+        # q = W_q x only when key_dim is given; from_mlp uses the identity.
+        self.query_proj = None if key_dim is None else nn.Linear(d_model, key_dim, bias=False)
+        self.out_proj = None if value_dim is None else nn.Linear(value_dim, d_model, bias=False)
+        self.out_bias = nn.Parameter(torch.zeros(d_model))  # c_proj bias + tail correction
+        self.dropout = nn.Dropout(dropout)
+
+        index = ResidentIndex(
+            self.head_dim + 1, self.row_value_dim, "ip", lrfu_lambda=lrfu_lambda, max_rows=n_rows
+        )
+        self._init_memory(index, trainable_rows, store, collection)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._bind(self._collection_for)
+        if not self._loaded and _init_rows:
+            self._init_random_rows()
+            if self._collection is not None:
+                self.flush()
+
+    # -------------------------------------------------------------- construction helpers
+    def _collection_for(self, store: Any, name: str) -> Any:
+        return store.get_or_create_collection(
+            name,
+            key_dim=self.head_dim + 1,
+            value_dim=self.row_value_dim,
+            metric="ip",
+            lrfu_lambda=self.lrfu_lambda,
+            capacity=self.n_rows,
+        )
+
+    def _init_random_rows(self) -> None:
+        g = torch.Generator().manual_seed(0x5EED)
+        keys = torch.randn(self.n_rows, self.head_dim, generator=g) / math.sqrt(self.head_dim)
+        values = torch.randn(self.n_rows, self.row_value_dim, generator=g) * 0.02
+        self.index.insert(torch.cat([keys, torch.zeros(self.n_rows, 1)], dim=1), values)
+
+    def set_rows(self, keys: torch.Tensor, bias: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace every row: keys (n, head_dim), bias (n,), values (n, row_value_dim)."""
+        n = keys.shape[0]
+        if n > self.n_rows:
+            raise InvalidInputError(f"{n} rows do not fit n_rows={self.n_rows}")
+        stale = self.index.ids.clone()
+        self.index.delete(torch.arange(self.index.n))
+        self.index.counters["evictions"] = 0
+        self.index._next_id = 1 if stale.numel() == 0 else int(stale.max()) + 1
+        self.index.insert(torch.cat([keys, bias[:, None]], dim=1).float(), values.float())
+
+    @classmethod
+    def from_mlp(
+        cls,
+        mlp: nn.Module,
+        k: int = 128,
+        calibration: torch.Tensor | None = None,
+        store: Any = None,
+        collection: str | None = None,
+        *,
+        trainable_rows: bool = True,
+        **kwargs: Any,
+    ) -> FeaturalMemory:
+        """Featural memory equal to a GPT-2 MLP (``c_fc``, ``act``, ``c_proj``) at ``k = n_inner``.
+
+        ``calibration`` (N, d) or (B, T, d): sample inputs of this MLP; with ``k < n_inner`` the
+        mean contribution of the rows top-k leaves out is added to the output bias (DESIGN
+        section 6: without it a top-k GELU MLP loses badly). Rows go to ``store``/``collection``
+        (replacing what the collection held) when given.
+        """
+        fc_w, fc_b = _linear_weight(mlp.c_fc)  # (n_inner, d), (n_inner,)
+        proj_w, proj_b = _linear_weight(mlp.c_proj)  # (d, n_inner), (d,)
+        n_inner, d_model = fc_w.shape
+        act_name = type(mlp.act).__name__
+        weighting = _ACTIVATION_WEIGHTING.get(act_name)
+        if weighting is None:
+            raise InvalidInputError(f"unsupported MLP activation {act_name}")
+        dropout = getattr(getattr(mlp, "dropout", None), "p", 0.0)
+        layer = cls(
+            d_model,
+            n_rows=kwargs.pop("n_rows", n_inner),
+            k=min(k, n_inner),
+            weighting=weighting,
+            trainable_rows=trainable_rows,
+            dropout=kwargs.pop("dropout", dropout),
+            _init_rows=False,
+            **kwargs,
+        )
+        values = proj_w.T.contiguous()  # (n_inner, d)
+        layer.set_rows(fc_w, fc_b, values)
+        with torch.no_grad():
+            layer.out_bias.copy_(proj_b)
+            if k < n_inner:
+                if calibration is None:
+                    warnings.warn(
+                        "from_mlp with k < n_inner and no calibration inputs: no tail correction",
+                        stacklevel=2,
+                    )
+                else:
+                    layer.out_bias += tail_correction(
+                        calibration.reshape(-1, d_model).float(),
+                        fc_w,
+                        fc_b,
+                        values,
+                        k,
+                        layer._weight_fn,
+                    )
+        if store is not None:
+            layer.attach(store, collection)
+        return layer.to(fc_w.device)
+
+    def attach(self, store: Any, collection: str | None) -> None:
+        """Bind to ``store``/``collection`` and write this layer's rows there, replacing any."""
+        if not collection:
+            raise InvalidInputError("attach needs a collection name")
+        self._store, self.collection_name = store, collection
+        coll = self._collection_for(store, collection)
+        self._collection = coll
+        if len(coll):
+            old = coll.export_rows().ids
+            stale = torch.as_tensor(old)
+            keep = torch.isin(stale, self.index.ids.cpu())
+            self.index._deleted_ids.append(stale[~keep])  # ids reused by our rows are upserted
+        self.index._in_store[: self.index.n] = False
+        self.index.mark_rows_changed()
+        self.flush()
+
+    # -------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise InvalidInputError(f"expected (..., {self.d_model}) input, got {tuple(x.shape)}")
+        self._apply_pending()
+        lead = x.shape[:-1]
+        h = x.reshape(-1, self.d_model)  # (N, d)
+        q = h if self.query_proj is None else self.query_proj(h)  # (N, H * dh)
+        q = q.reshape(-1, self.head_dim)  # (N * H, dh)
+        n = self.index.n
+        if n == 0:
+            out = h.new_zeros((h.shape[0], self.row_value_dim))
+        else:
+            rows = self.memory_keys[:n]  # (n, dh + 1): key and bias
+            out, idx = topk_memory_read(
+                q,
+                rows[:, : self.head_dim],
+                rows[:, self.head_dim],
+                self.memory_values[:n],
+                min(self.k, n),
+                self._weight_fn,
+            )  # (N * H, dv), (N * H, k)
+            out = out.reshape(h.shape[0], self.heads, -1).sum(1)  # (N, dv)
+            if self.training or self.update_in_eval:
+                self._after_read(q.detach(), idx)
+        if self.out_proj is not None:
+            out = self.out_proj(out)  # (N, d)
+        out = self.dropout(out + self.out_bias)
+        return out.reshape(*lead, self.d_model)
+
+    @torch.no_grad()
+    def _after_read(self, q: torch.Tensor, idx: torch.Tensor) -> None:
+        """LRFU touches now; row-moving maintenance queued for the next forward."""
+        n = self.index.n
+        if idx.shape[1] >= n:  # dense read: every row hit once by every query
+            self.index.touch_counts(torch.full((n,), idx.shape[0], device=idx.device))
+        else:
+            self.index.touch(idx)
+        if self.novel is None and self.recombine is None:
+            return
+        r = min(idx.shape[1], 4)
+        top = idx[:, :r]  # (M, r)
+        rows = self.index.keys[top]  # (M, r, dh + 1)
+        q_aug = torch.cat([q, q.new_ones(q.shape[0], 1)], dim=1)  # (M, dh + 1)
+        dist = -(rows * q_aug[:, None, :]).sum(-1)  # ip distance (M, r)
+        self._pending.append((q_aug, dist, self.index.ids[top]))
+
+    @torch.no_grad()
+    def _apply_pending(self) -> None:
+        while self._pending:
+            q_aug, dist, ids = self._pending.pop(0)
+            if self.recombine is not None:
+                alive = torch.isin(ids, self.index.ids)
+                slots = torch.full_like(ids, -1)
+                if bool(alive.any()):
+                    slots[alive] = self.index.slots_of(ids[alive])
+                d = torch.where(alive, dist, torch.full_like(dist, math.inf))
+                self.index.recombine(q_aug, ResidentHits(d, slots, ids), self.recombine)
+            if self.novel is not None:
+                fresh = dist[:, 0] > self.novel
+                if bool(fresh.any()):
+                    new_keys = q_aug[fresh].clone()
+                    new_keys[:, -1] = 0.0  # bias of a new row
+                    new_keys = new_keys[: self.n_rows]
+                    self.index.insert(
+                        new_keys, new_keys.new_zeros((new_keys.shape[0], self.row_value_dim))
+                    )
+
+    def flush(self) -> dict[str, int]:
+        self._apply_pending()
+        return super().flush()
+
+    # -------------------------------------------------------------- config
+    def extra_config(self) -> dict[str, Any]:
+        return {
+            "type": "FeaturalMemory",
+            "d_model": self.d_model,
+            "n_rows": self.n_rows,
+            "k": self.k,
+            "heads": self.heads,
+            "key_dim": self.key_dim,
+            "value_dim": self.value_dim,
+            "weighting": self.weighting,
+            "temperature": self.temperature,
+            "trainable_rows": self.trainable_rows,
+            "novel": self.novel,
+            "recombine": self.recombine,
+            "collection": self.collection_name,
+            "lrfu_lambda": self.lrfu_lambda,
+            "dropout": self.dropout_p,
+            "update_in_eval": self.update_in_eval,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], store: Any) -> FeaturalMemory:
+        """Rebuild the layer bound to its collection with rows loaded from ``store``."""
+        cfg = dict(cfg)
+        kind = cfg.pop("type", "FeaturalMemory")
+        if kind != "FeaturalMemory":
+            raise InvalidInputError(f"config is for {kind}, not FeaturalMemory")
+        layer = cls(**cfg, store=store, _init_rows=False)
+        if not layer._loaded:
+            raise InvalidInputError(f"collection {cfg.get('collection')!r} holds no rows")
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, rows={self.index.n}/{self.n_rows}, k={self.k}, "
+            f"heads={self.heads}, weighting={self.weighting}, collection={self.collection_name!r}"
+        )
+
+
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight and (out,) bias of an ``nn.Linear`` or a Hugging Face ``Conv1D``."""
+    w = module.weight.detach()
+    b = module.bias.detach() if module.bias is not None else w.new_zeros(w.shape[0])
+    if isinstance(module, nn.Linear):
+        return w, b
+    return w.T.contiguous(), b  # Conv1D stores (in, out)
+
+
+@torch.no_grad()
+def tail_correction(
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    bias: torch.Tensor,
+    values: torch.Tensor,
+    k: int,
+    weight_fn,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Mean over ``x`` (N, d) of the contribution of the rows top-k leaves out: full MLP output
+    minus the top-k output (d,)."""
+    total = torch.zeros(values.shape[1], dtype=torch.float64, device=values.device)
+    for start in range(0, x.shape[0], chunk):
+        xs = x[start : start + chunk].to(keys.device)
+        scores = torch.addmm(bias, xs, keys.T)  # (c, n)
+        full = weight_fn(scores) @ values
+        s_top, idx = scores.topk(k, dim=1)
+        sparse = torch.zeros_like(scores).scatter_(1, idx, weight_fn(s_top)) @ values
+        total += (full - sparse).double().sum(0)
+    return (total / max(1, x.shape[0])).to(values.dtype)
