@@ -1,2 +1,407 @@
-def add_store_commands(group):
-    pass
+"""Store commands of the ``memstore`` CLI: init, import, query, inspect, prune, upgrade.
+
+Never imports torch, so these start fast and work without the ``torch`` extra. Every memstore error
+becomes a one-line ``Error: ...`` with exit code 1 (``cli.MemstoreGroup``); ``--json`` prints one
+JSON document on stdout and nothing else.
+
+URL is an SQLAlchemy URL (``sqlite:///path/x.db``, ``postgresql+psycopg://...``); a bare file path
+is taken as a SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+import numpy as np
+
+from memstore.errors import DatabaseError, InvalidInputError
+from memstore.types import INDEX_KINDS, METRICS
+
+
+def normalise_url(url: str) -> str:
+    """``x.db`` -> ``sqlite:///<absolute path>``; URLs pass through unchanged."""
+    if "://" in url:
+        return url
+    return "sqlite:///" + str(Path(url).expanduser().resolve())
+
+
+def open_store(url: str, **kwargs):
+    from memstore.store import Store
+
+    return Store(normalise_url(url), **kwargs)
+
+
+def load_matrix(path: str, what: str) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InvalidInputError(f"{what} file not found: {path}") from None
+    except (ValueError, OSError) as exc:
+        raise InvalidInputError(
+            f"{what} file {path} is not a readable .npy array ({exc})"
+        ) from None
+    if not isinstance(arr, np.ndarray):
+        raise InvalidInputError(f"{what} file {path} holds several arrays; give a single .npy")
+    return arr
+
+
+def emit_json(payload) -> None:
+    click.echo(json.dumps(payload, indent=None, allow_nan=False))
+
+
+def _finite(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
+
+
+URL_ARG = click.argument("url", metavar="URL")
+
+
+@click.command("init")
+@URL_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def init_command(url: str, as_json: bool) -> None:
+    """Create a memstore database (or check an existing one is usable).
+
+    \b
+    Examples:
+      memstore init sqlite:///memory.db
+      memstore init ./memory.db
+    """
+    with open_store(url) as store:
+        revision = store.schema_revision()
+        names = [c.name for c in store.list_collections()]
+    if as_json:
+        emit_json(
+            {"url": normalise_url(url), "schema_revision": revision, "collections": len(names)}
+        )
+    else:
+        click.echo(f"{normalise_url(url)}: memstore schema {revision}, {len(names)} collection(s)")
+
+
+@click.command("import")
+@URL_ARG
+@click.argument("collection")
+@click.option(
+    "--keys", "keys_path", required=True, type=click.Path(), help="Keys, float (n, dk) .npy."
+)
+@click.option(
+    "--values", "values_path", type=click.Path(), help="Values (n, dv) .npy; default: keys."
+)
+@click.option("--metric", type=click.Choice(METRICS), help="For a new collection (default l2).")
+@click.option(
+    "--index", type=click.Choice(INDEX_KINDS), help="For a new collection (default exact)."
+)
+@click.option(
+    "--oversample", type=int, help="Rescore oversampling for a new collection (default 8)."
+)
+@click.option("--lrfu-lambda", type=float, help="LRFU lambda in [0, 1] for a new collection.")
+@click.option("--capacity", type=int, help="Capacity (prune's default) for a new collection.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def import_command(
+    url,
+    collection,
+    keys_path,
+    values_path,
+    metric,
+    index,
+    oversample,
+    lrfu_lambda,
+    capacity,
+    as_json,
+) -> None:
+    """Insert rows from .npy files, creating the collection if it is missing.
+
+    Ids are assigned consecutively in the order of the rows; the whole file is one transaction.
+
+    \b
+    Examples:
+      memstore import memory.db facts --keys keys.npy --values values.npy --metric ip
+      memstore import sqlite:///memory.db facts --keys keys.npy --index rescore-bit --json
+    """
+    keys = load_matrix(keys_path, "keys")
+    values = None if values_path is None else load_matrix(values_path, "values")
+    with open_store(url) as store:
+        if store.has_collection(collection):
+            coll = store.collection(collection)
+            for option, given, stored in (
+                ("--metric", metric, coll.metric),
+                ("--index", index, coll.index),
+                ("--oversample", oversample, coll.oversample),
+            ):
+                if given is not None and given != stored:
+                    raise InvalidInputError(
+                        f"collection {collection!r} exists with {option} {stored}, not {given}"
+                    )
+            created = False
+        else:
+            if keys.ndim != 2:
+                raise InvalidInputError(
+                    f"keys must be a 2-D array (rows, dim), got shape {keys.shape}"
+                )
+            value_dim = (
+                values.shape[-1] if values is not None and values.ndim == 2 else keys.shape[1]
+            )
+            options = {"key_dim": keys.shape[1], "value_dim": value_dim}
+            for name, given in (
+                ("metric", metric),
+                ("index", index),
+                ("oversample", oversample),
+                ("lrfu_lambda", lrfu_lambda),
+                ("capacity", capacity),
+            ):
+                if given is not None:
+                    options[name] = given
+            _validate_before_create(keys, values, options)
+            coll = store.create_collection(collection, **options)
+            created = True
+        try:
+            ids = coll.insert(keys, values)
+        except Exception:
+            if created:  # do not leave an empty collection behind a rejected file
+                store.drop_collection(collection)
+            raise
+        rows = len(coll)
+    if as_json:
+        emit_json(
+            {
+                "collection": collection,
+                "created": created,
+                "inserted": int(len(ids)),
+                "first_id": int(ids[0]),
+                "last_id": int(ids[-1]),
+                "rows": rows,
+            }
+        )
+    else:
+        verb = "created and imported" if created else "imported"
+        click.echo(
+            f"{verb} {len(ids)} rows into {collection!r} (ids {ids[0]}..{ids[-1]}); {rows} rows now"
+        )
+
+
+def _validate_before_create(keys, values, options) -> None:
+    """Reject a bad file before creating the collection it would have created."""
+    from memstore.validation import as_matrix, check_collection_options
+
+    check_collection_options(
+        options["key_dim"],
+        options["value_dim"],
+        options.get("metric", "l2"),
+        options.get("lrfu_lambda", 0.5),
+        options.get("capacity"),
+        options.get("index", "exact"),
+        options.get("oversample", 8),
+    )
+    as_matrix(keys, options["key_dim"], "keys")
+    if values is not None:
+        as_matrix(values, options["value_dim"], "values")
+
+
+@click.command("query")
+@URL_ARG
+@click.argument("collection")
+@click.option(
+    "--queries", "queries_path", required=True, type=click.Path(), help="Queries (m, dk) .npy."
+)
+@click.option("-k", "k", required=True, type=int, help="Neighbours per query (1..rows).")
+@click.option(
+    "--touch/--no-touch", default=True, show_default=True, help="Count the hits for LRFU."
+)
+@click.option("--json", "as_json", is_flag=True, help='Print {"ids": [[..]], "distances": [[..]]}.')
+def query_command(url, collection, queries_path, k, touch, as_json) -> None:
+    """k nearest rows of each query (smaller distance = nearer; ip distance is -q.k).
+
+    \b
+    Examples:
+      memstore query memory.db facts --queries q.npy -k 5
+      memstore query memory.db facts --queries q.npy -k 5 --json --no-touch
+    """
+    from memstore.validation import check_k
+
+    queries = load_matrix(queries_path, "queries")
+    check_k(k)
+    with open_store(url, create=False) as store:
+        coll = store.collection(collection)
+        rows = len(coll)
+        if k > rows:
+            raise InvalidInputError(f"k={k} exceeds the {rows} rows in collection {collection!r}")
+        result = coll.search(queries, k, touch=touch)
+    if as_json:
+        emit_json(
+            {"ids": result.ids.tolist(), "distances": result.distances.astype(float).tolist()}
+        )
+        return
+    for q, (ids, dists) in enumerate(zip(result.ids, result.distances, strict=True)):
+        pairs = "  ".join(f"{i}:{d:.4g}" for i, d in zip(ids.tolist(), dists.tolist(), strict=True))
+        click.echo(f"query {q}: {pairs}")
+
+
+@click.command("inspect")
+@URL_ARG
+@click.argument("collection", required=False)
+@click.option(
+    "--rows", "n_rows", default=5, show_default=True, help="Rows to show (next to evict)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def inspect_command(url, collection, n_rows, as_json) -> None:
+    """Collections, dims, metric, index, rows, LRFU scores, counters, size on disk, a few rows.
+
+    Read-only (safe while another process trains into the database).
+
+    \b
+    Examples:
+      memstore inspect memory.db
+      memstore inspect memory.db facts --json
+    """
+    with open_store(url, create=False) as store:
+        size = store.size_bytes()
+        revision = store.schema_revision()
+        if collection is None:
+            stats = [c.stats() for c in store.list_collections()]
+            payload = {
+                "url": normalise_url(url),
+                "schema_revision": revision,
+                "size_bytes": size,
+                "collections": stats,
+            }
+        else:
+            coll = store.collection(collection)
+            payload = {**coll.stats(), "size_bytes": size, "sample": coll.peek(max(0, n_rows))}
+    if as_json:
+        emit_json(payload)
+        return
+    click.echo(f"{normalise_url(url)}  schema {revision}  size {_human_bytes(size)}")
+    for stats in [payload] if collection is not None else payload["collections"]:
+        _print_stats(stats)
+    if collection is not None and payload["sample"]:
+        click.echo("  next to evict (lowest LRFU score first):")
+        click.echo("    id        score      crf  hits  last_tick  created_tick")
+        for row in payload["sample"]:
+            click.echo(
+                f"    {row['id']:<8} {row['score']:>7.3f} {row['crf']:>8.3f} {row['hits']:>5} "
+                f"{row['last_tick']:>10} {row['created_tick']:>13}"
+            )
+
+
+def _print_stats(s: dict) -> None:
+    score = s["score"]
+    span = (
+        "n/a"
+        if score["min"] is None
+        else f"min {score['min']:.3f} / mean {score['mean']:.3f} / max {score['max']:.3f}"
+    )
+    index = s["index"] + (f" (oversample {s['oversample']})" if s["index"] != "exact" else "")
+    click.echo(
+        f"- {s['name']}: {s['rows']} rows, key_dim {s['key_dim']}, value_dim {s['value_dim']}, "
+        f"metric {s['metric']}, index {index}\n"
+        f"    lrfu lambda {s['lrfu_lambda']}, capacity {s['capacity']}, clock {s['clock']}, "
+        f"score {span}\n"
+        f"    inserts {s['inserts']} (novel {s['novel_inserts']}), recombinations "
+        f"{s['recombinations']}, evictions {s['evictions']}, searches {s['searches']}"
+    )
+
+
+@click.command("prune")
+@URL_ARG
+@click.argument("collection")
+@click.option("--capacity", type=int, help="Keep at most N rows (evict the lowest LRFU scores).")
+@click.option("--min-score", type=float, help="Evict rows whose LRFU order key is below S.")
+@click.option("--dry-run", is_flag=True, help="Only report what would be evicted.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def prune_command(url, collection, capacity, min_score, dry_run, as_json) -> None:
+    """LRFU eviction, then give the freed space back: the database file shrinks.
+
+    The score is log2(crf) - lambda*(clock - last_tick). After evicting, the vector index is
+    rebuilt from the remaining rows (sqlite-vec keeps emptied chunks otherwise) and the file is
+    VACUUMed.
+
+    \b
+    Examples:
+      memstore prune memory.db facts --capacity 10000
+      memstore prune memory.db facts --min-score -20 --dry-run --json
+    """
+    if (capacity is None) == (min_score is None):
+        raise click.UsageError("give exactly one of --capacity N or --min-score S")
+    if capacity is not None and capacity < 0:
+        raise InvalidInputError(f"--capacity must be >= 0, got {capacity}")
+    with open_store(url, create=False) as store:
+        coll = store.collection(collection)
+        rows_before, size_before = len(coll), store.size_bytes()
+        evicted = coll.evict(capacity, min_score=min_score, dry_run=dry_run)
+        if not dry_run and len(evicted):
+            coll.compact()
+        rows_after, size_after = len(coll), store.size_bytes()
+    payload = {
+        "collection": collection,
+        "dry_run": dry_run,
+        "evicted": int(len(evicted)),
+        "rows_before": rows_before,
+        "rows_after": rows_after,
+        "size_before": size_before,
+        "size_after": size_after,
+    }
+    if as_json:
+        emit_json(payload)
+        return
+    what = "would evict" if dry_run else "evicted"
+    click.echo(
+        f"{collection}: {what} {len(evicted)} of {rows_before} rows; {rows_after} rows now; "
+        f"size {_human_bytes(size_before)} -> {_human_bytes(size_after)}"
+    )
+
+
+@click.command("upgrade")
+@URL_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def upgrade_command(url, as_json) -> None:
+    """Migrate the database schema to this memstore's latest revision.
+
+    \b
+    Example:
+      memstore upgrade sqlite:///memory.db
+    """
+    from memstore import migrate
+
+    with open_store(url, create=False, check_schema=False) as store:
+        with store.read() as conn:
+            status = migrate.schema_status(conn)
+            before = migrate.current_revision(conn) if status != "empty" else None
+    if status == "foreign":
+        raise DatabaseError(
+            f"{normalise_url(url)} is not a memstore database; refusing to modify it"
+        )
+    with open_store(url, upgrade=True) as store:
+        after = store.schema_revision()
+    if as_json:
+        emit_json({"url": normalise_url(url), "from": before, "to": after})
+    elif before == after:
+        click.echo(f"{normalise_url(url)}: already at schema {after}")
+    else:
+        click.echo(f"{normalise_url(url)}: upgraded schema {before} -> {after}")
+
+
+def add_store_commands(group: click.Group) -> None:
+    """Register the store commands on the top-level ``memstore`` group (see cli.py)."""
+    for command in (
+        init_command,
+        import_command,
+        query_command,
+        inspect_command,
+        prune_command,
+        upgrade_command,
+    ):
+        group.add_command(command)

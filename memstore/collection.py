@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from memstore import catalog
+from memstore import catalog, lrfu
 from memstore.errors import InvalidInputError, RowNotFoundError
 from memstore.recombine import pairwise_distances, plan_merges, plan_novel
 from memstore.schema import COUNTERS
@@ -336,6 +336,30 @@ class Collection:
             if (out[name] < 0).any():
                 raise InvalidInputError(f"upserts.{name} must be >= 0")
         return RowBlock(ids=ids, keys=keys, values=values, **out)
+
+    def compact(self) -> None:
+        """Give the space of deleted/evicted rows back to the file system (rebuild index, VACUUM)."""
+        self.store._translate(self._backend.compact, self.spec)
+
+    def peek(self, n: int = 5) -> list[dict]:
+        """The ``n`` rows next in line for eviction, lowest LRFU order key first (for inspect)."""
+        with self.store.read() as conn:
+            now = catalog.state(conn, self.spec.id)["clock"]
+            ids = self._backend.lowest_scored(conn, self.spec, now, limit=int(n))
+            rows = self._backend.fetch_rows(conn, self.spec, ids)
+        rows = rows.take(np.searchsorted(rows.ids, ids))
+        scores = lrfu.order_key(rows.crf, rows.last_tick, now, self.spec.lrfu_lambda)
+        return [
+            {
+                "id": int(rows.ids[i]),
+                "score": float(scores[i]),
+                "crf": float(rows.crf[i]),
+                "hits": int(rows.hits[i]),
+                "last_tick": int(rows.last_tick[i]),
+                "created_tick": int(rows.created_tick[i]),
+            }
+            for i in range(len(rows))
+        ]
 
     # ----------------------------------------------------------------- stats
     def stats(self) -> dict:

@@ -68,13 +68,17 @@ def upgrade(engine: Engine) -> None:
         conn.commit()
 
 
-def ensure_schema(engine: Engine, url_text: str, *, upgrade_outdated: bool) -> None:
+def ensure_schema(
+    engine: Engine, url_text: str, *, upgrade_outdated: bool, create: bool = True
+) -> None:
     """Create, check or upgrade the schema as the module docstring describes."""
     with engine.connect() as conn:
         status = schema_status(conn)
         revision = current_revision(conn) if status in ("newer", "outdated") else None
     if status == "current":
         return
+    if status == "empty" and not create:
+        raise DatabaseError(f"{url_text} is not a memstore database yet: run `memstore init` first")
     if status == "foreign":
         raise DatabaseError(
             f"{url_text} is a database but not a memstore database (it has tables but no "

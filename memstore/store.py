@@ -7,6 +7,7 @@ leaves the database as it was.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,22 +29,39 @@ class Store:
     """A memstore database. ``Store("sqlite:///x.db")``; a new SQLite file is created and migrated.
 
     ``upgrade=True`` migrates an older schema on open (otherwise :class:`SchemaOutdatedError`);
+    ``create=False`` refuses to create a new database (a missing SQLite file or an empty database
+    is an error: the read-only CLI commands must not litter files);
     ``check_schema=False`` skips the schema check (used by ``memstore upgrade`` and Alembic's env).
     """
 
-    def __init__(self, url: str | sa.URL, *, upgrade: bool = False, check_schema: bool = True):
+    def __init__(
+        self,
+        url: str | sa.URL,
+        *,
+        upgrade: bool = False,
+        create: bool = True,
+        check_schema: bool = True,
+    ):
         try:
             self.url = sa.make_url(url)
         except sa.exc.ArgumentError as exc:
             raise DatabaseError(f"not a database URL: {url!r} ({exc})") from None
         self._text = _describe(self.url)
         cls = backend_class(self.url)
+        if not create and cls.dialect == "sqlite":
+            path = self.url.database or ""
+            if path not in ("", ":memory:") and not os.path.exists(path):
+                raise DatabaseError(f"no database file at {path} (create it with `memstore init`)")
         self.engine = cls.create_engine(self.url)
         self.backend = cls(self.engine)
         try:
             if check_schema:
                 self._translate(
-                    migrate.ensure_schema, self.engine, self._text, upgrade_outdated=upgrade
+                    migrate.ensure_schema,
+                    self.engine,
+                    self._text,
+                    upgrade_outdated=upgrade,
+                    create=create,
                 )
         except BaseException:
             self.engine.dispose()
