@@ -1,0 +1,95 @@
+"""Forward+backward time of a GPT-2-small MLP vs FeaturalMemory.from_mlp at several k.
+
+Shape: d=768, n_inner=3072, a batch of 8 x 128 tokens, in training mode (so the memory layer's
+LRFU bookkeeping is included), gradients to the input and every parameter (rows included).
+Both are timed in the same run, interleaved, median of ``--repeats``.
+
+    python benchmarks/layer.py [--json] [--threads 2] [--repeats 7]
+
+``--json`` prints one object: ``mlp_s``, ``time_s_k{K}`` and ``time_ratio_k{K}`` for each k
+(``time_ratio_k256`` is the issue's target, <= 1.5), plus the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import GPT2Config  # noqa: E402
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP  # noqa: E402
+
+from memstore_torch import FeaturalMemory  # noqa: E402
+
+
+def machine(threads: int) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
+
+
+def step_time(module: torch.nn.Module, x: torch.Tensor) -> float:
+    module.zero_grad(set_to_none=True)
+    xg = x.detach().requires_grad_(True)
+    t0 = time.perf_counter()
+    module(xg).square().mean().backward()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--ks", default="64,256,3072")
+    ap.add_argument("--tokens", default="8x128", help="batch x sequence")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    batch, seq = (int(v) for v in args.tokens.split("x"))
+    cfg = GPT2Config(n_embd=768, n_inner=3072, resid_pdrop=0.0)
+    mlp = GPT2MLP(3072, cfg).train()
+    x = torch.randn(batch, seq, 768)
+    ks = [int(v) for v in args.ks.split(",")]
+    calib = torch.randn(512, 768)
+    layers = {k: FeaturalMemory.from_mlp(mlp, k=k, calibration=calib).train() for k in ks}
+    for m in [mlp, *layers.values()]:  # warm-up
+        step_time(m, x)
+    times: dict[str, list[float]] = {"mlp": []} | {f"k{k}": [] for k in ks}
+    for _ in range(args.repeats):
+        times["mlp"].append(step_time(mlp, x))
+        for k, layer in layers.items():
+            times[f"k{k}"].append(step_time(layer, x))
+    mlp_s = statistics.median(times["mlp"])
+    result: dict[str, object] = {"machine": machine(args.threads), "mlp_s": mlp_s}
+    for k in ks:
+        t = statistics.median(times[f"k{k}"])
+        result[f"time_s_k{k}"] = t
+        result[f"time_ratio_k{k}"] = t / mlp_s
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"machine: {result['machine']}")
+    print(f"tokens: {batch}x{seq}, d=768, n_inner=3072, forward+backward, median of {args.repeats}")
+    print(f"{'layer':<22}{'seconds':>10}{'ratio':>8}")
+    print(f"{'GPT2MLP':<22}{mlp_s:>10.4f}{1.0:>8.2f}")
+    for k in ks:
+        name = f"FeaturalMemory k={k}"
+        print(f"{name:<22}{result[f'time_s_k{k}']:>10.4f}{result[f'time_ratio_k{k}']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
