@@ -1,0 +1,246 @@
+"""AssociativeMemory: attention over the top-k rows of a growing key/value memory.
+
+Per head (DESIGN section 6): ``q, k, v = W_q x, W_k x, W_v x`` -> top-k stored keys for each ``q``
+-> insert the ``(k, v)`` pairs that are novel -> ``softmax(q . K'^T / sqrt(d)) V'`` -> ``W_o``.
+All heads share one table (one collection), each with its own projections.
+
+Within a training step the pairs inserted by a sequence are visible to that sequence's later
+positions only (causal: position t sees pairs from positions <= t), so a language model cannot read
+the future through its memory. Those rows reach the table for good at the start of the next
+forward (the backward pass still needs the table as it was read), and their gradients follow the
+straight-through rules: ``dKeyInserted = dKeyReturned``, ``dValueInserted = dValueReturned``; every
+returned key also passes its gradient to its query (``dQuery = dKeyReturned``). Stored rows, when
+trainable, receive their exact (sparse) gradients through the gather.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from memstore.errors import InvalidInputError
+
+from . import knn
+from .functions import straight_through_insert, straight_through_query
+from .memory_rows import MemoryRowsMixin
+from .resident import ResidentHits, ResidentIndex
+
+
+class AssociativeMemory(MemoryRowsMixin):
+    """Drop-in ``(B, T, d) -> (B, T, d)`` memory layer that writes what it reads about."""
+
+    def __init__(
+        self,
+        d_model: int,
+        heads: int = 4,
+        k: int = 32,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
+        capacity: int = 65536,
+        novel: float | None = 0.05,
+        recombine: float | None = None,
+        store: Any = None,
+        collection: str | None = None,
+        *,
+        trainable_rows: bool = True,
+        lrfu_lambda: float = 0.5,
+        update_in_eval: bool = False,
+    ) -> None:
+        super().__init__()
+        if d_model < 1 or heads < 1 or k < 1 or capacity < 1:
+            raise InvalidInputError("d_model, heads, k and capacity must all be >= 1")
+        if key_dim is None:
+            if d_model % heads:
+                raise InvalidInputError(f"d_model {d_model} is not divisible by heads={heads}")
+            key_dim = d_model // heads
+        value_dim = key_dim if value_dim is None else value_dim
+        self.d_model, self.heads, self.k = d_model, heads, k
+        self.key_dim, self.value_dim, self.capacity = key_dim, value_dim, capacity
+        self.novel, self.recombine = novel, recombine
+        self.lrfu_lambda, self.update_in_eval = lrfu_lambda, update_in_eval
+        self.query_proj = nn.Linear(d_model, heads * key_dim, bias=False)
+        self.key_proj = nn.Linear(d_model, heads * key_dim, bias=False)
+        self.value_proj = nn.Linear(d_model, heads * value_dim, bias=False)
+        self.out_proj = nn.Linear(heads * value_dim, d_model)
+        index = ResidentIndex(key_dim, value_dim, "ip", lrfu_lambda=lrfu_lambda, max_rows=capacity)
+        self._init_memory(index, trainable_rows, store, collection)
+        self._pending: list[tuple[str, Any]] = []
+        self._bind(self._collection_for)
+
+    def _collection_for(self, store: Any, name: str) -> Any:
+        return store.get_or_create_collection(
+            name,
+            key_dim=self.key_dim,
+            value_dim=self.value_dim,
+            metric="ip",
+            lrfu_lambda=self.lrfu_lambda,
+            capacity=self.capacity,
+        )
+
+    # -------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise InvalidInputError(f"expected (B, T, {self.d_model}) input, got {tuple(x.shape)}")
+        self._apply_pending()
+        B, T, _ = x.shape
+        H, dk, dv = self.heads, self.key_dim, self.value_dim
+        M = B * T * H  # one query per (batch, position, head), flattened in that order
+        q = self.query_proj(x).reshape(M, dk)
+        key = self.key_proj(x).reshape(M, dk)
+        val = self.value_proj(x).reshape(M, dv)
+        writing = self.training or self.update_in_eval
+
+        # Stored rows: exact top-k by q . k over the table as it stands.
+        n = self.index.n
+        kk = min(self.k, n) if n else 0
+        if kk:
+            mem = self.index.search(q.detach(), kk)
+            mem_scores = -mem.distances  # (M, kk)
+        else:
+            mem = None
+            mem_scores = q.new_zeros((M, 0))
+
+        # Pairs of this step that are novel; visible causally within their own sequence.
+        inserted = self._novel_mask(key.detach()) if writing and self.novel is not None else None
+        if inserted is not None and bool(inserted.any()):
+            loc_scores, loc_src = self._local_candidates(q.detach(), key.detach(), inserted, B, T)
+        else:
+            loc_scores = q.new_zeros((M, 0))
+            loc_src = torch.zeros((M, 0), dtype=torch.int64, device=q.device)
+
+        all_scores = torch.cat([mem_scores, loc_scores], dim=1)  # (M, kk + kl)
+        if all_scores.shape[1] == 0:
+            out = val.new_zeros((M, dv))
+        else:
+            kt = min(self.k, all_scores.shape[1])
+            top_scores, pick = all_scores.topk(kt, dim=1)  # (M, kt)
+            from_mem = pick < kk
+            valid = torch.isfinite(top_scores)
+            mem_slot = (
+                mem.slots.gather(1, pick.clamp_max(max(kk - 1, 0)))
+                if kk
+                else torch.zeros_like(pick)
+            )
+            source = torch.where(
+                from_mem | ~valid,
+                torch.full_like(pick, -1),
+                loc_src.gather(1, (pick - kk).clamp(0, max(loc_src.shape[1] - 1, 0)))
+                if loc_src.shape[1]
+                else torch.full_like(pick, -1),
+            )
+            slot = torch.where(from_mem & valid, mem_slot, torch.zeros_like(mem_slot))
+            # Returned rows (M, kt, d): stored rows through the (trainable) table, inserted rows as
+            # detached copies that hand their gradients back by the straight-through rules.
+            use_mem = (from_mem & valid)[..., None]
+            src_safe = source.clamp_min(0)
+            ret_k = torch.where(use_mem, self.memory_keys[slot], key.detach()[src_safe])
+            ret_v = torch.where(use_mem, self.memory_values[slot], val.detach()[src_safe])
+            ret_k, ret_v = straight_through_insert(ret_k, ret_v, source, key, val)
+            ret_k = straight_through_query(q, ret_k)
+            logits = torch.einsum("md,mkd->mk", q, ret_k) / math.sqrt(dk)
+            logits = logits.masked_fill(~valid, -math.inf)
+            attn = torch.softmax(logits, dim=1).nan_to_num(0.0)  # rows with no candidate -> 0
+            out = torch.einsum("mk,mkd->md", attn, ret_v)  # (M, dv)
+            hit_slots = torch.where(from_mem & valid, mem_slot, torch.full_like(pick, -1))
+        if writing:
+            # One LRFU tick per training forward, even when nothing stored was read.
+            self.index.touch(hit_slots if kk and all_scores.shape[1] else q.new_zeros(0).long())
+            self._queue_maintenance(q.detach(), mem, key.detach(), val.detach(), inserted)
+        return self.out_proj(out.reshape(B, T, H * dv))
+
+    @torch.no_grad()
+    def _novel_mask(self, key: torch.Tensor) -> torch.Tensor:
+        """(M,) True where the key's nearest stored key is farther than ``novel`` (cosine)."""
+        if self.index.n == 0:
+            return torch.ones(key.shape[0], dtype=torch.bool, device=key.device)
+        dist, _ = knn.search(key, self.index.keys.detach(), 1, "cosine", backend=self.index.backend)
+        return dist[:, 0] > self.novel
+
+    @torch.no_grad()
+    def _local_candidates(
+        self, q: torch.Tensor, key: torch.Tensor, inserted: torch.Tensor, B: int, T: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top pairs inserted earlier in the same sequence and head: scores and flat sources."""
+        H, dk = self.heads, self.key_dim
+        qh = q.reshape(B, T, H, dk).transpose(1, 2)  # (B, H, T, dk)
+        kh = key.reshape(B, T, H, dk).transpose(1, 2)  # (B, H, T, dk)
+        scores = qh @ kh.transpose(-1, -2)  # (B, H, T, T): query position x key position
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        ins = inserted.reshape(B, T, H).transpose(1, 2)[:, :, None, :]  # (B, H, 1, T)
+        scores = scores.masked_fill(~(causal & ins), -math.inf)
+        kl = min(self.k, T)
+        s, pos = scores.topk(kl, dim=-1)  # (B, H, T, kl)
+        b = torch.arange(B, device=q.device)[:, None, None, None]
+        h = torch.arange(H, device=q.device)[None, :, None, None]
+        src = (b * T + pos) * H + h  # flat index of the (batch, position, head) pair
+        return (
+            s.permute(0, 2, 1, 3).reshape(B * T * H, kl),
+            src.permute(0, 2, 1, 3).reshape(B * T * H, kl),
+        )
+
+    def _queue_maintenance(self, q, mem: ResidentHits | None, key, val, inserted) -> None:
+        if self.recombine is not None and mem is not None:
+            self._pending.append(("recombine", (q, mem.distances, mem.ids)))
+        if inserted is not None and bool(inserted.any()):
+            keys, values = key[inserted], val[inserted]
+            keep = min(keys.shape[0], self.capacity)
+            self._pending.append(("insert", (keys[-keep:], values[-keep:])))
+
+    @torch.no_grad()
+    def _apply_pending(self) -> None:
+        while self._pending:
+            kind, payload = self._pending.pop(0)
+            if kind == "insert":
+                keys, values = payload
+                self.index.insert(keys, values)
+                self.index.counters["novel_inserts"] = (
+                    self.index.counters.get("novel_inserts", 0) + keys.shape[0]
+                )
+            else:
+                q, dist, ids = payload
+                alive = torch.isin(ids, self.index.ids) & (ids >= 0)
+                slots = torch.full_like(ids, -1)
+                if bool(alive.any()):
+                    slots[alive] = self.index.slots_of(ids[alive])
+                d = torch.where(alive, dist, torch.full_like(dist, math.inf))
+                self.index.recombine(q, ResidentHits(d, slots, ids), self.recombine)
+
+    def flush(self) -> dict[str, int]:
+        self._apply_pending()
+        return super().flush()
+
+    # -------------------------------------------------------------- config
+    def extra_config(self) -> dict[str, Any]:
+        return {
+            "type": "AssociativeMemory",
+            "d_model": self.d_model,
+            "heads": self.heads,
+            "k": self.k,
+            "key_dim": self.key_dim,
+            "value_dim": self.value_dim,
+            "capacity": self.capacity,
+            "novel": self.novel,
+            "recombine": self.recombine,
+            "collection": self.collection_name,
+            "trainable_rows": self.trainable_rows,
+            "lrfu_lambda": self.lrfu_lambda,
+            "update_in_eval": self.update_in_eval,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], store: Any) -> AssociativeMemory:
+        """Rebuild the layer bound to its collection, rows loaded from ``store``."""
+        cfg = dict(cfg)
+        kind = cfg.pop("type", "AssociativeMemory")
+        if kind != "AssociativeMemory":
+            raise InvalidInputError(f"config is for {kind}, not AssociativeMemory")
+        return cls(**cfg, store=store)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, heads={self.heads}, k={self.k}, rows={self.index.n}/"
+            f"{self.capacity}, novel={self.novel}, collection={self.collection_name!r}"
+        )
