@@ -99,11 +99,11 @@ def register_math_fallbacks(dbapi_connection) -> None:
 
 
 def prepare_connection(dbapi_connection, *, file_backed: bool) -> None:
-    """Per-connection setup: manual transactions, sqlite-vec, busy timeout, WAL, math functions.
+    """Per-connection setup: manual transactions, sqlite-vec, busy timeout, math functions.
 
     ``isolation_level = None`` stops the driver from opening transactions behind our back; the
     engine's ``begin`` hook issues ``BEGIN`` / ``BEGIN IMMEDIATE`` itself (SQLAlchemy's documented
-    recipe for SQLite). WAL lets ``memstore inspect`` read while a trainer writes.
+    recipe for SQLite).
     """
     dbapi_connection.isolation_level = None
     load_sqlite_vec(dbapi_connection)
@@ -111,7 +111,8 @@ def prepare_connection(dbapi_connection, *, file_backed: bool) -> None:
     try:
         cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
         if file_backed:
-            cursor.execute("PRAGMA journal_mode = WAL")
+            # WAL itself is persistent in the file and is switched on once the file is known to be
+            # a memstore database (SqliteBackend.after_open), so foreign files are never modified.
             cursor.execute("PRAGMA synchronous = NORMAL")
     finally:
         cursor.close()

@@ -63,6 +63,7 @@ class Store:
                     upgrade_outdated=upgrade,
                     create=create,
                 )
+                self._translate(self.backend.after_open)
         except BaseException:
             self.engine.dispose()
             raise

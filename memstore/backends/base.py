@@ -53,6 +53,11 @@ class VectorBackend(ABC):
         Raise :class:`memstore.errors.DriverError` if the driver cannot be set up.
         """
 
+    def after_open(self) -> None:
+        """Called once the database is known to be a current memstore database (optional hook;
+        SQLite switches the file to WAL here, never on a foreign file)."""
+        return None
+
     # ------------------------------------------------------------- lifecycle
     @abstractmethod
     def create_storage(self, conn: Connection, spec: CollectionSpec) -> None:

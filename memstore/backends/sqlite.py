@@ -39,6 +39,8 @@ from memstore.types import CollectionSpec, RowBlock, SearchResult
 
 #: Rows per bulk statement (keeps every bound blob far below SQLite's 1 GB limit).
 BULK_ROWS = 65_536
+#: sqlite-vec refuses kNN queries with k above this; larger k falls back to an exact scan.
+MAX_KNN_K = 4096
 #: Norm-bound headroom for ``ip``: fewer index rebuilds as keys grow, little precision lost.
 IP_HEADROOM = 1.25
 
@@ -118,6 +120,20 @@ class SqliteBackend(VectorBackend):
             conn.exec_driver_sql("BEGIN IMMEDIATE" if mode == "IMMEDIATE" else "BEGIN")
 
         return engine
+
+    def after_open(self) -> None:
+        """WAL (persistent in the file) lets readers such as ``memstore inspect`` run while a
+        trainer writes; set here, once the file is known to be a memstore database."""
+        database = self.engine.url.database or ""
+        if database in ("", ":memory:") or database.startswith("file::memory:"):
+            return
+        raw = self.engine.raw_connection()  # outside any transaction: WAL cannot be set inside one
+        try:
+            mode = raw.driver_connection.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raw.driver_connection.execute("PRAGMA journal_mode = WAL")
+        finally:
+            raw.close()
 
     # ------------------------------------------------------------- lifecycle
     def create_storage(self, conn: Connection, spec: CollectionSpec) -> None:
@@ -370,36 +386,70 @@ class SqliteBackend(VectorBackend):
     def knn(
         self, conn: Connection, spec: CollectionSpec, queries: np.ndarray, k: int
     ) -> SearchResult:
-        m = len(queries)
-        out = SearchResult.padded(m, k, spec.key_dim, spec.value_dim)
-        # ip is rescored exactly from the stored keys: fetch a margin of extra candidates so that
-        # float32 rounding in the augmented L2 distances cannot push a true top-k row out.
-        fetch = k + max(4, k // 4) if spec.metric == "ip" else k
-        qv = self._query_vectors(spec, queries)
+        out = SearchResult.padded(len(queries), k, spec.key_dim, spec.value_dim)
         sql = (
             f"WITH knn AS (SELECT id, distance FROM {_vec(spec)} WHERE key MATCH ?1 AND k = ?2) "
-            f"SELECT knn.id, r.key, r.value FROM knn JOIN {_rows(spec)} AS r ON r.id = knn.id "
-            "ORDER BY knn.distance"
+            f"SELECT knn.id, knn.distance, r.key, r.value FROM knn "
+            f"JOIN {_rows(spec)} AS r ON r.id = knn.id ORDER BY knn.distance"
         )
-        raw = conn.connection.driver_connection
-        cursor = raw.cursor()
+        vectors = self._query_vectors(spec, queries)
+        bound = self._norm_bound(conn, spec) if spec.metric == "ip" else 0.0
+        everything: list | None = None  # all rows, loaded only if some query needs a scan
+        cursor = conn.connection.driver_connection.cursor()
         try:
-            for row, vector in enumerate(qv):
-                found = cursor.execute(sql, (vector.tobytes(), fetch)).fetchall()
-                if not found:
-                    continue
-                ids = np.fromiter((r[0] for r in found), np.int64, len(found))
-                keys = _decode([r[1] for r in found], spec.key_dim)
-                dist = exact_distances(spec.metric, queries[row : row + 1], keys[None])[0]
-                order = np.argsort(dist, kind="stable")[:k]
-                c = len(order)
-                out.ids[row, :c] = ids[order]
-                out.distances[row, :c] = dist[order]
-                out.keys[row, :c] = keys[order]
-                out.values[row, :c] = _decode([found[j][2] for j in order], spec.value_dim)
+            for row, vector in enumerate(vectors):
+                query = queries[row : row + 1]
+                # ip: a few extra candidates, since rounding in the augmented L2 can reorder them
+                fetch = k + max(4, k // 4) if spec.metric == "ip" else k
+                while fetch <= MAX_KNN_K:
+                    found = cursor.execute(sql, (vector.tobytes(), fetch)).fetchall()
+                    if self._complete(spec, query, found, fetch, k, bound):
+                        break
+                    fetch *= 4
+                if fetch > MAX_KNN_K:  # sqlite-vec's k limit (or ip not certifiable): exact scan
+                    if everything is None:
+                        everything = conn.exec_driver_sql(
+                            f"SELECT id, 0.0, key, value FROM {_rows(spec)}"
+                        ).fetchall()
+                    found = everything
+                self._fill(out, row, spec, query, found, k)
         finally:
             cursor.close()
         return out
+
+    def _complete(self, spec, query, found, fetch, k, bound) -> bool:
+        """Whether the ``fetch`` candidates surely contain the exact top k.
+
+        Always true for l2/cosine (up to float32 ties) and for approximate indexes (they are
+        approximate by choice). For exact ``ip`` the augmented L2 distance d has a float32 error of
+        at most ``delta`` in d^2; every row not fetched has ``d^2 >= d_last^2 - delta``, hence
+        ``-(q.k) >= (d_last^2 - delta - |q|^2 - M^2) / 2``. If the k-th exact candidate beats that
+        bound the answer is certified; otherwise the caller fetches 4x more.
+        """
+        if len(found) < fetch or spec.metric != "ip" or spec.index != "exact":
+            return True
+        keys = _decode([r[2] for r in found], spec.key_dim)
+        exact = np.sort(exact_distances("ip", query, keys[None])[0])
+        q2 = float((query.astype(np.float64) ** 2).sum())
+        dim = _index_dim(spec)
+        delta = 8.0 * dim * np.finfo(np.float32).eps * (np.sqrt(q2) + bound) ** 2
+        last = float(found[-1][1]) ** 2
+        floor = (last - delta - q2 - bound * bound) / 2.0
+        return bool(exact[min(k, len(exact)) - 1] <= floor)
+
+    @staticmethod
+    def _fill(out: SearchResult, row: int, spec, query, found, k: int) -> None:
+        if not found:
+            return
+        ids = np.fromiter((r[0] for r in found), np.int64, len(found))
+        keys = _decode([r[2] for r in found], spec.key_dim)
+        dist = exact_distances(spec.metric, query, keys[None])[0]
+        order = np.argsort(dist, kind="stable")[:k]
+        c = len(order)
+        out.ids[row, :c] = ids[order]
+        out.distances[row, :c] = dist[order]
+        out.keys[row, :c] = keys[order]
+        out.values[row, :c] = _decode([found[j][3] for j in order], spec.value_dim)
 
     # ------------------------------------------------------------------ LRFU
     def touch(
