@@ -31,6 +31,8 @@ METRICS = ("ip", "l2", "cosine")
 
 # Largest score tile (query block x row block) the torch kernel builds, in elements (64 MiB fp32).
 _TILE_ELEMENTS = 1 << 24
+# Rows scored per tile; large enough that topk's per-call cost is amortised.
+_ROW_BLOCK = 65536
 
 try:  # faiss is an optional, benchmark-grade accelerator for CPU search.
     import faiss as _faiss
@@ -142,7 +144,7 @@ def _torch_search(
     m, n = queries.shape[0], rows.shape[0]
     if metric == "l2" and row_sq_norms is None:
         row_sq_norms = (rows * rows).sum(dim=1)
-    row_block = max(k, min(n, 65536))
+    row_block = max(k, min(n, _ROW_BLOCK))
     query_block = max(1, min(m, _TILE_ELEMENTS // row_block))
     out_scores = torch.empty((m, k), dtype=rows.dtype, device=rows.device)
     out_idx = torch.empty((m, k), dtype=torch.int64, device=rows.device)

@@ -101,7 +101,7 @@ class MemoryRowsMixin(nn.Module):
             )
         self._collection = coll
         if len(coll) > 0:
-            self.index.load_block(coll.export_rows(), clock=int(coll.clock))
+            self.index.load_collection(coll)
             self._snapshot()
             self._loaded = True
 

@@ -201,10 +201,17 @@ class ResidentIndex:
             device=device,
             backend=backend,
         )
-        index.load_block(collection.export_rows(), clock=int(collection.clock))
+        index.load_collection(collection)
         return index
 
-    def load_block(self, block: Any, clock: int = 0) -> None:
+    def load_collection(self, collection: Any) -> None:
+        """Replace the resident rows by every row of ``collection`` and adopt its clock/next id."""
+        stats = collection.stats()
+        self.load_block(
+            collection.export_rows(), clock=int(stats["clock"]), next_id=stats.get("next_id")
+        )
+
+    def load_block(self, block: Any, clock: int = 0, next_id: int | None = None) -> None:
         """Replace the resident rows by a ``RowBlock``; nothing is dirty afterwards."""
         n = len(block.ids)
         if self.max_rows is not None and n > self.max_rows:
@@ -229,6 +236,8 @@ class ResidentIndex:
         self.n = n
         self.clock = int(clock)
         self._next_id = int(self.ids.max()) + 1 if n else 1
+        if next_id is not None:  # never reuse an id the store handed out before
+            self._next_id = max(self._next_id, int(next_id))
         self.counters = dict.fromkeys(self.counters, 0)
         self._invalidate()
 
