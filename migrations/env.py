@@ -12,25 +12,10 @@ Per-collection tables (``rows_<id>``, ``vec_<id>``) and sqlite-vec's shadow tabl
 
 from __future__ import annotations
 
-import re
-
 from alembic import context
 
+from memstore.migrate import include_name, include_object
 from memstore.schema import metadata
-
-RUNTIME_TABLE = re.compile(r"^(rows|vec)_\d+(_.*)?$")
-
-
-def include_name(name, type_, parent_names) -> bool:
-    if type_ == "table" and name is not None and RUNTIME_TABLE.match(name):
-        return False
-    return True
-
-
-def include_object(obj, name, type_, reflected, compare_to) -> bool:
-    if type_ == "table" and name is not None and RUNTIME_TABLE.match(name):
-        return False
-    return True
 
 
 def _configure_and_run(connection) -> None:

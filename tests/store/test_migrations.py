@@ -1,0 +1,81 @@
+"""Schema creation, version checks (newer -> refuse, older -> `memstore upgrade`), Alembic hygiene."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from memstore import Store, errors, migrate
+from memstore.schema import metadata
+
+
+def test_new_file_is_created_at_head(tmp_path):
+    path = tmp_path / "new.db"
+    with Store(f"sqlite:///{path}") as store:
+        assert store.schema_revision() == migrate.head_revision() == "0001_initial"
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_scripts_are_found_through_the_package():
+    from importlib import resources
+
+    location = resources.files("memstore.migrations")
+    assert (location / "env.py").is_file() and (location / "versions" / "0001_initial.py").is_file()
+
+
+def test_autogenerate_sees_no_difference_and_no_runtime_tables(store):
+    """The catalog metadata equals the migration, and vec0 shadow tables are invisible."""
+    for index in ("exact", "rescore-bit", "rescore-int8"):
+        coll = store.create_collection(f"c_{index}", key_dim=8, metric="ip", index=index)
+        coll.insert(np.ones((3, 8), np.float32))
+    with store.read() as conn:
+        names = {
+            r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        assert any(n.endswith("_chunks") for n in names) and any("rescore" in n for n in names)
+        context = MigrationContext.configure(
+            conn,
+            opts={"include_name": migrate.include_name, "include_object": migrate.include_object},
+        )
+        assert compare_metadata(context, metadata) == []
+    assert all(migrate.is_runtime_table(n) for n in names if n.startswith(("vec_", "rows_")))
+    assert not migrate.is_runtime_table("memstore_collections")
+
+
+def _set_revision(path, revision):
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+    conn.close()  # the last connection to close checkpoints the WAL into the file
+
+
+def test_newer_schema_is_refused_untouched(tmp_path):
+    path = tmp_path / "future.db"
+    with Store(f"sqlite:///{path}") as store:
+        store.create_collection("c", key_dim=2).insert(np.ones((1, 2), np.float32))
+    _set_revision(path, "9999_from_the_future")
+    original = path.read_bytes()
+    with pytest.raises(errors.SchemaTooNewError, match="newer memstore"):
+        Store(f"sqlite:///{path}")
+    with pytest.raises(errors.SchemaTooNewError):
+        Store(f"sqlite:///{path}", upgrade=True)
+    assert path.read_bytes() == original
+
+
+def test_older_schema_needs_upgrade(tmp_path):
+    """A database at the base revision (version table, no catalog) is 'older than the code'."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+    with pytest.raises(errors.SchemaOutdatedError, match="memstore upgrade"):
+        Store(f"sqlite:///{path}")
+    with Store(f"sqlite:///{path}", upgrade=True) as store:
+        assert store.schema_revision() == migrate.head_revision()
+        store.create_collection("c", key_dim=2)
+    with Store(f"sqlite:///{path}") as store:
+        assert [c.name for c in store.list_collections()] == ["c"]
