@@ -99,6 +99,7 @@ def run_distill(job: DistillJob, log=print) -> dict[str, Any]:
             heads=job.heads,
             capacity=job.capacity,
         )  # validates --kind/--init/--k before the store is touched
+        out.mkdir(parents=True, exist_ok=True)
         store = Store(db_url)
         existing = {c.name for c in store.list_collections()}
         clash = sorted(existing & {collection_name(i) for i in layers})

@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_TEACHER = dict(
-    layers=2, width=32, heads=2, context=32, inner=128, vocab=384, steps=40,
-    batch_size=8, lr=3e-3, warmup=5, dropout=0.0, seed=0,
+    layers=2, width=32, heads=2, context=32, inner=128, vocab=384, steps=120,
+    batch_size=8, lr=1e-2, warmup=5, dropout=0.0, seed=0,
 )  # fmt: skip
 
 

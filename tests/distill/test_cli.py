@@ -1,0 +1,73 @@
+"""CLI behaviour: one-line errors with a non-zero exit, and --json as the last line of output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+
+
+def _run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code != 0
+    assert lines and lines[-1].startswith("Error: ")
+    return lines[-1]
+
+
+def test_missing_teacher_names_the_teacher_flag(tmp_path, corpus_dir):
+    result = _run(["distill", "gpt2", "--teacher", "no-such-model-xyz", "--data", str(corpus_dir),
+                   "--out", str(tmp_path / "s")])  # fmt: skip
+    line = _error_line(result)
+    assert "--teacher DIR" in line and "no-such-model-xyz" in line
+
+
+def test_empty_data_is_a_one_line_error(tmp_path, teacher_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = _run(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(empty),
+                   "--out", str(tmp_path / "s")])  # fmt: skip
+    assert "no text" in _error_line(result)
+
+
+@pytest.mark.parametrize("layers", ["7", "0,a", "2-1"])
+def test_bad_layer_list_is_a_one_line_error(tmp_path, teacher_dir, corpus_dir, layers):
+    result = _run(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+                   "--out", str(tmp_path / "s"), "--layers", layers])  # fmt: skip
+    assert "--layers" in _error_line(result)
+    assert not (tmp_path / "s").exists(), "a rejected run must not leave files behind"
+
+
+def test_resume_without_a_run_is_a_one_line_error(tmp_path, teacher_dir, corpus_dir):
+    result = _run(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+                   "--out", str(tmp_path / "s"), "--resume"])  # fmt: skip
+    assert "not a memstore student directory" in _error_line(result)
+
+
+def test_teacher_train_json_and_generate(tmp_path, corpus_dir):
+    out = tmp_path / "t"
+    result = _run(["teacher", "train", "--data", str(corpus_dir), "--out", str(out), "--steps", "3",
+                   "--layers", "1", "--width", "16", "--heads", "2", "--context", "16",
+                   "--vocab", "300", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["teacher_ppl"] > 1
+    from memstore_torch.teacher import load_teacher
+
+    model, tokenizer = load_teacher(out)
+    assert model.config.n_layer == 1 and len(tokenizer) == 300
+    sampled = _run(["generate", str(out), "--prompt", "The for", "--max-new-tokens", "5",
+                    "--seed", "1"])  # fmt: skip
+    assert sampled.exit_code == 0 and sampled.output.startswith("The for")
+
+
+def test_teacher_train_rejects_bad_shapes(tmp_path, corpus_dir):
+    result = _run(["teacher", "train", "--data", str(corpus_dir), "--out", str(tmp_path / "t"),
+                   "--width", "30", "--heads", "4"])  # fmt: skip
+    assert "divisible" in _error_line(result)
