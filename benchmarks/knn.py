@@ -1,0 +1,126 @@
+"""Resident exact kNN (memstore_torch.ResidentIndex) vs FAISS IndexFlatIP, same data, same run.
+
+d=64, 4096 queries, k=16, inner product, N in {100k, 1M} Gaussian rows; both sides get the same
+thread count; timings are interleaved and the median of ``--repeats`` is reported. The table also
+shows the pure-torch fallback kernel (blocked matmul + topk + merge), which is what runs where
+FAISS is not installed and on CUDA.
+
+    python benchmarks/knn.py [--json] [--threads 2] [--sizes 100000,1000000] [--repeats 3]
+
+``--json`` prints one JSON list with an object per N: ``n``, ``qps``, ``faiss_qps``, ``ratio``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import faiss
+import numpy as np
+import torch
+
+from memstore_torch import ResidentIndex
+from memstore_torch import knn as knn_kernels
+
+
+def machine(threads: int) -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}, "
+        f"faiss {faiss.__version__}"
+    )
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_size(n: int, d: int, m: int, k: int, repeats: int, with_torch: bool) -> dict:
+    rng = np.random.default_rng(n)
+    rows = rng.standard_normal((n, d), dtype=np.float32)
+    queries = rng.standard_normal((m, d), dtype=np.float32)
+    flat = faiss.IndexFlatIP(d)
+    flat.add(rows)
+    index = ResidentIndex(d, d, "ip", max_rows=n)
+    index.insert(torch.from_numpy(rows))
+    q = torch.from_numpy(queries)
+
+    # Same answers first: the resident index must equal FAISS's exact search.
+    ref_scores, ref_ids = flat.search(queries[:256], k)
+    hits = index.search(q[:256], k)
+    assert np.allclose(-hits.distances.numpy(), ref_scores, atol=1e-3)
+    if with_torch:
+        t_dist, _ = knn_kernels.search(q[:256], index.keys, k, "ip", backend="torch")
+        assert np.allclose(-t_dist.numpy(), ref_scores, atol=1e-3)
+
+    times: dict[str, list[float]] = {"faiss": [], "resident": [], "torch": []}
+    for _ in range(repeats):
+        times["faiss"].append(timed(lambda: flat.search(queries, k)))
+        times["resident"].append(timed(lambda: index.search(q, k)))
+        if with_torch:
+            times["torch"].append(
+                timed(lambda: knn_kernels.search(q, index.keys, k, "ip", backend="torch"))
+            )
+    faiss_qps = m / statistics.median(times["faiss"])
+    qps = m / statistics.median(times["resident"])
+    torch_qps = m / statistics.median(times["torch"]) if with_torch else None
+    return {
+        "n": n,
+        "qps": qps,
+        "faiss_qps": faiss_qps,
+        "ratio": qps / faiss_qps,
+        "_torch_qps": torch_qps,
+        "_backend": knn_kernels.choose_backend(index.keys, "ip"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON list")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--queries", type=int, default=4096)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("-k", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch-fallback column")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    results = [
+        run_size(int(n), args.dim, args.queries, args.k, args.repeats, not args.no_torch)
+        for n in args.sizes.split(",")
+    ]
+    if args.json:
+        print(
+            json.dumps(
+                [{key: r[key] for key in ("n", "qps", "faiss_qps", "ratio")} for r in results]
+            )
+        )
+        return
+    print(f"machine: {machine(args.threads)}")
+    print(
+        f"d={args.dim}, {args.queries} queries, k={args.k}, ip, median of {args.repeats}; "
+        f"resident backend: {results[0]['_backend']}"
+    )
+    print(f"{'N':>9}{'resident q/s':>14}{'FAISS q/s':>12}{'ratio':>8}{'torch-only q/s':>16}")
+    for r in results:
+        torch_col = f"{r['_torch_qps']:>16.0f}" if r["_torch_qps"] else f"{'-':>16}"
+        print(f"{r['n']:>9}{r['qps']:>14.0f}{r['faiss_qps']:>12.0f}{r['ratio']:>8.2f}{torch_col}")
+
+
+if __name__ == "__main__":
+    main()
