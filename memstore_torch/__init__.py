@@ -21,7 +21,6 @@ _EXPORTS: dict[str, str] = {
     "topk_memory_read": "memstore_torch.functions",
     "straight_through_query": "memstore_torch.functions",
     "straight_through_insert": "memstore_torch.functions",
-    "knn_search": "memstore_torch.knn",
 }
 
 
