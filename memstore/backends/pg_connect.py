@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from memstore.backends.pg_codec import FLOAT4_OID, INT8_OID, encode_array
 from memstore.errors import DatabaseError, DriverError
@@ -82,21 +82,27 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def ensure_pgvector(engine: Engine) -> None:
-    """Create the ``vector`` extension if missing, or explain why it cannot be used."""
-    where = engine.url.render_as_string(hide_password=True)
+def _describe(conn_or_engine) -> str:
+    return conn_or_engine.engine.url.render_as_string(hide_password=True)
+
+
+def install_pgvector(conn: Connection) -> None:
+    """Create the ``vector`` extension in this transaction if missing, or explain why it cannot.
+
+    Called when memstore first needs it (a memstore database being opened or a collection being
+    created), never on a database that is not memstore's.
+    """
+    where = _describe(conn)
+    present = conn.exec_driver_sql(
+        "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+    ).scalar()
+    if present is not None:
+        return
     try:
-        with engine.begin() as conn:
-            present = conn.exec_driver_sql(
-                "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
-            ).scalar()
-            if present is not None:
-                return
+        with conn.begin_nested():
             # Two processes opening a fresh database at once would both try to create it.
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_EXTENSION_LOCK_KEY})")
             conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS vector")
-    except sa.exc.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL at {where}: {_first_line(exc)}") from exc
     except sa.exc.ProgrammingError as exc:
         code = getattr(getattr(exc, "orig", None), "sqlstate", None)
         if code == "42501":  # insufficient_privilege
@@ -114,8 +120,19 @@ def ensure_pgvector(engine: Engine) -> None:
         ) from exc
 
 
+def check_connection(engine: Engine) -> None:
+    """Fail early, with the server named, when the URL does not reach a PostgreSQL server."""
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except sa.exc.DBAPIError as exc:
+        raise DatabaseError(
+            f"cannot connect to PostgreSQL at {_describe(engine)}: {_first_line(exc)}"
+        ) from exc
+
+
 def create_pg_engine(url: sa.URL | str) -> Engine:
-    """An engine on psycopg 3 with memstore's binary array adapters and pgvector ready."""
+    """An engine on psycopg 3 with memstore's binary array adapters and the write lock."""
     url = normalize_url(url)
     try:
         import psycopg  # noqa: F401
@@ -140,7 +157,7 @@ def create_pg_engine(url: sa.URL | str) -> Engine:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
 
     try:
-        ensure_pgvector(engine)
+        check_connection(engine)
     except BaseException:
         engine.dispose()
         raise

@@ -30,7 +30,12 @@ from sqlalchemy.engine import Connection, Engine
 from memstore.backends import pg_sql
 from memstore.backends.base import VectorBackend
 from memstore.backends.pg_codec import decode_copy_rows, decode_vectors, encode_copy_rows
-from memstore.backends.pg_connect import Float4Array, Int8Array, create_pg_engine
+from memstore.backends.pg_connect import (
+    Float4Array,
+    Int8Array,
+    create_pg_engine,
+    install_pgvector,
+)
 from memstore.errors import InvalidInputError
 from memstore.types import CollectionSpec, RowBlock, SearchResult
 
@@ -56,6 +61,11 @@ class PostgresBackend(VectorBackend):
     def create_engine(cls, url: sa.URL) -> Engine:
         return create_pg_engine(url)
 
+    def after_open(self) -> None:
+        """pgvector is installed once the database is known to be memstore's (never before)."""
+        with self.engine.begin() as conn:
+            install_pgvector(conn)
+
     # ------------------------------------------------------------- lifecycle
     def create_storage(self, conn: Connection, spec: CollectionSpec) -> None:
         if spec.index not in pg_sql.PG_INDEX_KINDS:
@@ -68,6 +78,7 @@ class PostgresBackend(VectorBackend):
                 f"pgvector indexes at most {pg_sql.INDEX_MAX_DIM} dimensions; key_dim "
                 f"{spec.key_dim} needs index='exact'"
             )
+        install_pgvector(conn)  # a no-op unless the Store was opened with check_schema=False
         with _raw(conn).cursor() as cur:
             cur.execute(pg_sql.create_table(spec))
             ddl = pg_sql.create_index(spec)

@@ -143,3 +143,36 @@ def test_a_foreign_database_is_not_touched(pg_url):
     engine.dispose()
     with pytest.raises(DatabaseError, match="not a memstore database"):
         Store(pg_url)
+    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.connect() as conn:
+        tables = set(sa.inspect(conn).get_table_names())
+        extension = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_extension WHERE extname = 'vector'"
+        ).scalar()
+    engine.dispose()
+    assert tables == {"customers"} and extension == 0  # nothing created, nothing installed
+
+
+def test_a_role_that_cannot_install_pgvector_is_told_what_to_ask_for(pg_url):
+    admin = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql("DROP ROLE IF EXISTS memstore_weak_role")
+            conn.exec_driver_sql("CREATE ROLE memstore_weak_role LOGIN")
+            conn.exec_driver_sql("GRANT CREATE ON SCHEMA public TO memstore_weak_role")
+    except sa.exc.ProgrammingError as exc:  # an external test server may not allow CREATE ROLE
+        admin.dispose()
+        pytest.skip(f"the test server's role cannot create roles: {exc.orig}")
+    weak_url = (
+        sa.make_url(pg_url)
+        .set(username="memstore_weak_role", password=None)
+        .render_as_string(hide_password=False)
+    )
+    try:
+        with pytest.raises(DatabaseError, match="CREATE EXTENSION vector"):
+            Store(weak_url)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql("DROP OWNED BY memstore_weak_role")
+            conn.exec_driver_sql("DROP ROLE memstore_weak_role")
+        admin.dispose()
