@@ -20,8 +20,18 @@ DISTANCE_OPERATORS = {"l2": "<->", "cosine": "<=>", "ip": "<#>"}
 #: Operator classes that let HNSW / IVFFlat serve ``ORDER BY key <op> q``.
 OPERATOR_CLASSES = {"l2": "vector_l2_ops", "cosine": "vector_cosine_ops", "ip": "vector_ip_ops"}
 
-#: Index kinds the PostgreSQL backend builds: exact scan, or a pgvector approximate index.
-PG_INDEX_KINDS = ("exact", "hnsw", "ivfflat")
+#: Index kinds the PostgreSQL backend builds -> the pgvector access method that serves them.
+#: sqlite-vec's quantised ``rescore-*`` kinds are served by HNSW, so code written against SQLite
+#: runs unchanged: pgvector 0.6 has no quantised index, and HNSW already returns exact distances
+#: (nothing to rescore); ``oversample`` keeps its meaning, candidates examined per result.
+PHYSICAL_INDEX = {
+    "exact": None,
+    "hnsw": "hnsw",
+    "ivfflat": "ivfflat",
+    "rescore-bit": "hnsw",
+    "rescore-int8": "hnsw",
+}
+PG_INDEX_KINDS = tuple(PHYSICAL_INDEX)
 #: pgvector caps hnsw.ef_search at 1000; beyond that a query falls back to an exact scan.
 HNSW_MAX_EF_SEARCH = 1000
 #: pgvector indexes vectors of up to 2000 dimensions.
@@ -34,8 +44,13 @@ def rows_table(spec: CollectionSpec) -> str:
     return f"rows_{int(spec.id)}"
 
 
+def physical_index(spec: CollectionSpec) -> str | None:
+    """``"hnsw"``, ``"ivfflat"`` or None (exact scan) for the collection's index kind."""
+    return PHYSICAL_INDEX[spec.index]
+
+
 def index_name(spec: CollectionSpec) -> str:
-    return f"rows_{int(spec.id)}_key_{spec.index}"
+    return f"rows_{int(spec.id)}_key_{physical_index(spec)}"
 
 
 def distance_operator(spec: CollectionSpec) -> str:
@@ -61,12 +76,12 @@ def create_table(spec: CollectionSpec) -> str:
 def create_index(spec: CollectionSpec, *, lists: int = 1) -> str | None:
     """DDL of the approximate index (None for exact collections)."""
     opclass = OPERATOR_CLASSES[spec.metric]
-    if spec.index == "hnsw":
+    if physical_index(spec) == "hnsw":
         return (
             f"CREATE INDEX {index_name(spec)} ON {rows_table(spec)} "
             f"USING hnsw (key {opclass}) WITH (m = 16, ef_construction = 64)"
         )
-    if spec.index == "ivfflat":
+    if physical_index(spec) == "ivfflat":
         return (
             f"CREATE INDEX {index_name(spec)} ON {rows_table(spec)} "
             f"USING ivfflat (key {opclass}) WITH (lists = {int(lists)})"

@@ -73,7 +73,7 @@ class PostgresBackend(VectorBackend):
                 f"index {spec.index!r} is not available on PostgreSQL: use one of "
                 f"{', '.join(pg_sql.PG_INDEX_KINDS)}"
             )
-        if spec.index != "exact" and spec.key_dim > pg_sql.INDEX_MAX_DIM:
+        if pg_sql.physical_index(spec) is not None and spec.key_dim > pg_sql.INDEX_MAX_DIM:
             raise InvalidInputError(
                 f"pgvector indexes at most {pg_sql.INDEX_MAX_DIM} dimensions; key_dim "
                 f"{spec.key_dim} needs index='exact'"
@@ -181,12 +181,13 @@ class PostgresBackend(VectorBackend):
     def _search_settings(self, spec: CollectionSpec, k: int) -> tuple[list[str], bool]:
         """SET LOCAL statements for this search, and whether the result is exact."""
         oversample = max(1, int(spec.oversample))
-        if spec.index == "hnsw":
+        kind = pg_sql.physical_index(spec)
+        if kind == "hnsw":
             if k > pg_sql.HNSW_MAX_EF_SEARCH:  # the index cannot return that many: scan instead
                 return ["SET LOCAL enable_indexscan = off"], True
             ef_search = min(pg_sql.HNSW_MAX_EF_SEARCH, max(k, k * oversample))
             return [f"SET LOCAL hnsw.ef_search = {int(ef_search)}"], False
-        if spec.index == "ivfflat":
+        if kind == "ivfflat":
             return [f"SET LOCAL ivfflat.probes = {oversample}"], False
         return [], True
 
@@ -286,7 +287,7 @@ class PostgresBackend(VectorBackend):
         table = pg_sql.rows_table(spec)
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql(f"VACUUM (FULL, ANALYZE) {table}")
-        if spec.index == "ivfflat":
+        if pg_sql.physical_index(spec) == "ivfflat":
             with self.engine.begin() as conn:
                 count = self.count_rows(conn, spec)
                 with _raw(conn).cursor() as cur:

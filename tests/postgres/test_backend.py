@@ -198,11 +198,25 @@ def test_hnsw_with_k_beyond_ef_search_cap_scans_exactly(pg_backend, make_spec):
     np.testing.assert_allclose(result.distances[0], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_sqlite_only_index_and_too_many_dimensions_are_refused(pg_backend, make_spec):
+def test_unknown_index_and_too_many_dimensions_are_refused(pg_backend, make_spec):
     with pytest.raises(InvalidInputError, match="not available on PostgreSQL"):
-        make_spec(index="rescore-bit")
+        make_spec(index="faiss")
     with pytest.raises(InvalidInputError, match="2000"):
         make_spec(index="hnsw", key_dim=2001)
+    make_spec(index="exact", key_dim=2001)  # exact scans have no such limit
+
+
+@pytest.mark.parametrize("kind", ["rescore-bit", "rescore-int8"])
+def test_sqlite_quantised_index_kinds_are_served_by_hnsw(pg_backend, make_spec, kind):
+    spec = make_spec(index=kind, key_dim=4, value_dim=4)
+    with pg_backend.engine.connect() as conn:
+        method = conn.exec_driver_sql(
+            "SELECT am.amname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_am am ON am.oid = c.relam WHERE i.indrelid = %(t)s::regclass "
+            "AND NOT i.indisprimary",
+            {"t": f"rows_{spec.id}"},
+        ).scalar()
+    assert method == "hnsw"
 
 
 def test_compact_gives_deleted_space_back(pg_backend, make_spec):
