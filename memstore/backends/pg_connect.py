@@ -83,7 +83,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _describe(conn_or_engine) -> str:
-    return conn_or_engine.engine.url.render_as_string(hide_password=True)
+    """The URL as the user wrote it (plain ``postgresql://``), password hidden."""
+    url = conn_or_engine.engine.url.set(drivername="postgresql")
+    return url.render_as_string(hide_password=True)
 
 
 def install_pgvector(conn: Connection) -> None:

@@ -96,8 +96,11 @@ def ivfflat_lists(row_count: int) -> int:
     return max(1, int(row_count**0.5))
 
 
-def knn_query(spec: CollectionSpec, *, exact_tiebreak: bool) -> str:
+def knn_query(spec: CollectionSpec, *, exact_tiebreak: bool, single: bool = False) -> str:
     """All queries of a batch in one statement: one LATERAL top-k per query.
+
+    ``single``: the plain ``ORDER BY ... LIMIT`` form for a batch of one query, which (unlike a
+    LATERAL subquery) PostgreSQL can run as a parallel sequential scan for exact search.
 
     Parameters: ``%(q)b`` the queries as one flat float4[] (m * dk), ``%(m)s``, ``%(k)s``. Each
     query is sliced out and cast to ``vector``; the LATERAL subquery's ``ORDER BY key <op> q LIMIT
@@ -107,6 +110,12 @@ def knn_query(spec: CollectionSpec, *, exact_tiebreak: bool) -> str:
     dk = int(spec.key_dim)
     op = distance_operator(spec)
     tiebreak = ", id" if exact_tiebreak else ""
+    if single:
+        query = f"(%(q)b::real[])::vector({dk})"
+        return (
+            f"SELECT 1 AS ord, id, key {op} {query} AS dist, key, value FROM {rows_table(spec)} "
+            f"ORDER BY key {op} {query}{tiebreak} LIMIT %(k)s"
+        )
     return (
         # MATERIALIZED: computed once per query; inlined, the slice + cast would be re-evaluated
         # for every row the scan visits (measured 5x slower on exact scans).

@@ -203,7 +203,7 @@ class PostgresBackend(VectorBackend):
             for statement in settings:
                 cur.execute(statement)
             cur.execute(
-                pg_sql.knn_query(spec, exact_tiebreak=exact),
+                pg_sql.knn_query(spec, exact_tiebreak=exact, single=m == 1),
                 {"q": Float4Array(queries), "m": m, "k": int(k)},
             )
             rows = cur.fetchall()

@@ -6,6 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memstore import lrfu
+from memstore.backends import pg_sql
+from memstore.backends.pg_connect import Float4Array
 from memstore.errors import InvalidInputError
 from memstore.types import RowBlock
 
@@ -169,14 +171,12 @@ def test_approximate_index_is_used_and_oversample_is_the_recall_knob(pg_backend,
             pg_backend.compact(spec)  # (re)trains the lists on the rows now present
         with pg_backend.engine.connect() as conn:
             raw = conn.connection.driver_connection
-            plan = "\n".join(
-                r[0]
-                for r in raw.execute(
-                    f"EXPLAIN SELECT id FROM rows_{spec.id} ORDER BY key <-> "
-                    f"'[{','.join(['0'] * d)}]' LIMIT {k}"
-                )
-            )
-            assert f"rows_{spec.id}_key_{index}" in plan
+            for single in (True, False):  # the batch statement and the one-query statement
+                m = 1 if single else len(queries)
+                sql = pg_sql.knn_query(spec, exact_tiebreak=False, single=single)
+                params = {"q": Float4Array(queries[:m]), "m": m, "k": k}
+                plan = "\n".join(r[0] for r in raw.execute("EXPLAIN " + sql, params))
+                assert f"Index Scan using rows_{spec.id}_key_{index}" in plan, plan
             result = pg_backend.knn(conn, spec, queries, k)
         recalls[oversample] = _recall(result.ids, reference, k)
         # Approximate ids, but exact distances of the rows returned.
