@@ -178,10 +178,10 @@ def main_part(args, url: str, store: Store, rng: np.random.Generator) -> dict:
         coll.search(queries[:1], k, touch=False)  # warm connection pools and caches
         cur.execute(sql, (queries[0], queries[0], k)).fetchall()
         for q in queries:
-            times["raw"].append(timed(lambda: cur.execute(sql, (q, q, k)).fetchall()))
-            times["store"].append(timed(lambda: coll.search(q[None], k)))
-            times["store_no_touch"].append(timed(lambda: coll.search(q[None], k, touch=False)))
-            times["numpy"].append(timed(lambda: brute_force_topk(keys, norms, q, k)))
+            times["raw"].append(timed(lambda q=q: cur.execute(sql, (q, q, k)).fetchall()))
+            times["store"].append(timed(lambda q=q: coll.search(q[None], k)))
+            times["store_no_touch"].append(timed(lambda q=q: coll.search(q[None], k, touch=False)))
+            times["numpy"].append(timed(lambda q=q: brute_force_topk(keys, norms, q, k)))
         raw.execute(f"DROP TABLE {RAW_TABLE}")
         raw.commit()
     store.drop_collection("bench")
