@@ -18,6 +18,12 @@ from memstore.errors import DriverError
 #: Module names tried in order; the stdlib first so a capable interpreter needs nothing extra.
 CANDIDATES = {"sqlite3": "sqlite3", "pysqlite3": "pysqlite3.dbapi2"}
 
+#: Page size of new database files. sqlite-vec stores vectors in chunk blobs (e.g. 1024 x 256 B);
+#: 16 KiB pages need 4x fewer overflow pages than SQLite's default 4 KiB, which measured here ~1.3x
+#: faster kNN scans and bulk inserts, while an LRFU touch still rewrites only 16 KiB per hit row.
+#: It only applies when a file is created (existing files keep theirs).
+PAGE_SIZE = 16384
+
 #: Milliseconds a connection waits for another writer's lock before giving up.
 BUSY_TIMEOUT_MS = 30_000
 
@@ -109,6 +115,7 @@ def prepare_connection(dbapi_connection, *, file_backed: bool) -> None:
     load_sqlite_vec(dbapi_connection)
     cursor = dbapi_connection.cursor()
     try:
+        cursor.execute(f"PRAGMA page_size = {int(PAGE_SIZE)}")  # no-op unless the file is new
         cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
         if file_backed:
             # WAL itself is persistent in the file and is switched on once the file is known to be
