@@ -248,7 +248,18 @@ def main() -> None:
         "--workdir", type=Path, default=None, help="where the databases go (default: a temp dir)"
     )
     parser.add_argument("--json", action="store_true", help="print the JSON of the issue only")
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="postgresql:// URL: the same table on PostgreSQL + pgvector, raw pgvector as the "
+        "reference (benchmarks/store_pg.py); default: SQLite files in --workdir",
+    )
     args = parser.parse_args()
+    if args.url is not None and not args.url.startswith("sqlite"):
+        import store_pg  # benchmarks/ is sys.path[0] when run as a script
+
+        store_pg.run(args)
+        return
 
     rng = np.random.default_rng(0)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="memstore-bench-"))
