@@ -40,6 +40,8 @@ from memstore.errors import InvalidInputError
 from memstore.types import CollectionSpec, RowBlock, SearchResult
 
 _COPY_CHUNK = 8 << 20  # bytes per write to the COPY stream
+#: Smallest batch for which a load into an indexed collection rebuilds the index in bulk.
+BULK_REBUILD_MIN = 1000
 
 
 def _raw(conn: Connection):
@@ -91,15 +93,34 @@ class PostgresBackend(VectorBackend):
 
     # ------------------------------------------------------------------ rows
     def insert_rows(self, conn: Connection, spec: CollectionSpec, rows: RowBlock) -> None:
+        """One binary COPY; a large load into an indexed collection rebuilds the index once.
+
+        pgvector inserts into an HNSW graph row by row at a fraction of the rate of one bulk
+        ``CREATE INDEX`` (measured here at d=64: ~460 vs ~1,700 rows/s), and an IVFFlat index made
+        on an empty table has untrained lists. So when a batch is larger than what the collection
+        already holds (and at least BULK_REBUILD_MIN rows), the index is dropped, the rows copied
+        and the index built again - all in the caller's transaction, so it is atomic; readers of
+        this collection wait for it to commit (DROP INDEX locks the table).
+        """
         if len(rows) == 0:
             return
         stream = encode_copy_rows(rows)
         table = pg_sql.rows_table(spec)
         with _raw(conn).cursor() as cur:
+            rebuild = False
+            if pg_sql.physical_index(spec) is not None and len(rows) >= BULK_REBUILD_MIN:
+                cur.execute(f"SELECT count(*) FROM {table}")
+                existing = int(cur.fetchone()[0])
+                rebuild = existing < len(rows)
+            if rebuild:
+                cur.execute(f"DROP INDEX IF EXISTS {pg_sql.index_name(spec)}")
             with cur.copy(f"COPY {table} ({pg_sql.ROW_COLUMNS}) FROM STDIN (FORMAT BINARY)") as cp:
                 view = memoryview(stream)
                 for start in range(0, len(view), _COPY_CHUNK):
                     cp.write(view[start : start + _COPY_CHUNK])
+            if rebuild:
+                lists = pg_sql.ivfflat_lists(existing + len(rows))
+                cur.execute(pg_sql.create_index(spec, lists=lists))
 
     def _lock_rows(self, cur, spec: CollectionSpec, ids: np.ndarray) -> None:
         """Lock existing rows in id order, so concurrent writers queue instead of deadlocking."""
