@@ -53,7 +53,7 @@ from memstore_torch.text_data import load_blocks, read_texts  # noqa: E402
 from memstore_torch.trainer import DistillConfig, Distiller  # noqa: E402
 
 TEACHER = TeacherSpec(layers=4, width=256, heads=4, context=128, inner=1024, vocab=4096,
-                      steps=1500, batch_size=16, lr=1e-3, warmup=100, dropout=0.1, seed=0)  # fmt: skip
+                      steps=400, batch_size=16, lr=2e-3, warmup=40, dropout=0.1, seed=0)  # fmt: skip
 
 
 def machine() -> dict:
