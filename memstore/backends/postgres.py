@@ -315,6 +315,19 @@ class PostgresBackend(VectorBackend):
                     cur.execute(f"DROP INDEX IF EXISTS {pg_sql.index_name(spec)}")
                     cur.execute(pg_sql.create_index(spec, lists=pg_sql.ivfflat_lists(count)))
 
+    def vacuum(self) -> None:
+        """VACUUM FULL memstore's own tables (catalog and every ``rows_<id>``): dead row versions
+        left by updates, upserts and deletes (MVCC) go back to the file system."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            tables = conn.exec_driver_sql(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.relkind = 'r' AND n.nspname = current_schema() "
+                "AND (c.relname ~ '^rows_[0-9]+$' OR c.relname = 'memstore_collections') "
+                "ORDER BY c.relname"
+            ).scalars()
+            for table in list(tables):
+                conn.exec_driver_sql(f'VACUUM (FULL, ANALYZE) "{table}"')
+
     def size_bytes(self) -> int | None:
         with self.engine.connect() as conn:
             return int(conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar())
