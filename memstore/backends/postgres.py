@@ -2,7 +2,10 @@
 
 Each collection is one table ``rows_<id>``: ``id bigint`` primary key, ``key vector(dk)``,
 ``value vector(dv)`` and the LRFU fields. ``index="hnsw"`` / ``"ivfflat"`` add a pgvector index on
-``key`` with the operator class of the collection's metric; ``"exact"`` scans.
+``key`` with the operator class of the collection's metric; sqlite-vec's ``"rescore-bit"`` /
+``"rescore-int8"`` are served by HNSW (pgvector 0.6 has no quantised index, and HNSW distances are
+exact); ``"exact"`` scans. Write transactions are serialised by an advisory lock taken when they
+begin (:mod:`memstore.backends.pg_connect`).
 
 Why the code looks the way it does:
 
@@ -19,6 +22,7 @@ Why the code looks the way it does:
   1000; a k above that scans exactly), IVFFlat ``ivfflat.probes = oversample``.
 * Rows that several transactions may touch (LRFU touches, updates, deletes) are locked in id order
   first, so concurrent writers queue instead of deadlocking.
+* A load larger than the collection rebuilds its index once after the COPY (see insert_rows).
 """
 
 from __future__ import annotations
