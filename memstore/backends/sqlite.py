@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
-from memstore import lrfu
+from memstore.backends import sqlite_lrfu
 from memstore.backends.base import VectorBackend
 from memstore.sqlite_driver import prepare_connection, sqlite_module
 from memstore.types import CollectionSpec, RowBlock, SearchResult
@@ -99,10 +99,6 @@ class SqliteBackend(VectorBackend):
 
     dialect = "sqlite"
 
-    def __init__(self, engine: Engine) -> None:
-        super().__init__(engine)
-        self._touch_cache: dict[tuple[int, float], tuple[str, tuple, dict]] = {}
-
     # ------------------------------------------------------------------ engine
     @classmethod
     def create_engine(cls, url: sa.URL) -> Engine:
@@ -147,6 +143,7 @@ class SqliteBackend(VectorBackend):
             "crf REAL NOT NULL, last_tick INTEGER NOT NULL, hits INTEGER NOT NULL, "
             "created_tick INTEGER NOT NULL)"
         )
+        conn.exec_driver_sql(sqlite_lrfu.create_sql(spec))
         self._create_index(conn, spec)
 
     def _create_index(self, conn: Connection, spec: CollectionSpec) -> None:
@@ -163,7 +160,18 @@ class SqliteBackend(VectorBackend):
 
     def drop_storage(self, conn: Connection, spec: CollectionSpec) -> None:
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_vec(spec)}")
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {sqlite_lrfu.log_table(spec)}")
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_rows(spec)}")
+
+    def fold_touches(self, conn: Connection, spec: CollectionSpec) -> None:
+        """Apply pending LRFU hits to ``rows_<id>`` and empty the log (see sqlite_lrfu)."""
+        log = sqlite_lrfu.log_table(spec)
+        if conn.exec_driver_sql(f"SELECT 1 FROM {log} LIMIT 1").first() is None:
+            return
+        conn.exec_driver_sql(
+            sqlite_lrfu.fold_sql(spec, _rows(spec)), {"lam": float(spec.lrfu_lambda)}
+        )
+        conn.exec_driver_sql(f"DELETE FROM {log}")
 
     # ------------------------------------------------------ inner-product bound
     def _norm_bound(self, conn: Connection, spec: CollectionSpec) -> float:
@@ -305,6 +313,7 @@ class SqliteBackend(VectorBackend):
         rewrite rows that exist)."""
         if len(rows) == 0:
             return
+        self.fold_touches(conn, spec)  # replaced rows take the given LRFU state, not pending hits
         exists = np.isin(rows.ids, self._existing(conn, spec, rows.ids))
         if exists.any():
             old = rows.take(exists)
@@ -363,6 +372,7 @@ class SqliteBackend(VectorBackend):
     def delete_rows(self, conn: Connection, spec: CollectionSpec, ids: np.ndarray) -> int:
         if len(ids) == 0:
             return 0
+        self.fold_touches(conn, spec)  # no pending hit may outlive its row
         present = self._existing(conn, spec, ids)
         if len(present) == 0:
             return 0
@@ -381,16 +391,20 @@ class SqliteBackend(VectorBackend):
     def fetch_rows(
         self, conn: Connection, spec: CollectionSpec, ids: np.ndarray | None = None
     ) -> RowBlock:
-        columns = "id, key, value, crf, last_tick, hits, created_tick"
+        select = (
+            sqlite_lrfu.pending_cte(spec)
+            + "SELECT r.id, r.key, r.value, "
+            + f"{sqlite_lrfu.EFFECTIVE_CRF}, {sqlite_lrfu.EFFECTIVE_LAST_TICK}, "
+            + f"{sqlite_lrfu.EFFECTIVE_HITS}, r.created_tick "
+            + f"FROM {sqlite_lrfu.effective_rows(spec, _rows(spec))} "
+        )
+        params: dict = {"lam": float(spec.lrfu_lambda)}
         if ids is None:
-            result = conn.exec_driver_sql(
-                f"SELECT {columns} FROM {_rows(spec)} ORDER BY id"
-            ).fetchall()
+            result = conn.exec_driver_sql(select + "ORDER BY r.id", params).fetchall()
         else:
+            params["ids"] = json.dumps(np.unique(ids).tolist())
             result = conn.exec_driver_sql(
-                f"SELECT {columns} FROM {_rows(spec)} "
-                "WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
-                (json.dumps(np.unique(ids).tolist()),),
+                select + "WHERE r.id IN (SELECT value FROM json_each(:ids)) ORDER BY r.id", params
             ).fetchall()
         n = len(result)
         return RowBlock(
@@ -492,41 +506,17 @@ class SqliteBackend(VectorBackend):
         counts: np.ndarray,
         tick: int,
     ) -> None:
+        """Append the hits to the LRFU log (one or two pages); fold when the log is long."""
         if len(ids) == 0:
             return
-        sql, names, defaults = self._touch_statement(spec)
-        params = []
-        for i, c in zip(ids.tolist(), counts.tolist(), strict=True):
-            given = {"b_id": i, "b_count": c, "b_tick": int(tick)}
-            params.append(tuple(given.get(name, defaults.get(name)) for name in names))
-        conn.exec_driver_sql(sql, params)
-
-    def _touch_statement(self, spec: CollectionSpec) -> tuple[str, tuple, dict]:
-        """The LRFU touch UPDATE of :func:`memstore.lrfu.touch_assignments`, compiled once per
-        collection to positional SQL (building and compiling it per search cost ~1 ms)."""
-        key = (spec.id, spec.lrfu_lambda)
-        cached = self._touch_cache.get(key)
-        if cached is None:
-            t = _rows_table(spec)
-            stmt = (
-                sa.update(t)
-                .where(t.c.id == sa.bindparam("b_id", type_=sa.BigInteger))
-                .values(
-                    **lrfu.touch_assignments(
-                        t.c.crf,
-                        t.c.last_tick,
-                        t.c.hits,
-                        sa.bindparam("b_count", type_=sa.BigInteger),
-                        sa.bindparam("b_tick", type_=sa.BigInteger),
-                        spec.lrfu_lambda,
-                    )
-                )
-            )
-            compiled = stmt.compile(dialect=self.engine.dialect)
-            fixed = compiled.construct_params({"b_id": 0, "b_count": 0, "b_tick": 0})
-            cached = (compiled.string, tuple(compiled.positiontup), fixed)
-            self._touch_cache[key] = cached
-        return cached
+        log = sqlite_lrfu.log_table(spec)
+        conn.exec_driver_sql(
+            f"INSERT INTO {log}(id, tick, count) VALUES (?, ?, ?)",
+            [(i, int(tick), c) for i, c in zip(ids.tolist(), counts.tolist(), strict=True)],
+        )
+        pending = conn.exec_driver_sql(f"SELECT max(rowid) FROM {log}").scalar()
+        if pending is not None and pending >= sqlite_lrfu.FOLD_AT:
+            self.fold_touches(conn, spec)
 
     def lowest_scored(
         self,
@@ -537,21 +527,29 @@ class SqliteBackend(VectorBackend):
         limit: int | None = None,
         below: float | None = None,
     ) -> np.ndarray:
-        t = _rows_table(spec)
-        key = lrfu.order_key_sql(t.c.crf, t.c.last_tick, now, spec.lrfu_lambda)
-        stmt = sa.select(t.c.id).order_by(key.asc(), t.c.last_tick.asc(), t.c.id.asc())
+        key = sqlite_lrfu.order_key()
+        sql = (
+            sqlite_lrfu.pending_cte(spec)
+            + f"SELECT r.id FROM {sqlite_lrfu.effective_rows(spec, _rows(spec))} "
+            + (f"WHERE {key} < :below " if below is not None else "")
+            + f"ORDER BY {key} ASC, {sqlite_lrfu.EFFECTIVE_LAST_TICK} ASC, r.id ASC"
+            + (" LIMIT :limit" if limit is not None else "")
+        )
+        params = {"lam": float(spec.lrfu_lambda), "now": int(now)}
         if below is not None:
-            stmt = stmt.where(key < float(below))
+            params["below"] = float(below)
         if limit is not None:
-            stmt = stmt.limit(int(limit))
-        result = conn.execute(stmt).fetchall()
+            params["limit"] = int(limit)
+        result = conn.exec_driver_sql(sql, params).fetchall()
         return np.fromiter((r[0] for r in result), np.int64, len(result))
 
     def score_summary(self, conn: Connection, spec: CollectionSpec, now: int) -> dict:
-        t = _rows_table(spec)
-        key = lrfu.order_key_sql(t.c.crf, t.c.last_tick, now, spec.lrfu_lambda)
-        low, mean, high = conn.execute(
-            sa.select(sa.func.min(key), sa.func.avg(key), sa.func.max(key))
+        key = sqlite_lrfu.order_key()
+        low, mean, high = conn.exec_driver_sql(
+            sqlite_lrfu.pending_cte(spec)
+            + f"SELECT min({key}), avg({key}), max({key}) "
+            + f"FROM {sqlite_lrfu.effective_rows(spec, _rows(spec))}",
+            {"lam": float(spec.lrfu_lambda), "now": int(now)},
         ).one()
         return {
             "min": None if low is None else float(low),
@@ -569,6 +567,7 @@ class SqliteBackend(VectorBackend):
         with self.engine.connect() as conn:
             conn.execution_options(memstore_begin="IMMEDIATE")
             with conn.begin():
+                self.fold_touches(conn, spec)
                 self._rebuild_index(conn, spec)
         self.vacuum()
 

@@ -1,15 +1,26 @@
-"""Fixtures for the memstore store tests: a fresh SQLite store per test and numpy references."""
+"""Fixtures for the memstore store tests: a fresh store per test and numpy references.
+
+The tests run on SQLite. ``MEMSTORE_STORE_TESTS_PG=1`` also runs every test that uses the ``store``
+/ ``db_url`` fixtures against PostgreSQL + pgvector (the ``fresh_postgres_url`` fixture of
+tests/pg_fixture.py): the same API contract, checked on both backends (about a minute more).
+"""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 
 from memstore import Store
 
+BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("MEMSTORE_STORE_TESTS_PG") == "1" else [])
 
-@pytest.fixture
-def db_url(tmp_path) -> str:
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path) -> str:
+    if request.param == "postgresql":
+        return request.getfixturevalue("fresh_postgres_url")
     return f"sqlite:///{tmp_path / 'store.db'}"
 
 
@@ -40,10 +51,9 @@ def _brute_force(metric: str, queries: np.ndarray, keys: np.ndarray) -> np.ndarr
 def _index_consistent(coll) -> bool:
     """The row table and the vector index hold exactly the same ids."""
     with coll.store.read() as conn:
-        rows = coll.store.backend.count_rows(conn, coll.spec)
-        index = coll.store.backend.index_count(conn, coll.spec)
-        ids = conn.exec_driver_sql(f"SELECT id FROM vec_{coll.spec.id} ORDER BY id").fetchall()
-    return rows == index and [r[0] for r in ids] == coll.export_rows().ids.tolist()
+        index_ids = coll.store.backend.index_ids(conn, coll.spec)
+        row_ids = coll.store.backend.fetch_rows(conn, coll.spec, None).ids
+    return index_ids.tolist() == row_ids.tolist()
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memstore import Store, errors
+from memstore import RowBlock, Store, errors
+from memstore.backends import sqlite_lrfu
 
 
 def reference_scores(hit_ticks: dict[int, list[int]], now: int, lam: float) -> dict[int, float]:
@@ -35,6 +36,7 @@ def make_collection(store, name, lam, n):
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
+    fold_at=st.sampled_from([1, 3, 8192]),
     lam=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
     batches=st.lists(
         st.tuples(st.integers(1, 5), st.lists(st.integers(0, 7), min_size=1, max_size=6)),
@@ -42,8 +44,17 @@ def make_collection(store, name, lam, n):
         max_size=8,
     ),
 )
-def test_state_and_order_equal_reference(lam, batches):
+def test_state_and_order_equal_reference(fold_at, lam, batches):
+    """Also across folds of the SQLite backend's pending-hit log (folded every ``fold_at`` hits)."""
     n = 8
+    saved, sqlite_lrfu.FOLD_AT = sqlite_lrfu.FOLD_AT, fold_at
+    try:
+        _check_against_reference(lam, batches, n)
+    finally:
+        sqlite_lrfu.FOLD_AT = saved
+
+
+def _check_against_reference(lam, batches, n):
     with Store("sqlite://") as store:
         coll = make_collection(store, "l", lam, n)
         hits = {i: [0] for i in range(n)}  # insertion at tick 0 counts as the first reference
@@ -134,3 +145,25 @@ def test_tick_before_clock_is_rejected(store):
     coll.search(one_hot_queries([0], 3), 1, tick=5)
     with pytest.raises(errors.InvalidInputError, match="before"):
         coll.search(one_hot_queries([0], 3), 1, tick=4)
+
+
+def test_replacing_a_row_discards_its_pending_hits(store):
+    """apply_changes gives a row its full LRFU state; hits logged before must not be added."""
+    coll = make_collection(store, "r", 0.5, 3)
+    coll.search(one_hot_queries([0, 0, 1], 3), 1, tick=4)
+    row = coll.get([0])
+    assert row.hits.tolist() == [2]
+    replaced = RowBlock(
+        ids=row.ids,
+        keys=row.keys,
+        values=row.values,
+        crf=np.array([7.0]),
+        last_tick=np.array([4]),
+        hits=np.array([9]),
+        created_tick=np.array([1]),
+    )
+    coll.apply_changes(replaced)
+    again = coll.get([0, 1])
+    assert again.crf.tolist()[0] == 7.0 and again.hits.tolist() == [9, 1]
+    coll.search(one_hot_queries([0], 3), 1, tick=6)
+    assert coll.get([0]).crf[0] == pytest.approx(1 + 2.0 ** (-0.5 * 2) * 7.0)

@@ -6,6 +6,7 @@ import sqlite3
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -34,10 +35,9 @@ def test_autogenerate_sees_no_difference_and_no_runtime_tables(store):
         coll = store.create_collection(f"c_{index}", key_dim=8, metric="ip", index=index)
         coll.insert(np.ones((3, 8), np.float32))
     with store.read() as conn:
-        names = {
-            r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")
-        }
-        assert any(n.endswith("_chunks") for n in names) and any("rescore" in n for n in names)
+        names = set(sa.inspect(conn).get_table_names())
+        if conn.dialect.name == "sqlite":  # sqlite-vec's shadow tables exist and must be ignored
+            assert any(n.endswith("_chunks") for n in names) and any("rescore" in n for n in names)
         context = MigrationContext.configure(
             conn,
             opts={"include_name": migrate.include_name, "include_object": migrate.include_object},
