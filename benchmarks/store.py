@@ -51,10 +51,15 @@ DEFAULT_PAGE_SIZE = 4096  # SQLite's default
 RAW_VARIANTS = {"raw": PAGE_SIZE, "raw_default_pages": DEFAULT_PAGE_SIZE}
 
 
+SPREAD = 0.5  # cluster radius relative to the centres' unit-normal scale
+
+
 def clustered(rng: np.random.Generator, n: int, dim: int, centers: np.ndarray) -> np.ndarray:
-    """Points around random centres; spread chosen so neighbours are meaningful but not trivial."""
+    """Points around random unit-normal centres (plain Gaussian points when there are none)."""
+    if len(centers) == 0:
+        return rng.standard_normal((n, dim)).astype(np.float32)
     which = rng.integers(0, len(centers), n)
-    return (centers[which] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
+    return (centers[which] + SPREAD * rng.standard_normal((n, dim))).astype(np.float32)
 
 
 def machine() -> dict:
@@ -237,7 +242,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--queries", type=int, default=200, help="single queries timed")
     parser.add_argument("--repeats", type=int, default=2, help="insert repetitions (best is kept)")
-    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument(
+        "--clusters", type=int, default=1000, help="cluster centres; 0 = plain Gaussian data"
+    )
     parser.add_argument("--rescore-dims", type=int, nargs="*", default=[64, 768])
     parser.add_argument(
         "--rescore-n", type=int, default=None, help="rows for the rescore part (default --n)"
@@ -305,7 +312,7 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} when the run ended (other processes share the cores)"
     )
     print(
-        f"data: clustered, {args.clusters} centres, N={args.n}, d={args.dim}, k={args.k}, "
+        f"data: {'Gaussian' if args.clusters == 0 else f'clustered, {args.clusters} centres (spread {SPREAD})'}, N={args.n}, d={args.dim}, k={args.k}, "
         f"{args.queries} single queries (median), insert best of {args.repeats}\n"
     )
     m = main_figures
