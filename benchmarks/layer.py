@@ -8,6 +8,12 @@ Both are timed in the same run, interleaved, median of ``--repeats``.
 
 ``--json`` prints one object: ``mlp_s``, ``time_s_k{K}`` and ``time_ratio_k{K}`` for each k
 (``time_ratio_k256`` is the issue's target, <= 1.5), plus the machine.
+
+    python benchmarks/layer.py --variants [--seeds 2] [--steps 150]
+
+trains AssociativeMemory on a fact-recall task under each straight-through variant (DESIGN
+section 6: "measure which variants train best") and prints the final in-step loss and the recall
+error when the facts must come from the table alone, both relative to predicting zeros.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch  # noqa: E402
 from transformers import GPT2Config  # noqa: E402
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP  # noqa: E402
 
-from memstore_torch import FeaturalMemory  # noqa: E402
+from memstore_torch import AssociativeMemory, FeaturalMemory  # noqa: E402
 
 
 def machine(threads: int) -> str:
@@ -49,6 +55,60 @@ def step_time(module: torch.nn.Module, x: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def fact_batch(a: torch.Tensor, b: torch.Tensor, pick: torch.Tensor):
+    """Position 0 shows the fact [a; b], position 1 asks [a; 0]; the answer is [0; b]."""
+    fact = torch.cat([a[pick], b[pick]], dim=1)
+    ask = torch.cat([a[pick], torch.zeros_like(b[pick])], dim=1)
+    target = torch.cat([torch.zeros_like(a[pick]), b[pick]], dim=1)
+    return torch.stack([fact, ask], dim=1), ask[:, None, :], target
+
+
+VARIANTS = {
+    "all rules, trainable rows": {},
+    "no dQuery=dKeyReturned": {"st_query": False},
+    "no insert rules": {"st_insert": False},
+    "read-only rows": {"trainable_rows": False},
+    "no rules, read-only rows": {"st_query": False, "st_insert": False, "trainable_rows": False},
+}
+
+
+def train_variant(options: dict, seed: int, steps: int, n_facts: int = 64, half: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n_facts, half, generator=g)
+    b = torch.randn(n_facts, half, generator=g)
+    torch.manual_seed(seed)
+    mem = AssociativeMemory(
+        2 * half, heads=2, k=8, key_dim=16, value_dim=16, capacity=8192, **options
+    ).train()
+    opt = torch.optim.Adam(mem.parameters(), lr=1e-2)
+    recent: list[float] = []  # training loss (fact shown in the same sequence), last 20 steps
+    for _ in range(steps):
+        x, _, target = fact_batch(a, b, torch.randint(0, n_facts, (16,), generator=g))
+        loss = (mem(x)[:, 1] - target).square().mean() / target.square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        recent = (recent + [loss.item()])[-20:]
+    _, ask, target = fact_batch(a, b, torch.arange(n_facts))
+    with torch.no_grad():
+        mem.eval()  # no inserts: the answer can only come from the table
+        recall = (mem(ask)[:, 0] - target).square().mean().item()
+    zero = target.square().mean().item()
+    return statistics.mean(recent), recall / zero, len(mem.index)
+
+
+def variants(seeds: int, steps: int) -> None:
+    print(f"AssociativeMemory, 64 facts, 16 a batch, {steps} Adam steps, {seeds} seeds")
+    print("errors relative to predicting zeros (1.0 = learnt nothing); mean over seeds")
+    print(f"{'variant':<28}{'in-step loss':>14}{'table recall':>14}{'rows':>7}")
+    for name, options in VARIANTS.items():
+        runs = [train_variant(options, seed, steps) for seed in range(seeds)]
+        in_step = statistics.mean(r[0] for r in runs)
+        recall = statistics.mean(r[1] for r in runs)
+        rows = statistics.mean(r[2] for r in runs)
+        print(f"{name:<28}{in_step:>14.3f}{recall:>14.3f}{rows:>7.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -56,8 +116,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--ks", default="64,256,3072")
     ap.add_argument("--tokens", default="8x128", help="batch x sequence")
+    ap.add_argument("--variants", action="store_true", help="straight-through variants instead")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=150)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.variants:
+        variants(args.seeds, args.steps)
+        return
     torch.manual_seed(0)
     batch, seq = (int(v) for v in args.tokens.split("x"))
     cfg = GPT2Config(n_embd=768, n_inner=3072, resid_pdrop=0.0)

@@ -48,6 +48,8 @@ class AssociativeMemory(MemoryRowsMixin):
         trainable_rows: bool = True,
         lrfu_lambda: float = 0.5,
         update_in_eval: bool = False,
+        st_query: bool = True,
+        st_insert: bool = True,
     ) -> None:
         super().__init__()
         if d_model < 1 or heads < 1 or k < 1 or capacity < 1:
@@ -61,6 +63,8 @@ class AssociativeMemory(MemoryRowsMixin):
         self.key_dim, self.value_dim, self.capacity = key_dim, value_dim, capacity
         self.novel, self.recombine = novel, recombine
         self.lrfu_lambda, self.update_in_eval = lrfu_lambda, update_in_eval
+        # The seed's straight-through rules, switchable to measure what each contributes.
+        self.st_query, self.st_insert = st_query, st_insert
         self.query_proj = nn.Linear(d_model, heads * key_dim, bias=False)
         self.key_proj = nn.Linear(d_model, heads * key_dim, bias=False)
         self.value_proj = nn.Linear(d_model, heads * value_dim, bias=False)
@@ -138,8 +142,10 @@ class AssociativeMemory(MemoryRowsMixin):
             src_safe = source.clamp_min(0)
             ret_k = torch.where(use_mem, self.memory_keys[slot], key.detach()[src_safe])
             ret_v = torch.where(use_mem, self.memory_values[slot], val.detach()[src_safe])
-            ret_k, ret_v = straight_through_insert(ret_k, ret_v, source, key, val)
-            ret_k = straight_through_query(q, ret_k)
+            if self.st_insert:
+                ret_k, ret_v = straight_through_insert(ret_k, ret_v, source, key, val)
+            if self.st_query:
+                ret_k = straight_through_query(q, ret_k)
             logits = torch.einsum("md,mkd->mk", q, ret_k) / math.sqrt(dk)
             logits = logits.masked_fill(~valid, -math.inf)
             attn = torch.softmax(logits, dim=1).nan_to_num(0.0)  # rows with no candidate -> 0
@@ -228,6 +234,8 @@ class AssociativeMemory(MemoryRowsMixin):
             "trainable_rows": self.trainable_rows,
             "lrfu_lambda": self.lrfu_lambda,
             "update_in_eval": self.update_in_eval,
+            "st_query": self.st_query,
+            "st_insert": self.st_insert,
         }
 
     @classmethod

@@ -121,3 +121,20 @@ def test_capacity_is_respected_by_lrfu_eviction():
     layer._apply_pending()
     assert len(layer.index) == 10
     assert layer.index.counters["evictions"] > 0
+
+
+def test_dquery_rule_adds_nothing_under_softmax_attention():
+    """Measured, not assumed: returned keys enter only through softmax logits, whose gradients
+    sum to zero over the k candidates, so the summed key gradient that rule 1 hands to the query
+    is q * 0. The rule matters only where returned keys are used otherwise."""
+    x = torch.randn(2, 5, 8)
+    grads = []
+    for st_query in (True, False):
+        torch.manual_seed(0)
+        layer = AssociativeMemory(8, heads=1, k=3, capacity=32, novel=-1.0, st_query=st_query)
+        layer.train()(x)
+        layer._apply_pending()  # the table now holds this sequence's pairs
+        layer.zero_grad()
+        layer(x).square().sum().backward()
+        grads.append(layer.query_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
