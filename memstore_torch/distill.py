@@ -6,7 +6,6 @@ exactly what users run.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,18 +50,18 @@ def prepare_data(tokenizer, job: DistillJob, context: int):
 def run_distill(job: DistillJob, log=print) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the summary that ``--json`` prints."""
     from memstore import Store
-    from memstore_torch.lm_training import batch_for_step
     from memstore_torch.student import (
         build_student_skeleton,
         collection_name,
         default_db_url,
         memory_factory,
         memory_layers,
+        memory_parameters,
         read_manifest,
         resolve_db_url,
         save_student,
     )
-    from memstore_torch.surgery import capture_mlp_inputs, clone_with_mlps, parse_layers
+    from memstore_torch.surgery import parse_layers
     from memstore_torch.teacher import load_teacher
 
     started = time.perf_counter()
@@ -82,8 +81,6 @@ def run_distill(job: DistillJob, log=print) -> dict[str, Any]:
         if not checkpoint.is_file():
             raise StudentFormatError(f"--resume: {out} has no {CHECKPOINT_FILE} to resume from")
         db_url = resolve_db_url(out, manifest, job.db)
-        store = Store(db_url)
-        student = build_student_skeleton(out, manifest, store)
     else:
         if checkpoint.is_file():
             raise InvalidInputError(
@@ -91,42 +88,22 @@ def run_distill(job: DistillJob, log=print) -> dict[str, Any]:
                 "or choose another --out"
             )
         db_url = job.db or default_db_url(out)
-        factory = memory_factory(
-            job.kind,
-            None,
-            k=job.k,
-            init=job.init,
-            heads=job.heads,
-            capacity=job.capacity,
-        )  # validates --kind/--init/--k before the store is touched
+        # validates --kind/--init/--k before the store is touched
+        memory_factory(job.kind, None, k=job.k, init=job.init, heads=job.heads)
         out.mkdir(parents=True, exist_ok=True)
-        store = Store(db_url)
-        existing = {c.name for c in store.list_collections()}
-        clash = sorted(existing & {collection_name(i) for i in layers})
-        if clash:
-            store.close()
-            raise InvalidInputError(
-                f"database {db_url} already holds collection(s) {', '.join(clash)}; "
-                "pass --resume to continue that run, or give another --db"
-            )
-        calibration = None
-        if job.init == "mlp":
-            batches = [
-                batch_for_step(train_blocks, s, job.config.batch_size, job.config.seed + 1)
-                for s in range(job.calibration_batches)
-            ]
-            calibration = capture_mlp_inputs(teacher, layers, batches)
-        factory = memory_factory(
-            job.kind,
-            store,
-            k=job.k,
-            init=job.init,
-            calibration=calibration,
-            heads=job.heads,
-            capacity=job.capacity,
-        )
-        student = clone_with_mlps(teacher, layers, factory)
-        save_student(student, tokenizer, out, db_url, info={"teacher": job.teacher})
+    info = {"teacher": job.teacher, "kind": job.kind, "k": job.k, "init": job.init}
+    if job.resume:  # what the run was started with wins over this invocation's defaults
+        info = {**info, **{k: v for k, v in manifest.get("info", {}).items() if k in info}}
+    store = Store(db_url)
+    try:
+        if job.resume:
+            student = build_student_skeleton(out, manifest, store)
+        else:
+            student = _new_student(job, teacher, layers, train_blocks, store)
+            save_student(student, tokenizer, out, db_url, info=info)
+    except BaseException:
+        store.close()
+        raise
 
     try:
         distiller = Distiller(
@@ -141,22 +118,23 @@ def run_distill(job: DistillJob, log=print) -> dict[str, Any]:
         if job.resume:
             distiller.load_checkpoint()
         result = distiller.run()
-        info = {"teacher": job.teacher, "kind": job.kind, "k": job.k, "init": job.init}
         save_student(student, tokenizer, out, db_url, info=info)
         rows = {str(i): len(store.collection(collection_name(i))) for i in memory_layers(student)}
+        db_bytes = store.size_bytes()
     finally:
         store.close()
     summary = {
         **result,
         "db": db_url,
         "out": str(out),
-        "kind": job.kind,
-        "k": job.k,
-        "init": job.init,
-        "layers": layers,
+        "kind": info["kind"],
+        "k": info["k"],
+        "init": info["init"],
+        "layers": [int(i) for i in memory_layers(student)],
         "memory_rows": rows,
-        "db_bytes": _sqlite_bytes(db_url),
-        "parameters": sum(p.numel() for p in student.parameters()),
+        "db_bytes": db_bytes,
+        "parameters": sum(p.numel() for p in student.parameters())
+        - sum(p.numel() for p in memory_parameters(student)),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "train_tokens": int(train_blocks.size),
         "eval_tokens": int(eval_blocks.size),
@@ -166,13 +144,33 @@ def run_distill(job: DistillJob, log=print) -> dict[str, Any]:
     return summary
 
 
-def _sqlite_bytes(db_url: str) -> int | None:
-    prefix = "sqlite:///"
-    if not db_url.startswith(prefix):
-        return None
-    path = db_url[len(prefix) :]
-    total = 0
-    for suffix in ("", "-wal"):
-        if os.path.exists(path + suffix):
-            total += os.path.getsize(path + suffix)
-    return total
+def _new_student(job: DistillJob, teacher, layers: list[int], train_blocks, store):
+    """Surgery for a fresh run: memory layers bound to ``layer<i>`` collections of ``store``."""
+    from memstore_torch.lm_training import batch_for_step
+    from memstore_torch.student import collection_name, memory_factory
+    from memstore_torch.surgery import capture_mlp_inputs, clone_with_mlps
+
+    existing = {c.name for c in store.list_collections()}
+    clash = sorted(existing & {collection_name(i) for i in layers})
+    if clash:
+        raise InvalidInputError(
+            f"database {store.url} already holds collection(s) {', '.join(clash)}; "
+            "pass --resume to continue that run, or give another --db"
+        )
+    calibration = None
+    if job.init == "mlp":
+        batches = [
+            batch_for_step(train_blocks, s, job.config.batch_size, job.config.seed + 1)
+            for s in range(job.calibration_batches)
+        ]
+        calibration = capture_mlp_inputs(teacher, layers, batches)
+    factory = memory_factory(
+        job.kind,
+        store,
+        k=job.k,
+        init=job.init,
+        calibration=calibration,
+        heads=job.heads,
+        capacity=job.capacity,
+    )
+    return clone_with_mlps(teacher, layers, factory)

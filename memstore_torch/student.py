@@ -62,6 +62,14 @@ def memory_parameter_ids(model) -> set[int]:
     return ids
 
 
+def memory_parameters(model) -> list[nn.Parameter]:
+    """Every memory-row Parameter of a student (rows live in the database, not in dense.pt)."""
+    out: dict[int, nn.Parameter] = {}
+    for layer in memory_layers(model).values():
+        out.update((id(p), p) for p in layer.memory_parameters())
+    return list(out.values())
+
+
 def split_parameters(model) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(dense, memory) trainable parameters, in a stable order (the optimizer state relies on it)."""
     memory_ids = memory_parameter_ids(model)
