@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memstore import Store
 from memstore.errors import DimensionMismatchError, InvalidInputError, RowNotFoundError
@@ -144,3 +146,43 @@ def test_flush_is_one_transaction_that_fails_cleanly(tmp_path):
             index.mark_rows_changed(torch.tensor([0]))
             index.flush(coll)
         assert len(coll) == 5
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["insert", "delete", "update"]), st.integers(1, 5)), max_size=25
+    ),
+    seed=st.integers(0, 1000),
+)
+def test_random_mutations_match_a_reference_model(ops, seed):
+    """Any sequence of inserts, deletes and updates leaves exactly the rows a dict would hold,
+    and search over them equals brute force."""
+    g = torch.Generator().manual_seed(seed)
+    index = ResidentIndex(3, 2, "l2", max_rows=None)
+    model: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for op, count in ops:
+        if op == "insert":
+            keys, values = torch.randn(count, 3, generator=g), torch.randn(count, 2, generator=g)
+            for i, row_id in enumerate(index.insert(keys, values).tolist()):
+                model[row_id] = (keys[i], values[i])
+        elif model:
+            chosen = list(model)[:: max(1, len(model) // count)][:count]
+            if op == "delete":
+                index.delete_ids(chosen)
+                for row_id in chosen:
+                    del model[row_id]
+            else:
+                values = torch.randn(len(chosen), 2, generator=g)
+                index.update(index.slots_of(chosen), values=values)
+                for i, row_id in enumerate(chosen):
+                    model[row_id] = (model[row_id][0], values[i])
+    assert sorted(index.ids.tolist()) == sorted(model)
+    for row_id, (key, value) in model.items():
+        slot = index.slots_of([row_id])
+        assert torch.equal(index.keys[slot][0], key) and torch.equal(index.values[slot][0], value)
+    if model:
+        q = torch.randn(4, 3, generator=g)
+        hits = index.search(q, 3)
+        ref_d, ref_i = knn.brute_force(q, index.keys, 3, "l2")
+        torch.testing.assert_close(hits.distances, ref_d, atol=1e-4, rtol=1e-5)
