@@ -7,13 +7,15 @@ Layout per collection (``<id>`` is the catalog's integer id; user names never re
   only this ordinary table (a full scan of a vec0 table costs ~10 us a row; this is ~40x cheaper).
 * ``vec_<id>`` is a sqlite-vec ``vec0`` table used only as the kNN index; it is derived from
   ``rows_<id>`` and can be rebuilt from it at any time (prune does, to give emptied chunks back).
+* ``touches_<id>`` logs LRFU hits, folded into ``rows_<id>`` lazily (see :mod:`sqlite_lrfu`).
 
 Inner product: sqlite-vec has no ip metric, so ``ip`` collections index keys augmented to
 ``[k, sqrt(M^2 - |k|^2)]`` under L2 and queries as ``[q, 0]`` (Bachrach et al., 2014):
 ``|q'-k'|^2 = |q|^2 + M^2 - 2 q.k`` is monotone in ``-q.k``. M (kept in the catalog's
 ``index_state``) is raised to 1.25x the largest norm, and the index rebuilt, when a longer key
-arrives. A few extra candidates are fetched and every returned distance is recomputed exactly from
-the stored keys, so results equal brute force up to ties. The bit quantiser needs a multiple of 8
+arrives. Every returned distance is recomputed exactly from the stored keys, and the exact index
+certifies its candidate set against a float32 rounding bound (fetching more until it is certain),
+so results equal brute force up to ties. The bit quantiser needs a multiple of 8
 dimensions, so indexed vectors are zero-padded (zeros change no distance).
 
 Bulk inserts bind the whole batch as one blob and split it in SQL with ``substr`` over a recursive
@@ -60,19 +62,6 @@ def _index_dim(spec: CollectionSpec) -> int:
     if spec.index == "rescore-bit":
         dim = -(-dim // 8) * 8
     return dim
-
-
-def _rows_table(spec: CollectionSpec) -> sa.TableClause:
-    return sa.table(
-        _rows(spec),
-        sa.column("id", sa.BigInteger),
-        sa.column("key", sa.LargeBinary),
-        sa.column("value", sa.LargeBinary),
-        sa.column("crf", sa.Float),
-        sa.column("last_tick", sa.BigInteger),
-        sa.column("hits", sa.BigInteger),
-        sa.column("created_tick", sa.BigInteger),
-    )
 
 
 def _decode(blobs: list[bytes], dim: int) -> np.ndarray:
