@@ -6,6 +6,7 @@ Dialect-neutral SQLAlchemy Core, shared by every backend.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -79,13 +80,15 @@ def remove(conn: Connection, spec: CollectionSpec) -> None:
     conn.execute(collections.delete().where(_c.id == spec.id))
 
 
+# Built once: constructing Core statements per call cost more than running them.
+_STATE = sa.select(_c.clock, _c.next_id, *[_c[name] for name in COUNTERS]).where(
+    _c.id == sa.bindparam("cid")
+)
+
+
 def state(conn: Connection, collection_id: int) -> dict:
     """Clock, id allocator and counters of one collection."""
-    row = conn.execute(
-        sa.select(_c.clock, _c.next_id, *[_c[name] for name in COUNTERS]).where(
-            _c.id == collection_id
-        )
-    ).first()
+    row = conn.execute(_STATE, {"cid": collection_id}).first()
     if row is None:
         raise CollectionNotFoundError(f"collection id {collection_id} was dropped")
     return {key: int(value) for key, value in row._mapping.items()}
@@ -99,16 +102,28 @@ def set_state(
     next_id: int | None = None,
     add_counters: dict[str, int] | None = None,
 ) -> None:
-    values: dict = {}
+    params: dict = {"cid": collection_id}
     if clock is not None:
-        values["clock"] = int(clock)
+        params["clock"] = int(clock)
     if next_id is not None:
-        values["next_id"] = int(next_id)
-    for name, amount in (add_counters or {}).items():
-        if amount:
-            values[name] = _c[name] + int(amount)
-    if values:
-        conn.execute(collections.update().where(_c.id == collection_id).values(**values))
+        params["next_id"] = int(next_id)
+    added = tuple(sorted(name for name, amount in (add_counters or {}).items() if amount))
+    for name in added:
+        params[f"add_{name}"] = int(add_counters[name])
+    if len(params) > 1:
+        conn.execute(_update_statement("clock" in params, "next_id" in params, added), params)
+
+
+@lru_cache(maxsize=64)
+def _update_statement(clock: bool, next_id: bool, added: tuple[str, ...]):
+    values: dict = {}
+    if clock:
+        values["clock"] = sa.bindparam("clock")
+    if next_id:
+        values["next_id"] = sa.bindparam("next_id")
+    for name in added:
+        values[name] = _c[name] + sa.bindparam(f"add_{name}", type_=sa.BigInteger)
+    return collections.update().where(_c.id == sa.bindparam("cid")).values(**values)
 
 
 def read_index_state(conn: Connection, collection_id: int) -> dict:

@@ -146,7 +146,8 @@ class Collection:
     ) -> SearchResult:
         """k nearest rows per query; padded with id -1 / distance +inf when fewer than k rows exist.
 
-        ``touch`` records an LRFU hit for every returned row at a new tick (clock + 1, or ``tick``).
+        ``touch`` records an LRFU hit for every returned row at a new tick (clock + 1, or ``tick``)
+        and counts the batch in ``stats()["searches"]``.
         ``recombine`` merges each query's hits within that distance (DESIGN §5); ``novel`` inserts
         queries whose nearest hit is farther than that (values from ``novel_values``, default the
         queries). With either, the returned result is searched again after the changes, and
@@ -167,7 +168,11 @@ class Collection:
 
         with self.store.write() as conn:
             state = catalog.state(conn, self.spec.id)
-            now = state["clock"] + 1 if tick is None else int(tick)
+            # A touching search is a new tick; recombination/novelty alone keep the clock.
+            if tick is not None:
+                now = int(tick)
+            else:
+                now = state["clock"] + 1 if touch else state["clock"]
             if now < state["clock"]:
                 raise InvalidInputError(
                     f"tick {now} is before the collection's clock {state['clock']}"
@@ -177,7 +182,7 @@ class Collection:
                 hit = result.ids[result.ids >= 0]
                 ids, counts = np.unique(hit, return_counts=True)
                 self._backend.touch(conn, self.spec, ids, counts.astype(np.int64), now)
-            counters = {"searches": 1}
+            counters = {"searches": 1} if touch else {}
             next_id = state["next_id"]
             changed = np.zeros(len(q), bool)
             if recombine is not None:
@@ -226,6 +231,13 @@ class Collection:
                 name: counters.get(name, 0) for name in ("recombinations", "novel_inserts")
             }
             return result
+
+    def recombine(self, queries, threshold: float, k: int = 16) -> int:
+        """Merge near-duplicates around ``queries`` without counting hits (DESIGN §3's
+        ``recombine(...)``): each query's k nearest rows within ``threshold`` become one row.
+        Returns how many merges were made."""
+        result = self.search(queries, k, touch=False, recombine=threshold)
+        return int(result.changes.get("recombinations", 0))
 
     # ------------------------------------------------------------------ LRFU
     def evict(

@@ -25,6 +25,11 @@ from sqlalchemy.sql.elements import ColumnElement
 _LN2 = math.log(2.0)
 
 
+def _tick(value: int | ColumnElement) -> ColumnElement:
+    """A tick as SQL: a bind parameter (to compile once, run often) or an integer literal."""
+    return value if isinstance(value, ColumnElement) else sa.literal(int(value), sa.BigInteger)
+
+
 def touched(
     crf: np.ndarray, last_tick: np.ndarray, counts: np.ndarray, tick: int, lam: float
 ) -> np.ndarray:
@@ -39,12 +44,10 @@ def order_key(crf: np.ndarray, last_tick: np.ndarray, now: int, lam: float) -> n
 
 
 def order_key_sql(
-    crf: ColumnElement, last_tick: ColumnElement, now: int, lam: float
+    crf: ColumnElement, last_tick: ColumnElement, now: int | ColumnElement, lam: float
 ) -> ColumnElement:
     """SQL for :func:`order_key`; ``ln(x)/ln 2`` because both SQLite and PostgreSQL have ``ln``."""
-    return sa.func.ln(crf) / sa.literal(_LN2) - sa.literal(float(lam)) * (
-        sa.literal(int(now)) - last_tick
-    )
+    return sa.func.ln(crf) / sa.literal(_LN2) - sa.literal(float(lam)) * (_tick(now) - last_tick)
 
 
 def touch_assignments(
@@ -52,7 +55,7 @@ def touch_assignments(
     last_tick: ColumnElement,
     hits: ColumnElement,
     count: ColumnElement,
-    tick: int,
+    tick: int | ColumnElement,
     lam: float,
 ) -> dict[str, ColumnElement]:
     """``UPDATE ... SET`` values for a touch; ``count`` is usually a bind parameter per row.
@@ -60,7 +63,7 @@ def touch_assignments(
     Clamping the age at 0 guards rows whose last_tick is ahead of the clock (rows written by
     ``apply_changes`` with a caller's clock), so a touch never increases the decay factor above 1.
     """
-    now = sa.literal(int(tick))
+    now = _tick(tick)
     age = sa.case((last_tick < now, now - last_tick), else_=sa.literal(0))
     decay = sa.func.power(sa.literal(2.0), sa.literal(-float(lam)) * age)
     return {

@@ -109,6 +109,14 @@ class VectorBackend(ABC):
     def max_id(self, conn: Connection, spec: CollectionSpec) -> int | None:
         """Largest stored id, or None when the collection is empty."""
 
+    def index_ids(self, conn: Connection, spec: CollectionSpec) -> np.ndarray:
+        """Ids present in the vector index, ascending (tests check they equal the row ids).
+
+        The default suits backends whose index lives on the row table itself (pgvector), where
+        the two cannot diverge; backends with a separate index table override it.
+        """
+        return self.fetch_rows(conn, spec, None).ids
+
     # ---------------------------------------------------------------- search
     @abstractmethod
     def knn(

@@ -96,3 +96,12 @@ def test_recombination_is_atomic(clustered, monkeypatch):
     np.testing.assert_array_equal(after.ids, before.ids)
     np.testing.assert_array_equal(after.crf, before.crf)
     assert coll.stats() == stats
+
+
+def test_recombine_method_merges_without_touching(clustered, index_consistent):
+    coll, _, _ = clustered
+    clock = coll.clock
+    assert coll.recombine(np.array([[0, 10, 0]], np.float32), threshold=0.5, k=4) == 1
+    assert len(coll) == 5 and coll.clock == clock and index_consistent(coll)
+    merged = coll.get([6])
+    assert merged.hits[0] == 0 and merged.crf[0] == pytest.approx(2.0)  # two fresh rows, crf 1 each
