@@ -27,6 +27,9 @@ Why the code looks the way it does:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -51,6 +54,24 @@ BULK_REBUILD_MIN = 1000
 def _raw(conn: Connection):
     """The psycopg connection under SQLAlchemy's, inside the same transaction."""
     return conn.connection.driver_connection
+
+
+@contextmanager
+def _cursor(conn: Connection, *, binary: bool = False) -> Iterator:
+    """A psycopg cursor in the caller's transaction whose errors look like SQLAlchemy's.
+
+    Statements sent on the raw cursor bypass SQLAlchemy, so its exception wrapping too; the Store
+    turns ``sqlalchemy.exc.DBAPIError`` into a clear :class:`DatabaseError`, so raise that.
+    """
+    import psycopg
+
+    try:
+        with _raw(conn).cursor(binary=binary) as cur:
+            yield cur
+    except psycopg.Error as exc:
+        raise sa.exc.DBAPIError.instance(
+            None, None, exc, psycopg.Error, dialect=conn.dialect
+        ) from exc
 
 
 def _id_list_literal(ids: np.ndarray) -> str:
@@ -85,14 +106,14 @@ class PostgresBackend(VectorBackend):
                 f"{spec.key_dim} needs index='exact'"
             )
         install_pgvector(conn)  # a no-op unless the Store was opened with check_schema=False
-        with _raw(conn).cursor() as cur:
+        with _cursor(conn) as cur:
             cur.execute(pg_sql.create_table(spec))
             ddl = pg_sql.create_index(spec)
             if ddl is not None:
                 cur.execute(ddl)
 
     def drop_storage(self, conn: Connection, spec: CollectionSpec) -> None:
-        with _raw(conn).cursor() as cur:
+        with _cursor(conn) as cur:
             cur.execute(f"DROP TABLE IF EXISTS {pg_sql.rows_table(spec)}")
 
     # ------------------------------------------------------------------ rows
@@ -110,7 +131,7 @@ class PostgresBackend(VectorBackend):
             return
         stream = encode_copy_rows(rows)
         table = pg_sql.rows_table(spec)
-        with _raw(conn).cursor() as cur:
+        with _cursor(conn) as cur:
             rebuild = False
             if pg_sql.physical_index(spec) is not None and len(rows) >= BULK_REBUILD_MIN:
                 cur.execute(f"SELECT count(*) FROM {table}")
@@ -156,7 +177,7 @@ class PostgresBackend(VectorBackend):
                 f"::vector({d})"
             )
             params[f"{column}s"] = Float4Array(array)
-        with _raw(conn).cursor() as cur:
+        with _cursor(conn) as cur:
             self._lock_rows(cur, spec, ids)
             cur.execute(
                 f"UPDATE {table} SET {', '.join(sets)} "
@@ -168,7 +189,7 @@ class PostgresBackend(VectorBackend):
     def delete_rows(self, conn: Connection, spec: CollectionSpec, ids: np.ndarray) -> int:
         if len(ids) == 0:
             return 0
-        with _raw(conn).cursor() as cur:
+        with _cursor(conn) as cur:
             self._lock_rows(cur, spec, ids)
             cur.execute(
                 f"DELETE FROM {pg_sql.rows_table(spec)} WHERE id = ANY(%(ids)b)",
@@ -186,18 +207,18 @@ class PostgresBackend(VectorBackend):
             f"COPY (SELECT {pg_sql.ROW_COLUMNS} FROM {pg_sql.rows_table(spec)}{where} ORDER BY id)"
             " TO STDOUT (FORMAT BINARY)"
         )
-        with _raw(conn).cursor() as cur:
+        with _cursor(conn) as cur:
             with cur.copy(sql) as cp:
                 stream = b"".join(bytes(chunk) for chunk in cp)
         return decode_copy_rows(stream, spec.key_dim, spec.value_dim)
 
     def count_rows(self, conn: Connection, spec: CollectionSpec) -> int:
-        with _raw(conn).cursor() as cur:
+        with _cursor(conn) as cur:
             cur.execute(f"SELECT count(*) FROM {pg_sql.rows_table(spec)}")
             return int(cur.fetchone()[0])
 
     def max_id(self, conn: Connection, spec: CollectionSpec) -> int | None:
-        with _raw(conn).cursor() as cur:
+        with _cursor(conn) as cur:
             cur.execute(f"SELECT max(id) FROM {pg_sql.rows_table(spec)}")
             value = cur.fetchone()[0]
         return None if value is None else int(value)
@@ -224,7 +245,7 @@ class PostgresBackend(VectorBackend):
         if m == 0:
             return result
         settings, exact = self._search_settings(spec, k)
-        with _raw(conn).cursor(binary=True) as cur:
+        with _cursor(conn, binary=True) as cur:
             for statement in settings:
                 cur.execute(statement)
             cur.execute(
@@ -263,7 +284,7 @@ class PostgresBackend(VectorBackend):
     ) -> None:
         if len(ids) == 0:
             return
-        with _raw(conn).cursor() as cur:
+        with _cursor(conn) as cur:
             self._lock_rows(cur, spec, ids)
             cur.execute(
                 pg_sql.touch_statement(spec, tick),
@@ -282,7 +303,7 @@ class PostgresBackend(VectorBackend):
         order_key = pg_sql.order_key_sql(spec, now)
         where = "" if below is None else f" WHERE {order_key} < %(below)s"
         tail = "" if limit is None else " LIMIT %(limit)s"
-        with _raw(conn).cursor() as cur:
+        with _cursor(conn) as cur:
             cur.execute(
                 f"SELECT id FROM {pg_sql.rows_table(spec)}{where} "
                 f"ORDER BY {order_key}, last_tick, id{tail}",
@@ -292,7 +313,7 @@ class PostgresBackend(VectorBackend):
 
     def score_summary(self, conn: Connection, spec: CollectionSpec, now: int) -> dict:
         order_key = pg_sql.order_key_sql(spec, now)
-        with _raw(conn).cursor() as cur:
+        with _cursor(conn) as cur:
             cur.execute(
                 f"SELECT min({order_key}), avg({order_key}), max({order_key}) "
                 f"FROM {pg_sql.rows_table(spec)}"
@@ -315,7 +336,7 @@ class PostgresBackend(VectorBackend):
         if pg_sql.physical_index(spec) == "ivfflat":
             with self.engine.begin() as conn:
                 count = self.count_rows(conn, spec)
-                with _raw(conn).cursor() as cur:
+                with _cursor(conn) as cur:
                     cur.execute(f"DROP INDEX IF EXISTS {pg_sql.index_name(spec)}")
                     cur.execute(pg_sql.create_index(spec, lists=pg_sql.ivfflat_lists(count)))
 

@@ -176,3 +176,23 @@ def test_a_role_that_cannot_install_pgvector_is_told_what_to_ask_for(pg_url):
             conn.exec_driver_sql("DROP OWNED BY memstore_weak_role")
             conn.exec_driver_sql("DROP ROLE memstore_weak_role")
         admin.dispose()
+
+
+def test_a_read_only_server_serves_reads_and_refuses_touches_clearly(pg_url):
+    """What a read replica (hot standby) allows, simulated with default_transaction_read_only,
+    passed through the URL's libpq ``options`` as a user would."""
+    with Store(pg_url) as store:
+        coll = store.create_collection("served", key_dim=4, metric="ip")
+        coll.insert(np.eye(4, dtype=np.float32))
+    read_only = pg_url + "&options=-c%20default_transaction_read_only%3Don"
+    with Store(read_only) as replica:
+        served = replica.collection("served")
+        hits = served.search(np.eye(4, dtype=np.float32)[:2], 1, touch=False)
+        assert hits.ids[:, 0].tolist() == [0, 1]
+        assert len(served.export_rows()) == 4 and served.stats()["rows"] == 4
+        with pytest.raises(DatabaseError, match="read-only transaction"):
+            served.search(np.eye(4, dtype=np.float32)[:1], 1)  # an LRFU touch is a write
+        with pytest.raises(DatabaseError, match="read-only transaction"):
+            served.insert(np.ones((1, 4), np.float32))
+    with Store(pg_url) as store:
+        assert store.collection("served").clock == 0 and len(store.collection("served")) == 4
