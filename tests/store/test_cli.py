@@ -165,6 +165,11 @@ def test_upgrade_command(runner, tmp_path):
         (["inspect", "{absent}"], "no database file"),
         (["inspect", "{text}"], "not a database"),
         (["prune", "{db}", "facts"], "exactly one of"),
+        (
+            ["import", "{db}", "fresh", "--keys", "{keys}", "--values", "{short}"],
+            "rows but there are",
+        ),
+        (["import", "{db}", "fresh", "--keys", "{nan}"], "NaN"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(runner, tmp_path, arrays, args, fragment):
@@ -184,6 +189,8 @@ def test_bad_input_is_one_line_and_nonzero(runner, tmp_path, arrays, args, fragm
     )
     np.save(tmp_path / "ints.npy", np.ones((2, 8), np.int64))
     (tmp_path / "text.txt").write_text("hello " * 1000)
+    np.save(tmp_path / "short.npy", np.ones((5, 3), np.float32))
+    np.save(tmp_path / "nan.npy", np.full((2, 8), np.nan, np.float32))
     fill = {
         "db": db,
         "queries": paths["queries"],
@@ -192,6 +199,8 @@ def test_bad_input_is_one_line_and_nonzero(runner, tmp_path, arrays, args, fragm
         "missing": tmp_path / "missing.npy",
         "ints": tmp_path / "ints.npy",
         "absent": tmp_path / "absent.db",
+        "short": tmp_path / "short.npy",
+        "nan": tmp_path / "nan.npy",
         "text": tmp_path / "text.txt",
     }
     before = Store(f"sqlite:///{db}").collection("facts").export_rows()
