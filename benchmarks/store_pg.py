@@ -12,7 +12,8 @@ this backend - raw pgvector through psycopg 3, as pgvector-python documents it:
 * insert rows/s of ``Collection.insert`` (keys + values + LRFU state, one transaction) against a
   binary ``COPY`` of (id, key) rows into a bare ``vector(d)`` table with ``write_row`` per row;
 * single-query latency of ``Collection.search`` (with and without the LRFU touch) against the raw
-  ``SELECT id, key <-> q FROM t ORDER BY key <-> q LIMIT k``; numpy brute force as the floor;
+  ``SELECT id, key <-> q FROM t ORDER BY key <-> q LIMIT k`` (the metric's operator with
+  ``--metric``); numpy brute force as the floor;
 * recall@k and speed-up of the approximate index over exact search. On PostgreSQL the index kinds
   ``rescore-bit`` / ``rescore-int8`` are served by pgvector's HNSW (see docs/postgres.md), with
   ``hnsw.ef_search = k * oversample``.
@@ -141,8 +142,19 @@ def analyze(store: Store, name: str) -> None:
         conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
 
 
-def brute_force_topk(keys: np.ndarray, norms: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
-    scores = norms - 2.0 * (keys @ query)
+OPERATORS = {"l2": "<->", "cosine": "<=>", "ip": "<#>"}
+
+
+def brute_force_topk(
+    keys: np.ndarray, norms: np.ndarray, query: np.ndarray, k: int, metric: str = "l2"
+) -> np.ndarray:
+    """numpy's answer (the recall truth and the latency floor); ``norms`` = |key|^2."""
+    if metric == "l2":
+        scores = norms - 2.0 * (keys @ query)  # squared L2 minus |q|^2: same order
+    elif metric == "ip":
+        scores = -(keys @ query)
+    else:
+        scores = -(keys @ query) / np.sqrt(norms)
     top = np.argpartition(scores, k)[:k]
     return top[np.argsort(scores[top])]
 
@@ -165,13 +177,14 @@ def main_part(args, url: str, store: Store, rng: np.random.Generator) -> dict:
     raw_rates, store_rates = [], []
     for _ in range(args.repeats):
         raw_rates.append(raw_insert(url, keys))
-        store_rates.append(store_insert(store, "bench", keys))
+        store_rates.append(store_insert(store, "bench", keys, metric=args.metric))
     analyze(store, "bench")
     coll = store.collection("bench")
 
     norms = (keys**2).sum(1)
     times = {"raw": [], "store": [], "store_no_touch": [], "numpy": []}
-    sql = f"SELECT id, key <-> %s AS d FROM {RAW_TABLE} ORDER BY key <-> %s LIMIT %s"
+    op = OPERATORS[args.metric]
+    sql = f"SELECT id, key {op} %s AS d FROM {RAW_TABLE} ORDER BY key {op} %s LIMIT %s"
     with psycopg.connect(url) as raw:
         register_vector(raw)
         cur = raw.cursor(binary=True)
@@ -181,7 +194,9 @@ def main_part(args, url: str, store: Store, rng: np.random.Generator) -> dict:
             times["raw"].append(timed(lambda q=q: cur.execute(sql, (q, q, k)).fetchall()))
             times["store"].append(timed(lambda q=q: coll.search(q[None], k)))
             times["store_no_touch"].append(timed(lambda q=q: coll.search(q[None], k, touch=False)))
-            times["numpy"].append(timed(lambda q=q: brute_force_topk(keys, norms, q, k)))
+            times["numpy"].append(
+                timed(lambda q=q: brute_force_topk(keys, norms, q, k, args.metric))
+            )
         raw.execute(f"DROP TABLE {RAW_TABLE}")
         raw.commit()
     store.drop_collection("bench")
@@ -197,11 +212,19 @@ def index_part(args, store: Store, rng: np.random.Generator, dim: int, n: int) -
     keys = clustered(rng, n, dim, centers)
     queries = clustered(rng, args.rescore_queries, dim, centers)
     norms = (keys**2).sum(1)
-    truth = [set(brute_force_topk(keys, norms, q, args.k).tolist()) for q in queries]
+    truth = [set(brute_force_topk(keys, norms, q, args.k, args.metric).tolist()) for q in queries]
     results = {}
     for index in ("exact", "rescore-bit"):
         name = f"bench_{dim}_{index}"
-        rate = store_insert(store, name, keys, value_dim=1, index=index, oversample=args.oversample)
+        rate = store_insert(
+            store,
+            name,
+            keys,
+            value_dim=1,
+            index=index,
+            oversample=args.oversample,
+            metric=args.metric,
+        )
         analyze(store, name)
         coll = store.collection(name)
         coll.search(queries[:2], args.k, touch=False)
@@ -232,6 +255,8 @@ def start_server() -> tuple[object, str, str]:
 
 
 def run(args) -> None:
+    if not hasattr(args, "metric"):  # called from benchmarks/store.py, which has no --metric
+        args.metric = "l2"
     server = root = None
     url = args.url
     if url is None:
@@ -268,6 +293,7 @@ def run(args) -> None:
           f"psycopg {info['psycopg']}, numpy {info['numpy']}, SQLAlchemy {info['sqlalchemy']}, "
           f"torch {info['torch']} (not used)")  # fmt: skip
     print(f"data: clustered, {args.clusters} centres, N={args.n}, d={args.dim}, k={args.k}, "
+          f"metric {args.metric}, "
           f"{args.queries} single queries (median), insert best of {args.repeats}\n")  # fmt: skip
     m = main_figures
     print("| measure | memstore (PostgreSQL) | raw pgvector | ratio |")
@@ -305,6 +331,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100_000, help="rows (default 100000)")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--k", type=int, default=16)
+    p.add_argument("--metric", choices=sorted(OPERATORS), default="l2", help="of every collection")
     p.add_argument("--queries", type=int, default=200, help="single queries timed")
     p.add_argument("--repeats", type=int, default=2, help="insert repetitions (best is kept)")
     p.add_argument("--clusters", type=int, default=1000)
