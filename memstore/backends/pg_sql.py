@@ -7,6 +7,8 @@ values) are Python ints/floats formatted here, never strings from outside.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
@@ -129,37 +131,53 @@ def knn_query(spec: CollectionSpec, *, exact_tiebreak: bool, single: bool = Fals
     )
 
 
+# "named" so that psycopg placeholders inside literal columns are not escaped to "%%(x)s".
+_DIALECT = postgresql.dialect(paramstyle="named")
+
+
 def _compile(expr: sa.ColumnElement) -> str:
-    return str(expr.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    return str(expr.compile(dialect=_DIALECT, compile_kwargs={"literal_binds": True}))
 
 
-def order_key_sql(spec: CollectionSpec, now: int) -> str:
-    """memstore.lrfu's order key, compiled for PostgreSQL (same expression as every backend)."""
-    return _compile(
-        lrfu.order_key_sql(sa.column("crf"), sa.column("last_tick"), int(now), spec.lrfu_lambda)
-    )
+@lru_cache(maxsize=256)
+def _order_key(lrfu_lambda: float) -> str:
+    now = sa.literal_column("%(now)s::bigint")
+    return _compile(lrfu.order_key_sql(sa.column("crf"), sa.column("last_tick"), now, lrfu_lambda))
 
 
-def touch_statement(spec: CollectionSpec, tick: int) -> str:
-    """One UPDATE for all touched rows; parameters ``%(ids)b`` int8[] and ``%(counts)b`` int8[].
+def order_key_sql(spec: CollectionSpec) -> str:
+    """memstore.lrfu's order key compiled for PostgreSQL (the same expression as every backend),
+    with the current tick as the parameter ``%(now)s``. Compiled once per lambda."""
+    return _order_key(float(spec.lrfu_lambda))
 
-    The SET expressions are memstore.lrfu.touch_assignments compiled for PostgreSQL, with the
-    per-row hit count taken from the joined ``u.c`` column.
-    """
-    table = sa.table(rows_table(spec), sa.column("crf"), sa.column("last_tick"), sa.column("hits"))
+
+@lru_cache(maxsize=256)
+def _touch_statement(table_name: str, lrfu_lambda: float) -> str:
+    table = sa.table(table_name, sa.column("crf"), sa.column("last_tick"), sa.column("hits"))
     assignments = lrfu.touch_assignments(
         table.c.crf,
         table.c.last_tick,
         table.c.hits,
         sa.literal_column("u.c"),
-        int(tick),
-        spec.lrfu_lambda,
+        sa.literal_column("%(tick)s::bigint"),
+        lrfu_lambda,
     )
     # Inside SET, the target's columns must be unqualified; the compiled expressions qualify them
     # with the table name, which PostgreSQL accepts in expressions (not on the left of "=").
     sets = ", ".join(f"{name} = {_compile(expr)}" for name, expr in assignments.items())
     return (
-        f"UPDATE {rows_table(spec)} SET {sets} "
+        f"UPDATE {table_name} SET {sets} "
         "FROM unnest(%(ids)b::bigint[], %(counts)b::bigint[]) AS u(id, c) "
-        f"WHERE {rows_table(spec)}.id = u.id"
+        f"WHERE {table_name}.id = u.id"
     )
+
+
+def touch_statement(spec: CollectionSpec) -> str:
+    """One UPDATE for all touched rows; parameters ``%(ids)b`` int8[], ``%(counts)b`` int8[] and
+    ``%(tick)s``.
+
+    The SET expressions are memstore.lrfu.touch_assignments compiled for PostgreSQL, with the
+    per-row hit count taken from the joined ``u.c`` column. Compiled once per collection (a
+    search's touch is on the hot path: compiling cost more than running it).
+    """
+    return _touch_statement(rows_table(spec), float(spec.lrfu_lambda))

@@ -20,8 +20,8 @@ Why the code looks the way it does:
 * Recall knob: ``oversample`` (a collection option) sets the candidates examined per result, as it
   does for sqlite-vec's rescore index: HNSW ``hnsw.ef_search = k * oversample`` (pgvector caps it at
   1000; a k above that scans exactly), IVFFlat ``ivfflat.probes = oversample``.
-* Rows that several transactions may touch (LRFU touches, updates, deletes) are locked in id order
-  first, so concurrent writers queue instead of deadlocking.
+* Writers never interleave (the advisory write lock), so touches, updates and deletes need no row
+  locks of their own; readers are never blocked (MVCC).
 * A load larger than the collection rebuilds its index once after the COPY (see insert_rows).
 """
 
@@ -147,14 +147,6 @@ class PostgresBackend(VectorBackend):
                 lists = pg_sql.ivfflat_lists(existing + len(rows))
                 cur.execute(pg_sql.create_index(spec, lists=lists))
 
-    def _lock_rows(self, cur, spec: CollectionSpec, ids: np.ndarray) -> None:
-        """Lock existing rows in id order, so concurrent writers queue instead of deadlocking."""
-        cur.execute(
-            f"SELECT id FROM {pg_sql.rows_table(spec)} WHERE id = ANY(%(ids)b) "
-            "ORDER BY id FOR UPDATE",
-            {"ids": Int8Array(ids)},
-        )
-
     def update_rows(
         self,
         conn: Connection,
@@ -178,7 +170,6 @@ class PostgresBackend(VectorBackend):
             )
             params[f"{column}s"] = Float4Array(array)
         with _cursor(conn) as cur:
-            self._lock_rows(cur, spec, ids)
             cur.execute(
                 f"UPDATE {table} SET {', '.join(sets)} "
                 "FROM unnest(%(ids)b::bigint[]) WITH ORDINALITY AS u(id, i) "
@@ -190,7 +181,6 @@ class PostgresBackend(VectorBackend):
         if len(ids) == 0:
             return 0
         with _cursor(conn) as cur:
-            self._lock_rows(cur, spec, ids)
             cur.execute(
                 f"DELETE FROM {pg_sql.rows_table(spec)} WHERE id = ANY(%(ids)b)",
                 {"ids": Int8Array(ids)},
@@ -285,10 +275,9 @@ class PostgresBackend(VectorBackend):
         if len(ids) == 0:
             return
         with _cursor(conn) as cur:
-            self._lock_rows(cur, spec, ids)
             cur.execute(
-                pg_sql.touch_statement(spec, tick),
-                {"ids": Int8Array(ids), "counts": Int8Array(counts)},
+                pg_sql.touch_statement(spec),
+                {"ids": Int8Array(ids), "counts": Int8Array(counts), "tick": int(tick)},
             )
 
     def lowest_scored(
@@ -300,23 +289,24 @@ class PostgresBackend(VectorBackend):
         limit: int | None = None,
         below: float | None = None,
     ) -> np.ndarray:
-        order_key = pg_sql.order_key_sql(spec, now)
+        order_key = pg_sql.order_key_sql(spec)
         where = "" if below is None else f" WHERE {order_key} < %(below)s"
         tail = "" if limit is None else " LIMIT %(limit)s"
         with _cursor(conn) as cur:
             cur.execute(
                 f"SELECT id FROM {pg_sql.rows_table(spec)}{where} "
                 f"ORDER BY {order_key}, last_tick, id{tail}",
-                {"below": None if below is None else float(below), "limit": limit},
+                {"below": None if below is None else float(below), "limit": limit, "now": int(now)},
             )
             return np.asarray([row[0] for row in cur.fetchall()], np.int64)
 
     def score_summary(self, conn: Connection, spec: CollectionSpec, now: int) -> dict:
-        order_key = pg_sql.order_key_sql(spec, now)
+        order_key = pg_sql.order_key_sql(spec)
         with _cursor(conn) as cur:
             cur.execute(
                 f"SELECT min({order_key}), avg({order_key}), max({order_key}) "
-                f"FROM {pg_sql.rows_table(spec)}"
+                f"FROM {pg_sql.rows_table(spec)}",
+                {"now": int(now)},
             )
             low, mean, high = cur.fetchone()
         as_float = lambda x: None if x is None else float(x)  # noqa: E731
