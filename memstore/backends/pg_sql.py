@@ -38,6 +38,8 @@ PG_INDEX_KINDS = tuple(PHYSICAL_INDEX)
 HNSW_MAX_EF_SEARCH = 1000
 #: pgvector indexes vectors of up to 2000 dimensions.
 INDEX_MAX_DIM = 2000
+#: pgvector's ``vector`` type holds at most 16000 dimensions.
+VECTOR_MAX_DIM = 16000
 
 ROW_COLUMNS = ", ".join(ROW_FIELDS)
 

@@ -100,6 +100,11 @@ class PostgresBackend(VectorBackend):
                 f"index {spec.index!r} is not available on PostgreSQL: use one of "
                 f"{', '.join(pg_sql.PG_INDEX_KINDS)}"
             )
+        for what, dim in (("key_dim", spec.key_dim), ("value_dim", spec.value_dim)):
+            if dim > pg_sql.VECTOR_MAX_DIM:
+                raise InvalidInputError(
+                    f"pgvector stores at most {pg_sql.VECTOR_MAX_DIM} dimensions; {what} is {dim}"
+                )
         if pg_sql.physical_index(spec) is not None and spec.key_dim > pg_sql.INDEX_MAX_DIM:
             raise InvalidInputError(
                 f"pgvector indexes at most {pg_sql.INDEX_MAX_DIM} dimensions; key_dim "

@@ -238,6 +238,8 @@ def test_unknown_index_and_too_many_dimensions_are_refused(pg_backend, make_spec
     with pytest.raises(InvalidInputError, match="2000"):
         make_spec(index="hnsw", key_dim=2001)
     make_spec(index="exact", key_dim=2001)  # exact scans have no such limit
+    with pytest.raises(InvalidInputError, match="16000"):
+        make_spec(index="exact", key_dim=8, value_dim=16001)
 
 
 @pytest.mark.parametrize("kind", ["rescore-bit", "rescore-int8"])
