@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 METRICS = ("l2", "cosine", "ip")
-INDEX_KINDS = ("exact", "rescore-bit", "rescore-int8")
+#: Index kinds a collection may ask for. sqlite-vec serves the ``rescore-*`` kinds; PostgreSQL serves
+#: ``hnsw`` / ``ivfflat`` (pgvector) and maps the ``rescore-*`` kinds to HNSW so SQLite code runs there.
+SQLITE_INDEX_KINDS = ("exact", "rescore-bit", "rescore-int8")
+INDEX_KINDS = (*SQLITE_INDEX_KINDS, "hnsw", "ivfflat")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from memstore.errors import DatabaseError, DriverError
 BACKENDS = {
     "sqlite": ("memstore.backends.sqlite", "SqliteBackend"),
     "postgresql": ("memstore.backends.postgres", "PostgresBackend"),
+    # the scheme Heroku-style URLs and libpq accept; the backend maps it to psycopg 3
+    "postgres": ("memstore.backends.postgres", "PostgresBackend"),
 }
 
 
@@ -25,14 +27,14 @@ def backend_class(url: sa.URL) -> type[VectorBackend]:
     if dialect not in BACKENDS:
         raise DatabaseError(
             f"unsupported database {url.render_as_string(hide_password=True)!r}: "
-            f"use a {' or '.join(BACKENDS)} URL"
+            "use a sqlite:/// or postgresql:// URL"
         )
     module_name, class_name = BACKENDS[dialect]
     try:
         module = importlib.import_module(module_name)
         return getattr(module, class_name)
     except (ImportError, AttributeError) as exc:
-        extra = " (install the 'postgres' extra)" if dialect == "postgresql" else ""
+        extra = " (install the 'postgres' extra)" if dialect.startswith("postgres") else ""
         raise DriverError(f"the {dialect} backend is not available{extra}: {exc}") from exc
 
 

@@ -36,8 +36,9 @@ from sqlalchemy.pool import StaticPool
 
 from memstore.backends import sqlite_lrfu
 from memstore.backends.base import VectorBackend
+from memstore.errors import InvalidInputError
 from memstore.sqlite_driver import prepare_connection, sqlite_module
-from memstore.types import CollectionSpec, RowBlock, SearchResult
+from memstore.types import SQLITE_INDEX_KINDS, CollectionSpec, RowBlock, SearchResult
 
 #: Rows per bulk statement (keeps every bound blob far below SQLite's 1 GB limit).
 BULK_ROWS = 65_536
@@ -126,6 +127,11 @@ class SqliteBackend(VectorBackend):
 
     # ------------------------------------------------------------- lifecycle
     def create_storage(self, conn: Connection, spec: CollectionSpec) -> None:
+        if spec.index not in SQLITE_INDEX_KINDS:
+            raise InvalidInputError(
+                f"index {spec.index!r} is a PostgreSQL (pgvector) index: on SQLite use one of "
+                f"{', '.join(SQLITE_INDEX_KINDS)}"
+            )
         conn.exec_driver_sql(
             f"CREATE TABLE {_rows(spec)} ("
             "id INTEGER PRIMARY KEY, key BLOB NOT NULL, value BLOB NOT NULL, "
