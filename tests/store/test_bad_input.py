@@ -201,7 +201,7 @@ def test_unknown_collection(filled):
         ({"key_dim": 0}, "key_dim"),
         ({"key_dim": 4, "value_dim": -1}, "value_dim"),
         ({"key_dim": 4, "metric": "dot"}, "unknown metric"),
-        ({"key_dim": 4, "index": "hnsw"}, "unknown index"),
+        ({"key_dim": 4, "index": "annoy"}, "unknown index"),
         ({"key_dim": 4, "lrfu_lambda": 1.5}, "lrfu_lambda"),
         ({"key_dim": 4, "capacity": 0}, "capacity"),
         ({"key_dim": 4, "oversample": 0}, "oversample"),
