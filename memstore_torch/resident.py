@@ -166,7 +166,10 @@ class ResidentIndex:
 
     def slots_of(self, ids: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
         """Slots of the given ids; :class:`RowNotFoundError` if any is not resident."""
-        ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64)).to(self.device).reshape(-1)
+        if isinstance(ids, torch.Tensor):  # possibly on the GPU already: never via numpy
+            ids_t = ids.to(self.device, torch.int64).reshape(-1)
+        else:
+            ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64)).to(self.device).reshape(-1)
         if self._id_lookup is None:
             sorted_ids, order = self.ids.sort()
             self._id_lookup = (sorted_ids, order)
