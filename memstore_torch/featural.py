@@ -245,9 +245,12 @@ class FeaturalMemory(MemoryRowsMixin):
         if self.novel is None and self.recombine is None:
             return
         r = min(idx.shape[1], 4)
-        top = idx[:, :r]  # (M, r)
-        rows = self.index.keys[top]  # (M, r, dh + 1)
         q_aug = torch.cat([q, q.new_ones(q.shape[0], 1)], dim=1)  # (M, dh + 1): scores = ip
+        if idx.shape[1] >= n:  # dense read: idx is not ordered by score, find the best rows
+            top = (q_aug @ self.index.keys.T).topk(r, dim=1).indices  # (M, r)
+        else:
+            top = idx[:, :r]  # (M, r): topk returns them best first
+        rows = self.index.keys[top]  # (M, r, dh + 1)
         dist = -(rows * q_aug[:, None, :]).sum(-1)  # ip distance of the top hits (M, r)
         if self.recombine is not None:
             self._pending.append(("recombine", (q_aug, dist, self.index.ids[top])))

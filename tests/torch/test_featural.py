@@ -161,3 +161,18 @@ def test_read_only_rows_get_no_gradient_and_bad_config_is_rejected():
         layer(torch.randn(1, 2, 5))
     with pytest.raises(InvalidInputError):
         layer.flush()  # not bound to a store
+
+
+def test_novelty_with_a_dense_read_uses_the_best_row():
+    """With k >= rows every row is read; novelty must still be judged by the nearest row."""
+    layer = FeaturalMemory(2, n_rows=6, k=6, novel=-1.5)
+    layer.set_rows(
+        torch.tensor([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0]]), torch.zeros(3), torch.zeros(3, 2)
+    )
+    layer.train()
+    layer(torch.tensor([[[1.0, 0.0]]]))  # best score 2 (row 3): distance -2 <= -1.5, not novel
+    layer._apply_pending()
+    assert len(layer.index) == 3
+    layer(torch.tensor([[[-1.0, 0.0]]]))  # best score 0: distance 0 > -1.5, novel
+    layer._apply_pending()
+    assert len(layer.index) == 4
