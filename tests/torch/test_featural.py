@@ -176,3 +176,20 @@ def test_novelty_with_a_dense_read_uses_the_best_row():
     layer(torch.tensor([[[-1.0, 0.0]]]))  # best score 0: distance 0 > -1.5, novel
     layer._apply_pending()
     assert len(layer.index) == 4
+
+
+def test_from_mlp_into_an_existing_collection_replaces_its_rows(store):
+    small = gpt2_mlp(d=8, n_inner=24)
+    FeaturalMemory.from_mlp(small, k=24, store=store, collection="layer1")
+    other = gpt2_mlp(d=8, n_inner=16, scale=0.1)
+    layer = FeaturalMemory.from_mlp(other, k=16, store=store, collection="layer1")
+    stored = store.collection("layer1").export_rows()
+    assert len(stored) == 16
+    order = torch.from_numpy(stored.ids).argsort()
+    keys = torch.from_numpy(stored.keys)[order]
+    torch.testing.assert_close(keys[:, :8], other.c_fc.weight.detach().T)
+    torch.testing.assert_close(keys[:, 8], other.c_fc.bias.detach())
+    again = FeaturalMemory.from_config(layer.extra_config(), store)
+    again.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(again.eval()(x), other(x), atol=1e-5, rtol=0)
