@@ -92,9 +92,10 @@ class AssociativeMemory(MemoryRowsMixin):
         B, T, _ = x.shape
         H, dk, dv = self.heads, self.key_dim, self.value_dim
         M = B * T * H  # one query per (batch, position, head), flattened in that order
-        q = self.query_proj(x).reshape(M, dk)
-        key = self.key_proj(x).reshape(M, dk)
-        val = self.value_proj(x).reshape(M, dv)
+        rows_dtype = self.memory_keys.dtype  # read in the rows' precision (see FeaturalMemory)
+        q = self.query_proj(x).reshape(M, dk).to(rows_dtype)
+        key = self.key_proj(x).reshape(M, dk).to(rows_dtype)
+        val = self.value_proj(x).reshape(M, dv).to(rows_dtype)
         writing = self.training or self.update_in_eval
 
         # Stored rows: exact top-k by q . k over the table as it stands.
@@ -155,7 +156,7 @@ class AssociativeMemory(MemoryRowsMixin):
             # One LRFU tick per training forward, even when nothing stored was read.
             self.index.touch(hit_slots if kk and all_scores.shape[1] else q.new_zeros(0).long())
             self._queue_maintenance(q.detach(), mem, key.detach(), val.detach(), inserted)
-        return self.out_proj(out.reshape(B, T, H * dv))
+        return self.out_proj(out.reshape(B, T, H * dv).to(x.dtype))
 
     @torch.no_grad()
     def _novel_mask(self, key: torch.Tensor) -> torch.Tensor:

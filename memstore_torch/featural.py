@@ -212,7 +212,9 @@ class FeaturalMemory(MemoryRowsMixin):
         lead = x.shape[:-1]
         h = x.reshape(-1, self.d_model)  # (N, d)
         q = h if self.query_proj is None else self.query_proj(h)  # (N, H * dh)
-        q = q.reshape(-1, self.head_dim)  # (N * H, dh)
+        # The rows keep their own dtype (float32 unless the layer was converted): reduced-precision
+        # activations (autocast) are read in the rows' precision and cast back on the way out.
+        q = q.reshape(-1, self.head_dim).to(self.memory_keys.dtype)  # (N * H, dh)
         n = self.index.n
         if n == 0:
             out = h.new_zeros((h.shape[0], self.row_value_dim))
@@ -226,7 +228,7 @@ class FeaturalMemory(MemoryRowsMixin):
                 min(self.k, n),
                 self._weight_fn,
             )  # (N * H, dv), (N * H, k)
-            out = out.reshape(h.shape[0], self.heads, -1).sum(1)  # (N, dv)
+            out = out.reshape(h.shape[0], self.heads, -1).sum(1).to(h.dtype)  # (N, dv)
             if self.training or self.update_in_eval:
                 self._after_read(q.detach(), idx)
         if self.out_proj is not None:

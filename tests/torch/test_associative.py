@@ -138,3 +138,12 @@ def test_dquery_rule_adds_nothing_under_softmax_attention():
         layer(x).square().sum().backward()
         grads.append(layer.query_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+
+
+def test_reduced_precision_activations_are_read_in_the_rows_precision():
+    layer = AssociativeMemory(8, heads=2, k=2, capacity=16).train()
+    layer(torch.randn(1, 3, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(1, 3, 8))
+    assert out.shape == (1, 3, 8) and torch.isfinite(out.float()).all()
+    assert layer.memory_keys.dtype == torch.float32

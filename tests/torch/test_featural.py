@@ -193,3 +193,14 @@ def test_from_mlp_into_an_existing_collection_replaces_its_rows(store):
     again.load_state_dict(layer.state_dict())
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(again.eval()(x), other(x), atol=1e-5, rtol=0)
+
+
+def test_reduced_precision_activations_and_converted_layers():
+    mlp = gpt2_mlp()
+    layer = FeaturalMemory.from_mlp(mlp, k=64).eval()
+    x = torch.randn(2, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    torch.testing.assert_close(out.float(), mlp(x), atol=0.1, rtol=0.05)
+    double = FeaturalMemory.from_mlp(mlp, k=64).double().eval()
+    torch.testing.assert_close(double(x.double()), mlp.double()(x.double()), atol=1e-9, rtol=0)
