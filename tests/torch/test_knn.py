@@ -92,3 +92,26 @@ def test_search_property(n, m, d, k, metric, seed):
     # distances are non-decreasing along each row
     finite = dist.where(found, torch.tensor(math.inf))
     assert (finite[:, 1:] >= finite[:, :-1] - 1e-5).all()
+
+
+@pytest.mark.parametrize("metric", knn.METRICS)
+@pytest.mark.parametrize("group", [4, 32])
+def test_grouped_tile_selection_equals_brute_force(metric, group, monkeypatch):
+    """The group-maximum selection (plus the tail split when a block is not a whole number of
+    groups) must return exactly the brute-force neighbours."""
+    monkeypatch.setattr(knn, "_GROUP", group)
+    monkeypatch.setattr(knn, "_ROW_BLOCK", 97 if group == 4 else 1000)
+    rows = torch.randn(1203, 8)
+    queries = torch.randn(21, 8)
+    dist, idx = knn.search(queries, rows, 5, metric, backend="torch")
+    ref_dist, ref_idx = knn.brute_force(queries, rows, 5, metric)
+    assert_same_neighbours(dist, idx, ref_dist, ref_idx)
+
+
+def test_grouped_selection_finds_neighbours_crowded_into_one_group(monkeypatch):
+    """All k best rows inside one group: the k groups kept must still include it."""
+    monkeypatch.setattr(knn, "_GROUP", 8)
+    rows = torch.randn(640, 4) * 0.01
+    rows[16:24] = torch.tensor([1.0, 0, 0, 0]) * torch.arange(1, 9)[:, None]
+    dist, idx = knn.search(torch.tensor([[1.0, 0, 0, 0]]), rows, 6, "ip", backend="torch")
+    assert sorted(idx[0].tolist()) == list(range(18, 24))
