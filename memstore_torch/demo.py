@@ -76,7 +76,7 @@ def run_demo(
         ),  # fmt: skip
         progress=progress,
     )
-    summary = run_distill(job, log=log)
+    summary = run_distill(job)
     teacher_ppl, student_ppl = summary["teacher_ppl"], summary["student_ppl"]
     rows = sum(summary["memory_rows"].values())
     log("")

@@ -47,7 +47,7 @@ def prepare_data(tokenizer, job: DistillJob, context: int):
     return holdout_split(blocks)
 
 
-def run_distill(job: DistillJob, log=print) -> dict[str, Any]:
+def run_distill(job: DistillJob) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the summary that ``--json`` prints."""
     from memstore import Store
     from memstore_torch.student import (

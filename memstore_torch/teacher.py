@@ -126,7 +126,6 @@ def train_teacher(
     spec: TeacherSpec,
     eval_texts: list[str] | None = None,
     progress: bool = True,
-    log=print,
 ) -> dict:
     """Train tokenizer + GPT-2 teacher on ``texts`` and save both to ``out_dir`` (HF layout).
 
