@@ -28,9 +28,10 @@ from memstore_torch.lm_training import (
 EOS = "<|endoftext|>"
 
 
-def load_teacher(name_or_dir: str | os.PathLike):
+def load_teacher(name_or_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
     """(model, tokenizer) from a local directory or a hub name already in the local HF cache.
 
+    ``cache_dir`` overrides the Hugging Face cache location (default: HF_HUB_CACHE / ~/.cache).
     The model is returned in eval mode. Raises TeacherNotFoundError (never blocks on the network).
     """
     from transformers import AutoTokenizer, GPT2LMHeadModel
@@ -41,8 +42,8 @@ def load_teacher(name_or_dir: str | os.PathLike):
         raise TeacherNotFoundError(f"--teacher {source!r} is a file; give a model directory")
     where = str(path) if path.is_dir() else source
     try:
-        model = GPT2LMHeadModel.from_pretrained(where, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        model = GPT2LMHeadModel.from_pretrained(where, local_files_only=True, cache_dir=cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, cache_dir=cache_dir)
     except (OSError, ValueError) as exc:
         raise TeacherNotFoundError(
             f"teacher {source!r} is neither a model directory nor in the local Hugging Face cache "

@@ -75,3 +75,15 @@ def test_tensorboard_logs_train_loss(teacher, blocks, tmp_path):
 def test_batches_do_not_depend_on_the_model(blocks):
     train, _ = blocks
     assert torch.equal(batch_for_step(train, 5, 4, 0), batch_for_step(train, 5, 4, 0))
+
+
+def test_periodic_evaluation_records_student_perplexity(teacher, blocks):
+    model, _ = teacher
+    train, held = blocks
+    config = DistillConfig(steps=4, batch_size=2, eval_every=2, eval_blocks=2)
+    distiller = Distiller(clone_with_mlps(model, [0], reinit_mlps(0)), model, train, held, config,
+                          tensorboard=False)  # fmt: skip
+    summary = distiller.run()
+    assert [e["step"] for e in distiller.state.evals] == [2, 4]
+    assert summary["student_ppl"] == distiller.state.evals[-1]["student_ppl"]
+    assert summary["teacher_ppl"] > 1 and summary["student_init_ppl"] > 1
