@@ -71,3 +71,21 @@ def test_teacher_train_rejects_bad_shapes(tmp_path, corpus_dir):
     result = _run(["teacher", "train", "--data", str(corpus_dir), "--out", str(tmp_path / "t"),
                    "--width", "30", "--heads", "4"])  # fmt: skip
     assert "divisible" in _error_line(result)
+
+
+def test_missing_torch_extra_is_named(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # makes `import tokenizers` fail
+    result = _run(["teacher", "train", "--data", str(tmp_path), "--out", str(tmp_path / "t")])
+    line = _error_line(result)
+    assert "tokenizers" in line and "pip install 'memstore[torch]'" in line
+
+
+def test_model_commands_do_not_import_torch_at_startup():
+    import subprocess
+    import sys
+
+    code = "import sys, cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
