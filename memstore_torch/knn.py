@@ -3,13 +3,16 @@
 A memory layer asks ~10^5 queries a training step, so search must run at the speed of a matrix
 product. Two kernels answer the same question and must agree with brute force:
 
-* ``torch`` (the default everywhere): blocked ``queries @ rows.T`` score tiles of bounded size,
-  an exact per-tile selection (:func:`_tile_topk`: group maxima first, then ``topk`` over the
-  best groups only) merged into a running top-k. Works on every device. On CPU the cost is the
-  top-k selection, not the matrix product: plain ``topk`` over each tile reached 0.6-0.9x FAISS
-  here, the grouped selection with large tiles 1.1-1.25x (``benchmarks/knn.py``).
-* ``faiss`` (``backend="faiss"``, float32 CPU tensors, faiss installed): FAISS's exhaustive
-  ``knn`` (the code behind ``IndexFlatIP``/``IndexFlatL2``) run directly on the tensors' memory.
+* ``faiss`` (the default for float32 CPU tensors when faiss is installed): FAISS's exhaustive
+  ``knn`` (the code behind ``IndexFlatIP``/``IndexFlatL2``) run directly on the tensors' memory,
+  no copy. On CPU the cost is the top-k selection, not the matrix product, and FAISS fuses BLAS
+  tiles with a heap selection.
+* ``torch`` (everywhere else: no faiss, CUDA, other dtypes; or ``backend="torch"``): blocked
+  ``queries @ rows.T`` score tiles of bounded size, an exact per-tile selection
+  (:func:`_tile_topk`: group maxima first, then ``topk`` over the best groups only) merged into a
+  running top-k. On this CPU it measured between 0.75x and 1.25x FAISS depending on the load of
+  the shared machine (``benchmarks/knn.py``, faiss-backend column vs resident); plain ``topk``
+  per tile was 0.6-0.9x.
 
 Distances follow the store's convention, smaller = nearer: ``l2`` Euclidean (not squared),
 ``cosine`` ``1 - cos``, ``ip`` ``-(q . k)``. Missing neighbours (fewer rows than ``k``) are padded
@@ -55,16 +58,17 @@ def check_metric(metric: str) -> str:
 
 
 def choose_backend(rows: torch.Tensor, metric: str, backend: Backend = "auto") -> str:
-    """Pick the kernel: ``auto`` is the torch kernel (measured faster than FAISS on CPU here, and
-    the natural path on CUDA); ``faiss`` must be asked for and needs float32 CPU tensors."""
-    if backend in ("auto", "torch"):
+    """Pick the kernel: FAISS for float32 CPU tensors when installed, torch otherwise."""
+    if backend == "torch":
         return "torch"
+    usable = _faiss is not None and rows.device.type == "cpu" and rows.dtype == torch.float32
     if backend == "faiss":
-        usable = _faiss is not None and rows.device.type == "cpu" and rows.dtype == torch.float32
         if not usable:
             raise InvalidInputError("backend='faiss' needs faiss installed and float32 CPU tensors")
         return "faiss"
-    raise InvalidInputError(f"unknown backend {backend!r}; expected auto, torch or faiss")
+    if backend != "auto":
+        raise InvalidInputError(f"unknown backend {backend!r}; expected auto, torch or faiss")
+    return "faiss" if usable else "torch"
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
