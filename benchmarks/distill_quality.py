@@ -32,6 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
 
 from memstore import Store  # noqa: E402
 from memstore_torch.lm_training import batch_for_step, perplexity  # noqa: E402
@@ -63,14 +64,7 @@ def machine() -> dict:
         import pysqlite3.dbapi2 as sqlite_mod
     except ImportError:  # pragma: no cover
         import sqlite3 as sqlite_mod
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

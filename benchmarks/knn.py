@@ -23,21 +23,14 @@ import time
 import faiss
 import numpy as np
 import torch
+from machine_info import cpu_model  # benchmarks/ is sys.path[0]
 
 from memstore_torch import ResidentIndex
 from memstore_torch import knn as knn_kernels
 
 
 def machine(threads: int) -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (
         f"{cpu}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}, "
         f"faiss {faiss.__version__}"

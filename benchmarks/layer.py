@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
 from transformers import GPT2Config  # noqa: E402
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP  # noqa: E402
 
@@ -35,15 +35,7 @@ from memstore_torch import AssociativeMemory, FeaturalMemory  # noqa: E402
 
 
 def machine(threads: int) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
 
 

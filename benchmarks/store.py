@@ -39,6 +39,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
+
 from memstore import Store  # noqa: E402
 from memstore.sqlite_driver import (  # noqa: E402
     PAGE_SIZE,
@@ -63,14 +65,7 @@ def clustered(rng: np.random.Generator, n: int, dim: int, centers: np.ndarray) -
 
 
 def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     module = sqlite_module()
     conn = module.connect(":memory:")
     load_sqlite_vec(conn)

@@ -41,6 +41,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
+
 from memstore import Store  # noqa: E402
 
 RAW_TABLE = "memstore_bench_raw"
@@ -61,14 +63,7 @@ def _version(name: str) -> str:
 def machine(url: str) -> dict:
     import psycopg
 
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     with psycopg.connect(url) as conn:
         server = conn.execute("SHOW server_version").fetchone()[0]
         vector = conn.execute(
