@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
+from vector_data import SPREAD, brute_force_topk, clustered  # noqa: E402
 
 from memstore import Store  # noqa: E402
 from memstore.sqlite_driver import (  # noqa: E402
@@ -51,17 +52,6 @@ from memstore.sqlite_driver import (  # noqa: E402
 
 DEFAULT_PAGE_SIZE = 4096  # SQLite's default
 RAW_VARIANTS = {"raw": PAGE_SIZE, "raw_default_pages": DEFAULT_PAGE_SIZE}
-
-
-SPREAD = 0.5  # cluster radius relative to the centres' unit-normal scale
-
-
-def clustered(rng: np.random.Generator, n: int, dim: int, centers: np.ndarray) -> np.ndarray:
-    """Points around random unit-normal centres (plain Gaussian points when there are none)."""
-    if len(centers) == 0:
-        return rng.standard_normal((n, dim)).astype(np.float32)
-    which = rng.integers(0, len(centers), n)
-    return (centers[which] + SPREAD * rng.standard_normal((n, dim))).astype(np.float32)
 
 
 def machine() -> dict:
@@ -132,12 +122,6 @@ def store_insert(path: Path, keys: np.ndarray, **options) -> tuple[float, Store]
     coll.insert(keys, values)
     elapsed = time.perf_counter() - start
     return len(keys) / elapsed, store
-
-
-def brute_force_topk(keys: np.ndarray, norms: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
-    scores = norms - 2.0 * (keys @ query)  # squared L2 minus |q|^2: same order
-    top = np.argpartition(scores, k)[:k]
-    return top[np.argsort(scores[top])]
 
 
 def timed(fn, *args) -> float:

@@ -42,15 +42,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
+from vector_data import brute_force_topk, clustered  # noqa: E402
 
 from memstore import Store  # noqa: E402
 
 RAW_TABLE = "memstore_bench_raw"
-
-
-def clustered(rng: np.random.Generator, n: int, dim: int, centers: np.ndarray) -> np.ndarray:
-    which = rng.integers(0, len(centers), n)
-    return (centers[which] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
 
 
 def _version(name: str) -> str:
@@ -138,20 +134,6 @@ def analyze(store: Store, name: str) -> None:
 
 
 OPERATORS = {"l2": "<->", "cosine": "<=>", "ip": "<#>"}
-
-
-def brute_force_topk(
-    keys: np.ndarray, norms: np.ndarray, query: np.ndarray, k: int, metric: str = "l2"
-) -> np.ndarray:
-    """numpy's answer (the recall truth and the latency floor); ``norms`` = |key|^2."""
-    if metric == "l2":
-        scores = norms - 2.0 * (keys @ query)  # squared L2 minus |q|^2: same order
-    elif metric == "ip":
-        scores = -(keys @ query)
-    else:
-        scores = -(keys @ query) / np.sqrt(norms)
-    top = np.argpartition(scores, k)[:k]
-    return top[np.argsort(scores[top])]
 
 
 def timed(fn) -> float:
