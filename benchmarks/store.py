@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
-from vector_data import SPREAD, brute_force_topk, clustered  # noqa: E402
+from vector_data import SPREAD, bench_values, brute_force_topk, clustered  # noqa: E402
 
 from memstore import Store  # noqa: E402
 from memstore.sqlite_driver import (  # noqa: E402
@@ -113,11 +113,7 @@ def raw_insert(path: Path, keys: np.ndarray, page_size: int) -> float:
 def store_insert(path: Path, keys: np.ndarray, **options) -> tuple[float, Store]:
     store = Store(f"sqlite:///{path}")
     coll = store.create_collection("bench", key_dim=keys.shape[1], **options)
-    values = (
-        keys
-        if options.get("value_dim", keys.shape[1]) == keys.shape[1]
-        else np.zeros((len(keys), options["value_dim"]), np.float32)
-    )
+    values = bench_values(keys, options.get("value_dim"))
     start = time.perf_counter()
     coll.insert(keys, values)
     elapsed = time.perf_counter() - start

@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
-from vector_data import brute_force_topk, clustered  # noqa: E402
+from vector_data import bench_values, brute_force_topk, clustered  # noqa: E402
 
 from memstore import Store  # noqa: E402
 
@@ -116,11 +116,7 @@ def store_insert(store: Store, name: str, keys: np.ndarray, **options) -> float:
     if store.has_collection(name):
         store.drop_collection(name)
     coll = store.create_collection(name, key_dim=keys.shape[1], **options)
-    values = (
-        keys
-        if options.get("value_dim", keys.shape[1]) == keys.shape[1]
-        else np.zeros((len(keys), options["value_dim"]), np.float32)
-    )
+    values = bench_values(keys, options.get("value_dim"))
     start = time.perf_counter()
     coll.insert(keys, values)
     return len(keys) / (time.perf_counter() - start)

@@ -27,3 +27,10 @@ def brute_force_topk(
         scores = -(keys @ query) / np.sqrt(norms)
     top = np.argpartition(scores, k)[:k]
     return top[np.argsort(scores[top])]
+
+
+def bench_values(keys: np.ndarray, value_dim: int | None) -> np.ndarray:
+    """Values for a benchmark insert: the keys themselves, or zeros when the value width differs."""
+    if value_dim is None or value_dim == keys.shape[1]:
+        return keys
+    return np.zeros((len(keys), value_dim), np.float32)
