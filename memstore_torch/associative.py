@@ -71,7 +71,6 @@ class AssociativeMemory(MemoryRowsMixin):
         self.out_proj = nn.Linear(heads * value_dim, d_model)
         index = ResidentIndex(key_dim, value_dim, "ip", lrfu_lambda=lrfu_lambda, max_rows=capacity)
         self._init_memory(index, trainable_rows, store, collection)
-        self._pending: list[tuple[str, Any]] = []
         self._bind(self._collection_for)
 
     def _collection_for(self, store: Any, name: str) -> Any:
@@ -190,34 +189,11 @@ class AssociativeMemory(MemoryRowsMixin):
 
     def _queue_maintenance(self, q, mem: ResidentHits | None, key, val, inserted) -> None:
         if self.recombine is not None and mem is not None:
-            self._pending.append(("recombine", (q, mem.distances, mem.ids)))
+            self._queue_recombine(q, mem.distances, mem.ids)
         if inserted is not None and bool(inserted.any()):
             keys, values = key[inserted], val[inserted]
             keep = min(keys.shape[0], self.capacity)
-            self._pending.append(("insert", (keys[-keep:], values[-keep:])))
-
-    @torch.no_grad()
-    def _apply_pending(self) -> None:
-        while self._pending:
-            kind, payload = self._pending.pop(0)
-            if kind == "insert":
-                keys, values = payload
-                self.index.insert(keys, values)
-                self.index.counters["novel_inserts"] = (
-                    self.index.counters.get("novel_inserts", 0) + keys.shape[0]
-                )
-            else:
-                q, dist, ids = payload
-                alive = torch.isin(ids, self.index.ids) & (ids >= 0)
-                slots = torch.full_like(ids, -1)
-                if bool(alive.any()):
-                    slots[alive] = self.index.slots_of(ids[alive])
-                d = torch.where(alive, dist, torch.full_like(dist, math.inf))
-                self.index.recombine(q, ResidentHits(d, slots, ids), self.recombine)
-
-    def flush(self) -> dict[str, int]:
-        self._apply_pending()
-        return super().flush()
+            self._queue_insert(keys[-keep:], values[-keep:])
 
     # -------------------------------------------------------------- config
     def extra_config(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from memstore.errors import InvalidInputError
 
 from .functions import make_weight_fn, topk_memory_read
 from .memory_rows import MemoryRowsMixin
-from .resident import ResidentHits, ResidentIndex
+from .resident import ResidentIndex
 
 _ACTIVATION_WEIGHTING = {
     "NewGELUActivation": "gelu_tanh",
@@ -93,7 +93,6 @@ class FeaturalMemory(MemoryRowsMixin):
             self.head_dim + 1, self.row_value_dim, "ip", lrfu_lambda=lrfu_lambda, max_rows=n_rows
         )
         self._init_memory(index, trainable_rows, store, collection)
-        self._pending: list[tuple[str, Any]] = []
         self._bind(self._collection_for)
         if not self._loaded and _init_rows:
             self._init_random_rows()
@@ -255,37 +254,15 @@ class FeaturalMemory(MemoryRowsMixin):
         rows = self.index.keys[top]  # (M, r, dh + 1)
         dist = -(rows * q_aug[:, None, :]).sum(-1)  # ip distance of the top hits (M, r)
         if self.recombine is not None:
-            self._pending.append(("recombine", (q_aug, dist, self.index.ids[top])))
+            self._queue_recombine(q_aug, dist, self.index.ids[top])
         if self.novel is not None:
             fresh = dist[:, 0] > self.novel
             if bool(fresh.any()):
                 new_keys = q_aug[fresh][: self.n_rows].clone()
                 new_keys[:, -1] = 0.0  # a new row starts with bias 0 and value 0
-                self._pending.append(("insert", new_keys))
-
-    @torch.no_grad()
-    def _apply_pending(self) -> None:
-        while self._pending:
-            kind, payload = self._pending.pop(0)
-            if kind == "insert":
-                self.index.insert(
-                    payload, payload.new_zeros((payload.shape[0], self.row_value_dim))
+                self._queue_insert(
+                    new_keys, new_keys.new_zeros((new_keys.shape[0], self.row_value_dim))
                 )
-                self.index.counters["novel_inserts"] = (
-                    self.index.counters.get("novel_inserts", 0) + payload.shape[0]
-                )
-                continue
-            q_aug, dist, ids = payload
-            alive = torch.isin(ids, self.index.ids)
-            slots = torch.full_like(ids, -1)
-            if bool(alive.any()):
-                slots[alive] = self.index.slots_of(ids[alive])
-            d = torch.where(alive, dist, torch.full_like(dist, math.inf))
-            self.index.recombine(q_aug, ResidentHits(d, slots, ids), self.recombine)
-
-    def flush(self) -> dict[str, int]:
-        self._apply_pending()
-        return super().flush()
 
     # -------------------------------------------------------------- config
     def extra_config(self) -> dict[str, Any]:

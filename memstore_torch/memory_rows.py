@@ -13,13 +13,15 @@ Caveat of the bounded table: a delete moves the last row into the hole, and opti
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from memstore.errors import InvalidInputError
 
-from .resident import ResidentIndex
+from .resident import ResidentHits, ResidentIndex
 
 MEMORY_PARAMETER_NAMES = ("memory_keys", "memory_values")
 
@@ -41,6 +43,9 @@ class MemoryRowsMixin(nn.Module):
         self.collection_name = collection
         self._store = store
         self._collection = None
+        # Row-moving changes (novel inserts, recombinations) decided in a forward are applied at
+        # the next forward or flush: the backward pass still needs the rows as they were read.
+        self._pending: list[tuple[str, tuple]] = []
         self._adopt_storage()
         self._register_state_dict_hook(_drop_memory_rows)
         self.register_load_state_dict_post_hook(_forgive_missing_memory_rows)
@@ -105,8 +110,38 @@ class MemoryRowsMixin(nn.Module):
             self._snapshot()
             self._loaded = True
 
+    def _queue_insert(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._pending.append(("insert", (keys, values)))
+
+    def _queue_recombine(
+        self, queries: torch.Tensor, distances: torch.Tensor, ids: torch.Tensor
+    ) -> None:
+        self._pending.append(("recombine", (queries, distances, ids)))
+
+    @torch.no_grad()
+    def _apply_pending(self) -> None:
+        """Apply queued novel inserts and recombinations, in the order they were decided."""
+        while self._pending:
+            kind, payload = self._pending.pop(0)
+            if kind == "insert":
+                keys, values = payload
+                self.index.insert(keys, values)
+                self.index.counters["novel_inserts"] = (
+                    self.index.counters.get("novel_inserts", 0) + keys.shape[0]
+                )
+                continue
+            queries, dist, ids = payload
+            # Rows evicted or merged since the search are dropped from the hits (id -1 pads too).
+            alive = torch.isin(ids, self.index.ids) & (ids >= 0)
+            slots = torch.full_like(ids, -1)
+            if bool(alive.any()):
+                slots[alive] = self.index.slots_of(ids[alive])
+            d = torch.where(alive, dist, torch.full_like(dist, math.inf))
+            self.index.recombine(queries, ResidentHits(d, slots, ids), self.recombine)
+
     def flush(self) -> dict[str, int]:
         """Write every changed row to the bound collection in one transaction."""
+        self._apply_pending()
         if self._collection is None:
             raise InvalidInputError(
                 "this memory layer is not bound to a store; pass store= and collection="
