@@ -35,23 +35,19 @@ import torch  # noqa: E402
 from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
 
 from memstore import Store  # noqa: E402
-from memstore_torch.lm_training import batch_for_step, perplexity  # noqa: E402
-from memstore_torch.student import (  # noqa: E402
-    collection_name,
-    memory_factory,
-    memory_layers,
-    memory_parameter_ids,
-)
-from memstore_torch.surgery import (  # noqa: E402
+from memstore_gpt2.lm_training import batch_for_step, perplexity  # noqa: E402
+from memstore_gpt2.student import memory_factory  # noqa: E402
+from memstore_gpt2.surgery import (  # noqa: E402
     capture_mlp_inputs,
     clone_with_mlps,
     keep_mlps,
     reinit_mlps,
     remove_mlps,
 )
-from memstore_torch.teacher import TeacherSpec, load_teacher, train_teacher  # noqa: E402
-from memstore_torch.text_data import load_blocks, read_texts  # noqa: E402
-from memstore_torch.trainer import DistillConfig, Distiller  # noqa: E402
+from memstore_gpt2.teacher import TeacherSpec, load_teacher, train_teacher  # noqa: E402
+from memstore_gpt2.text_data import load_blocks, read_texts  # noqa: E402
+from memstore_gpt2.trainer import DistillConfig, Distiller  # noqa: E402
+from memstore_torch.model_memory import flush_memory, memory_layers, memory_parameters  # noqa: E402
 
 TEACHER = TeacherSpec(layers=4, width=256, heads=4, context=128, inner=1024, vocab=4096,
                       steps=400, batch_size=16, lr=2e-3, warmup=40, dropout=0.1, seed=0)  # fmt: skip
@@ -105,14 +101,14 @@ def log(message: str) -> None:
 
 
 def dense_param_count(model) -> int:
-    memory_ids = memory_parameter_ids(model)
+    memory_ids = {id(p) for p in memory_parameters(model)}
     return sum(p.numel() for p in model.parameters() if id(p) not in memory_ids)
 
 
 def memory_rows(model, store) -> int:
     if store is None:
         return 0
-    return sum(len(store.collection(collection_name(i))) for i in memory_layers(model))
+    return sum(len(layer.collection) for layer in memory_layers(model).values())
 
 
 class Bench:
@@ -178,7 +174,7 @@ class Bench:
                      key=f"featural_init_ppl_k{divisor}")  # fmt: skip
             if train:
                 result = self.train(student, f"featural_k{divisor}")
-                memory_layers_flush(student)
+                flush_memory(student)
                 self.add(f"featural k={k}, distilled {self.args.steps} steps", student, store,
                          step_time=result["step_time_s"], key=f"featural_ppl_k{divisor}")  # fmt: skip
         finally:
@@ -191,7 +187,7 @@ class Bench:
                                      heads=4, capacity=self.args.assoc_capacity)  # fmt: skip
             student = clone_with_mlps(self.teacher, self.layers, factory)
             result = self.train(student, "associative")
-            memory_layers_flush(student)
+            flush_memory(student)
             self.add(f"associative k={self.args.assoc_k}, {self.args.steps} steps", student, store,
                      step_time=result["step_time_s"], key="associative_ppl")  # fmt: skip
         finally:
@@ -201,11 +197,6 @@ class Bench:
         student = clone_with_mlps(self.teacher, self.layers, factory)
         result = self.train(student, key)
         return self.add(label, student, step_time=result["step_time_s"], key=key)
-
-
-def memory_layers_flush(model) -> None:
-    for layer in memory_layers(model).values():
-        layer.flush()
 
 
 def format_table(rows: list[dict], teacher_ppl: float, control_time: float | None) -> str:

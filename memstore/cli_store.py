@@ -1,7 +1,7 @@
 """Store commands of the ``memstore`` CLI: init, import, query, inspect, prune, upgrade.
 
 Never imports torch, so these start fast and work without the ``torch`` extra. Every memstore error
-becomes a one-line ``Error: ...`` with exit code 1 (``cli.MemstoreGroup``); ``--json`` prints one
+becomes a one-line ``Error: ...`` with exit code 1 (:class:`memstore.cli_group.MemstoreGroup`); ``--json`` prints one
 JSON document on stdout and nothing else.
 
 URL is an SQLAlchemy URL (``sqlite:///path/x.db``, ``postgresql+psycopg://...``); a bare file path
@@ -395,7 +395,7 @@ def upgrade_command(url, as_json) -> None:
 
 
 def add_store_commands(group: click.Group) -> None:
-    """Register the store commands on the top-level ``memstore`` group (see cli.py)."""
+    """Register the store commands on the top-level ``memstore`` group (see :mod:`memstore_gpt2.cli`)."""
     for command in (
         init_command,
         import_command,

@@ -12,7 +12,22 @@ class MemstoreError(Exception):
 
 
 class InvalidInputError(MemstoreError, ValueError):
-    """An argument is malformed: wrong shape, dtype, NaN/inf, empty batch, bad k, bad option."""
+    """An argument is malformed: wrong shape, dtype, NaN/inf, empty batch, bad k, bad option.
+
+    ``parameter`` names the offending argument when there is one, and the message then starts with
+    that name, so a front end can speak its own spelling of it (the CLI says ``--batch-size`` where
+    the API says ``batch_size``) without parsing prose: see :func:`bad_parameter`.
+    """
+
+    def __init__(self, message: str, *, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
+def bad_parameter(name: str, problem: str) -> InvalidInputError:
+    """``InvalidInputError("<name> <problem>", parameter=name)``, e.g. ``bad_parameter("k", "must be
+    positive, got 0")``; raise the result."""
+    return InvalidInputError(f"{name} {problem}", parameter=name)
 
 
 class DimensionMismatchError(InvalidInputError):
@@ -53,11 +68,3 @@ class DriverError(MemstoreError):
 
 class MissingDependencyError(MemstoreError):
     """An optional dependency (for instance the ``torch`` extra) is not installed."""
-
-
-class TeacherNotFoundError(MemstoreError, LookupError):
-    """The teacher model is neither a local directory nor in the local Hugging Face cache."""
-
-
-class StudentFormatError(MemstoreError):
-    """A student directory or training checkpoint is missing files or was written differently."""

@@ -1,7 +1,8 @@
-"""memstore_torch: the store as differentiable memory layers, and the GPT-2 distillation trainer.
+"""memstore_torch: the layer library -- a memstore collection as differentiable memory layers.
 
-Public names are imported lazily so that ``import memstore_torch.cli_train`` (which the ``memstore``
-CLI does at start-up) does not import torch; torch is only needed once a layer is actually used.
+Usable in any torch model; it imports neither ``transformers`` nor ``tokenizers`` (the GPT-2
+application built on it is :mod:`memstore_gpt2`). Public names are imported lazily, so importing
+the package costs nothing until a layer is used.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ _EXPORTS: dict[str, str] = {
     "ResidentHits": "memstore_torch.resident",
     "FeaturalMemory": "memstore_torch.featural",
     "AssociativeMemory": "memstore_torch.associative",
+    "MemoryLayer": "memstore_torch.memory_layer",
+    "memory_layers": "memstore_torch.model_memory",
+    "flush_memory": "memstore_torch.model_memory",
+    "memory_parameters": "memstore_torch.model_memory",
+    "split_parameters": "memstore_torch.model_memory",
     "TopKMemoryRead": "memstore_torch.functions",
     "StraightThroughQuery": "memstore_torch.functions",
     "StraightThroughInsert": "memstore_torch.functions",

@@ -25,11 +25,11 @@ from memstore.errors import InvalidInputError
 
 from . import knn
 from .functions import straight_through_insert, straight_through_query
-from .memory_rows import MemoryRowsMixin
+from .memory_layer import MemoryLayer
 from .resident import ResidentHits, ResidentIndex
 
 
-class AssociativeMemory(MemoryRowsMixin):
+class AssociativeMemory(MemoryLayer):
     """Drop-in ``(B, T, d) -> (B, T, d)`` memory layer that writes what it reads about."""
 
     def __init__(

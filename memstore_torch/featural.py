@@ -26,7 +26,7 @@ from torch import nn
 from memstore.errors import InvalidInputError
 
 from .functions import make_weight_fn, topk_memory_read
-from .memory_rows import MemoryRowsMixin
+from .memory_layer import MemoryLayer
 from .resident import ResidentIndex
 
 _ACTIVATION_WEIGHTING = {
@@ -41,7 +41,7 @@ _ACTIVATION_WEIGHTING = {
 }
 
 
-class FeaturalMemory(MemoryRowsMixin):
+class FeaturalMemory(MemoryLayer):
     """Drop-in ``(B, T, d) -> (B, T, d)`` replacement for a transformer MLP."""
 
     def __init__(

@@ -24,7 +24,7 @@ TINY_TEACHER = dict(
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """A directory of a few help topics (text every CPython ships), one file per topic."""
-    from memstore_torch.text_data import python_docs_corpus
+    from memstore_gpt2.text_data import python_docs_corpus
 
     texts = python_docs_corpus()[:12]
     root = tmp_path_factory.mktemp("corpus")
@@ -38,8 +38,8 @@ def teacher_dir(tmp_path_factory, corpus_dir) -> Path:
     """A trained tiny teacher saved as a Hugging Face directory."""
     import torch
 
-    from memstore_torch.teacher import TeacherSpec, train_teacher
-    from memstore_torch.text_data import read_texts
+    from memstore_gpt2.teacher import TeacherSpec, train_teacher
+    from memstore_gpt2.text_data import read_texts
 
     torch.set_flush_denormal(True)
     out = tmp_path_factory.mktemp("teacher")
@@ -50,7 +50,7 @@ def teacher_dir(tmp_path_factory, corpus_dir) -> Path:
 @pytest.fixture
 def teacher(teacher_dir):
     """A fresh (model, tokenizer) per test, so tests cannot leak changes into each other."""
-    from memstore_torch.teacher import load_teacher
+    from memstore_gpt2.teacher import load_teacher
 
     return load_teacher(teacher_dir)
 
@@ -58,8 +58,8 @@ def teacher(teacher_dir):
 @pytest.fixture(scope="session")
 def blocks(teacher_dir, corpus_dir):
     """(train_blocks, eval_blocks) of 32 tokens from the corpus."""
-    from memstore_torch.teacher import load_teacher
-    from memstore_torch.text_data import holdout_split, load_blocks
+    from memstore_gpt2.teacher import load_teacher
+    from memstore_gpt2.text_data import holdout_split, load_blocks
 
     _, tokenizer = load_teacher(teacher_dir)
     return holdout_split(load_blocks(tokenizer, corpus_dir, 32))

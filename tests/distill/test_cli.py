@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from memstore_gpt2.cli import main
 
 
 def _run(args):
@@ -58,7 +58,7 @@ def test_teacher_train_json_and_generate(tmp_path, corpus_dir):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["teacher_ppl"] > 1
-    from memstore_torch.teacher import load_teacher
+    from memstore_gpt2.teacher import load_teacher
 
     model, tokenizer = load_teacher(out)
     assert model.config.n_layer == 1 and len(tokenizer) == 300
@@ -89,3 +89,30 @@ def test_model_commands_do_not_import_torch_at_startup():
     code = "import sys, cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--batch-size", "0"], "Error: --batch-size must be positive, got 0"),
+        (["--steps", "-1"], "Error: --steps must be >= 0, got -1"),
+        (["--alpha", "2"], "Error: --alpha must be in [0, 1], got 2.0"),
+        (["--k", "0"], "Error: --k must be positive, got 0"),
+    ],
+)
+def test_library_parameter_errors_are_spelled_as_flags(
+    tmp_path, teacher_dir, corpus_dir, args, expected
+):
+    """The library names its parameters (``batch_size``); the CLI says the flag the user typed."""
+    result = _run(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+                   "--out", str(tmp_path / "s"), *args])  # fmt: skip
+    assert _error_line(result) == expected
+
+
+def test_library_errors_name_parameters_not_flags():
+    from memstore.errors import InvalidInputError
+    from memstore_gpt2.trainer import DistillConfig
+
+    with pytest.raises(InvalidInputError, match=r"^batch_size must be positive") as caught:
+        DistillConfig(batch_size=0).validate()
+    assert caught.value.parameter == "batch_size"

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from memstore_gpt2.cli import main
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_demo_runs_end_to_end_on_user_data(tmp_path, corpus_dir):
 
 
 def test_demo_default_corpus_ships_with_python():
-    from memstore_torch.text_data import python_docs_corpus
+    from memstore_gpt2.text_data import python_docs_corpus
 
     texts = python_docs_corpus()
     assert len(texts) > 20 and sum(map(len, texts)) > 100_000

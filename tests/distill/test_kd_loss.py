@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memstore_torch.trainer import kd_loss
+from memstore_gpt2.trainer import kd_loss
 
 
 def test_kd_loss_matches_the_formula():

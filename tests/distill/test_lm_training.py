@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memstore_torch.lm_training import batch_for_step, warmup_cosine
+from memstore_gpt2.lm_training import batch_for_step, warmup_cosine
 
 
 def test_batches_are_reproducible_and_cover_an_epoch():

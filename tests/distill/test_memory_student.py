@@ -8,20 +8,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
 from memstore import Store
-from memstore_torch.lm_training import batch_for_step, lm_logits
-from memstore_torch.student import (
+from memstore_gpt2.cli import main
+from memstore_gpt2.lm_training import batch_for_step, lm_logits
+from memstore_gpt2.student import (
     build_student_skeleton,
     load_student,
     memory_factory,
-    memory_layers,
+    memory_slots,
     read_manifest,
     save_student,
-    split_parameters,
 )
-from memstore_torch.surgery import capture_mlp_inputs, clone_with_mlps, gpt2_blocks, non_mlp_state
-from memstore_torch.trainer import DistillConfig, Distiller, kd_loss
+from memstore_gpt2.surgery import capture_mlp_inputs, clone_with_mlps, gpt2_blocks, non_mlp_state
+from memstore_gpt2.trainer import DistillConfig, Distiller, kd_loss
+from memstore_torch.model_memory import split_parameters
 
 
 def featural_student(model, train, store, k=16, init="mlp", layers=(0, 1)):
@@ -42,7 +42,7 @@ def store(tmp_path):
 def test_surgery_with_memory_layers_keeps_other_weights(teacher, blocks, store):
     model, _ = teacher
     student = featural_student(model, blocks[0], store, layers=(1,))
-    assert list(memory_layers(student)) == [1]
+    assert list(memory_slots(student)) == [1]
     for name, tensor in non_mlp_state(model).items():
         assert torch.equal(tensor, non_mlp_state(student)[name]), name
     assert len(store.collection("layer1")) == model.config.n_inner
@@ -107,8 +107,8 @@ def test_memory_student_resume_replays_the_uninterrupted_run(teacher, blocks, tm
         got = [h["train_loss"] for h in resumed.state.history]
         want = [h["train_loss"] for h in runs["straight"].state.history]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-        a = memory_layers(runs["straight"].student)[0]
-        b = memory_layers(resumed.student)[0]
+        a = memory_slots(runs["straight"].student)[0]
+        b = memory_slots(resumed.student)[0]
         torch.testing.assert_close(a.index.keys, b.index.keys, rtol=1e-5, atol=1e-6)
 
 
@@ -165,6 +165,6 @@ def test_associative_student_trains_and_grows_its_memory(teacher, blocks, store)
     student = clone_with_mlps(model, [0], factory)
     Distiller(student, model, train, held, DistillConfig(steps=3, batch_size=2, eval_blocks=2),
               tensorboard=False).run()  # fmt: skip
-    for layer in memory_layers(student).values():
+    for layer in memory_slots(student).values():
         layer.flush()
     assert len(store.collection("layer0")) > 0

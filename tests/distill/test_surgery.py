@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memstore.errors import InvalidInputError
-from memstore_torch.surgery import (
+from memstore_gpt2.surgery import (
     ZeroMlp,
     clone_with_mlps,
     gpt2_blocks,
@@ -29,7 +29,7 @@ def test_parse_layers(spec, expected):
 
 @pytest.mark.parametrize("spec", ["4", "0,x", "3-1", "-5", "1;2", ","])
 def test_bad_layer_lists_are_rejected_with_the_flag_named(spec):
-    with pytest.raises(InvalidInputError, match="--layers"):
+    with pytest.raises(InvalidInputError, match="layers"):
         parse_layers(spec, 4)
 
 

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from memstore.errors import TeacherNotFoundError
-from memstore_torch.teacher import load_teacher
+from memstore_gpt2.errors import TeacherNotFoundError
+from memstore_gpt2.teacher import load_teacher
 
 
 def test_hub_name_is_found_in_the_local_cache(tmp_path, teacher_dir):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from memstore.errors import InvalidInputError
-from memstore_torch.text_data import holdout_split, list_text_files, pack_blocks, read_texts
+from memstore_gpt2.text_data import holdout_split, list_text_files, pack_blocks, read_texts
 
 
 def test_directories_expand_to_sorted_text_files(tmp_path):
@@ -47,8 +47,8 @@ def test_holdout_takes_the_end():
 
 
 def test_tokenized_stream_separates_documents_with_eos(teacher_dir):
-    from memstore_torch.teacher import load_teacher
-    from memstore_torch.text_data import tokenize_texts
+    from memstore_gpt2.teacher import load_teacher
+    from memstore_gpt2.text_data import tokenize_texts
 
     _, tokenizer = load_teacher(teacher_dir)
     ids = tokenize_texts(tokenizer, ["first text", "second text"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from memstore_torch.lm_training import batch_for_step, lm_logits
-from memstore_torch.surgery import clone_with_mlps, reinit_mlps
-from memstore_torch.trainer import CHECKPOINT_FILE, DistillConfig, Distiller, kd_loss
+from memstore_gpt2.lm_training import batch_for_step, lm_logits
+from memstore_gpt2.surgery import clone_with_mlps, reinit_mlps
+from memstore_gpt2.trainer import CHECKPOINT_FILE, DistillConfig, Distiller, kd_loss
 
 
 def _kl_on(student, teacher, ids):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
 from memstore import Store
+from memstore_gpt2.cli import main
 
 
 def _run(*args: str) -> str:
@@ -61,8 +61,8 @@ def test_cli_error_on_postgres_is_one_line(pg_url, tmp_path):
 @pytest.mark.slow
 def test_distill_gpt2_with_memory_in_postgres(pg_url, tmp_path):
     pytest.importorskip("torch")
-    from memstore_torch.teacher import TeacherSpec, train_teacher
-    from memstore_torch.text_data import python_docs_corpus
+    from memstore_gpt2.teacher import TeacherSpec, train_teacher
+    from memstore_gpt2.text_data import python_docs_corpus
 
     texts = python_docs_corpus()[:6]
     corpus = tmp_path / "corpus.txt"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
 from memstore import Store
+from memstore_gpt2.cli import main
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ SOURCES = [
     "cli.py",
     "memstore",
     "memstore_torch",
+    "memstore_gpt2",
     "migrations",
 ]
 
@@ -61,9 +62,10 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
         "memstore/migrations/versions/0001_initial.py",
         "memstore/migrations/script.py.mako",
         "memstore/backends/sqlite.py",
-        "cli.py",
+        "memstore_gpt2/cli.py",
     ):
         assert needed in names
+    assert "cli.py" not in names  # no top-level `cli` module to collide with a user's own
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -138,3 +140,22 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
         text=True,
     )
     assert json.loads(out.stdout)["to"] == "0001_initial"
+
+
+def test_installed_command_ignores_a_users_cli_module(tmp_path):
+    """A project with its own ``cli.py`` on ``sys.path`` (here via PYTHONPATH and the working
+    directory) must not break the ``memstore`` console script."""
+    exe = Path(sys.executable).parent / "memstore"
+    if not exe.exists():
+        pytest.skip("the memstore console script is not installed in this environment")
+    (tmp_path / "cli.py").write_text("raise SystemExit('the user project cli.py was imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run(
+        [str(exe), "init", str(tmp_path / "m.db"), "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memstore.errors import InvalidInputError, TeacherNotFoundError
-from memstore_torch.lm_training import (
+from memstore.errors import bad_parameter
+from memstore_gpt2.errors import TeacherNotFoundError
+from memstore_gpt2.lm_training import (
     batch_for_step,
     lm_logits,
     next_token_ce,
@@ -62,7 +63,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 257:
-        raise InvalidInputError(f"--vocab must be at least 257 (256 bytes + EOS), got {vocab_size}")
+        raise bad_parameter("vocab", f"must be at least 257 (256 bytes + EOS), got {vocab_size}")
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
         texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False
@@ -92,11 +93,9 @@ class TeacherSpec:
     def validate(self) -> None:
         for name in ("layers", "width", "heads", "context", "vocab", "steps", "batch_size"):
             if getattr(self, name) <= 0:
-                raise InvalidInputError(f"--{name} must be positive, got {getattr(self, name)}")
+                raise bad_parameter(name, f"must be positive, got {getattr(self, name)}")
         if self.width % self.heads:
-            raise InvalidInputError(
-                f"--width {self.width} must be divisible by --heads {self.heads}"
-            )
+            raise bad_parameter("width", f"{self.width} must be divisible by heads ({self.heads})")
 
 
 def build_teacher_model(spec: TeacherSpec, tokenizer):
@@ -135,7 +134,7 @@ def train_teacher(
     """
     from tqdm.auto import tqdm
 
-    from memstore_torch.text_data import holdout_split, pack_blocks, tokenize_texts
+    from memstore_gpt2.text_data import holdout_split, pack_blocks, tokenize_texts
 
     spec.validate()
     started = time.perf_counter()

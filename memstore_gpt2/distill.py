@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memstore.errors import InvalidInputError, StudentFormatError
-from memstore_torch.trainer import CHECKPOINT_FILE, DistillConfig, Distiller, write_summary
+from memstore.errors import InvalidInputError
+from memstore_gpt2.errors import StudentFormatError
+from memstore_gpt2.trainer import CHECKPOINT_FILE, DistillConfig, Distiller, write_summary
 
 
 @dataclass
@@ -39,7 +40,7 @@ class DistillJob:
 
 def prepare_data(tokenizer, job: DistillJob, context: int):
     """(train_blocks, eval_blocks) for the job: --eval-data, or the last 10 % of --data."""
-    from memstore_torch.text_data import holdout_split, load_blocks
+    from memstore_gpt2.text_data import holdout_split, load_blocks
 
     blocks = load_blocks(tokenizer, job.data, context)
     if job.eval_data:
@@ -50,21 +51,21 @@ def prepare_data(tokenizer, job: DistillJob, context: int):
 def run_distill(job: DistillJob) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the summary that ``--json`` prints."""
     from memstore import Store
-    from memstore_torch.student import (
+    from memstore_gpt2.student import (
         build_student_skeleton,
-        collection_name,
         default_db_url,
         memory_factory,
-        memory_layers,
-        memory_parameters,
+        memory_slots,
         read_manifest,
         resolve_db_url,
         save_student,
     )
-    from memstore_torch.surgery import parse_layers
-    from memstore_torch.teacher import load_teacher
+    from memstore_gpt2.surgery import parse_layers
+    from memstore_gpt2.teacher import load_teacher
+    from memstore_torch.model_memory import memory_parameters
 
     started = time.perf_counter()
+    job.config.validate()  # before any work: a bad option must not fail deep inside calibration
     teacher, tokenizer = load_teacher(job.teacher)
     layers = parse_layers(job.layers, teacher.config.n_layer)
     context = job.context or min(teacher.config.n_positions, 128)
@@ -119,7 +120,8 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
             distiller.load_checkpoint()
         result = distiller.run()
         save_student(student, tokenizer, out, db_url, info=info)
-        rows = {str(i): len(store.collection(collection_name(i))) for i in memory_layers(student)}
+        slots = memory_slots(student)
+        rows = {str(key): len(layer.collection) for key, layer in slots.items()}
         db_bytes = store.size_bytes()
     finally:
         store.close()
@@ -130,7 +132,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         "kind": info["kind"],
         "k": info["k"],
         "init": info["init"],
-        "layers": [int(i) for i in memory_layers(student)],
+        "layers": list(slots),
         "memory_rows": rows,
         "db_bytes": db_bytes,
         "parameters": sum(p.numel() for p in student.parameters())
@@ -146,9 +148,9 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
 
 def _new_student(job: DistillJob, teacher, layers: list[int], train_blocks, store):
     """Surgery for a fresh run: memory layers bound to ``layer<i>`` collections of ``store``."""
-    from memstore_torch.lm_training import batch_for_step
-    from memstore_torch.student import collection_name, memory_factory
-    from memstore_torch.surgery import capture_mlp_inputs, clone_with_mlps
+    from memstore_gpt2.lm_training import batch_for_step
+    from memstore_gpt2.student import collection_name, memory_factory
+    from memstore_gpt2.surgery import capture_mlp_inputs, clone_with_mlps
 
     existing = {c.name for c in store.list_collections()}
     clash = sorted(existing & {collection_name(i) for i in layers})

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from memstore.cli_group import MemstoreGroup
 from memstore.errors import MissingDependencyError
 
 TORCH_HINT = "pip install 'memstore[torch]'"
@@ -70,7 +71,7 @@ def _print_distill_result(summary: dict) -> None:
 
 
 # -- teacher ---------------------------------------------------------------------------------------
-@click.group("teacher")
+@click.group("teacher", cls=MemstoreGroup)
 def teacher_group() -> None:
     """Train a small GPT-2-architecture teacher on local text (no download needed)."""
 
@@ -103,8 +104,8 @@ def teacher_train(data, out, eval_data, steps, layers, width, heads, context, in
       memstore teacher train --data corpus.txt --out teacher/ --steps 1000
     """
     require_torch()
-    from memstore_torch.teacher import TeacherSpec, train_teacher
-    from memstore_torch.text_data import read_texts
+    from memstore_gpt2.teacher import TeacherSpec, train_teacher
+    from memstore_gpt2.text_data import read_texts
 
     spec = TeacherSpec(layers=layers, width=width, heads=heads, context=context, inner=inner,
                        vocab=vocab, steps=steps, batch_size=batch_size, lr=lr,
@@ -124,7 +125,7 @@ def teacher_train(data, out, eval_data, steps, layers, width, heads, context, in
 
 
 # -- distill ---------------------------------------------------------------------------------------
-@click.group("distill")
+@click.group("distill", cls=MemstoreGroup)
 def distill_group() -> None:
     """Distil a teacher into a student whose feed-forward memory lives in a database."""
 
@@ -185,8 +186,8 @@ def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers
           --out student/ --steps 300 --kind featural --k 128 --init mlp
     """
     require_torch()
-    from memstore_torch.distill import DistillJob, run_distill
-    from memstore_torch.trainer import DistillConfig
+    from memstore_gpt2.distill import DistillJob, run_distill
+    from memstore_gpt2.trainer import DistillConfig
 
     config = DistillConfig(
         steps=steps, batch_size=batch_size, lr=lr, memory_lr=memory_lr, alpha=alpha,
@@ -223,14 +224,14 @@ def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, se
       memstore generate student/ --prompt "The for statement"
     """
     require_torch()
-    from memstore_torch.generate import generate_text
-    from memstore_torch.student import STUDENT_FILE, load_student
+    from memstore_gpt2.generate import generate_text
+    from memstore_gpt2.student import STUDENT_FILE, load_student
 
     if (Path(student_dir) / STUDENT_FILE).is_file():
         loaded = load_student(student_dir, db=db)
         model, tokenizer = loaded.model, loaded.tokenizer
     else:  # a plain teacher directory: handy for comparing teacher and student samples
-        from memstore_torch.teacher import load_teacher
+        from memstore_gpt2.teacher import load_teacher
 
         loaded = None
         model, tokenizer = load_teacher(student_dir)
@@ -265,7 +266,7 @@ def demo_command(data, out, teacher_steps, steps, as_json) -> None:
       memstore demo --data my_notes/ --out my-demo
     """
     require_torch()
-    from memstore_torch.demo import run_demo
+    from memstore_gpt2.demo import run_demo
 
     summary = run_demo(list(data) or None, out, teacher_steps=teacher_steps,
                        distill_steps=steps, log=click.echo, progress=not as_json)  # fmt: skip

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memstore.errors import InvalidInputError, StudentFormatError
-from memstore_torch.lm_training import batch_for_step, lm_logits, perplexity, warmup_cosine
-from memstore_torch.student import flush_memory, split_parameters
+from memstore.errors import bad_parameter
+from memstore_gpt2.errors import StudentFormatError
+from memstore_gpt2.lm_training import batch_for_step, lm_logits, perplexity, warmup_cosine
+from memstore_torch.model_memory import flush_memory, split_parameters
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -51,15 +52,17 @@ class DistillConfig:
 
     def validate(self) -> None:
         if self.steps < 0:
-            raise InvalidInputError(f"--steps must be >= 0, got {self.steps}")
+            raise bad_parameter("steps", f"must be >= 0, got {self.steps}")
         if self.batch_size <= 0:
-            raise InvalidInputError(f"--batch-size must be positive, got {self.batch_size}")
+            raise bad_parameter("batch_size", f"must be positive, got {self.batch_size}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise InvalidInputError(f"--alpha must be in [0, 1], got {self.alpha}")
+            raise bad_parameter("alpha", f"must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
-            raise InvalidInputError(f"--temperature must be positive, got {self.temperature}")
-        if self.lr <= 0 or (self.memory_lr is not None and self.memory_lr < 0):
-            raise InvalidInputError("learning rates must be positive")
+            raise bad_parameter("temperature", f"must be positive, got {self.temperature}")
+        if self.lr <= 0:
+            raise bad_parameter("lr", f"must be positive, got {self.lr}")
+        if self.memory_lr is not None and self.memory_lr < 0:
+            raise bad_parameter("memory_lr", f"must be >= 0, got {self.memory_lr}")
 
 
 def kd_loss(
@@ -114,7 +117,7 @@ class Distiller:
     ) -> None:
         config.validate()
         if len(train_blocks) == 0:
-            raise InvalidInputError("no training blocks: the --data text is too short")
+            raise bad_parameter("data", "holds too little text for one training block")
         self.student, self.teacher = student, teacher
         self.train_blocks, self.eval_blocks = train_blocks, eval_blocks
         self.config = config
@@ -176,7 +179,7 @@ class Distiller:
 
     def load_checkpoint(self) -> None:
         """Restore a run saved by :meth:`save_checkpoint` (memory rows come from the database)."""
-        from memstore_torch.student import load_dense_state
+        from memstore_gpt2.student import load_dense_state
 
         path = self.checkpoint_path
         if path is None or not path.is_file():

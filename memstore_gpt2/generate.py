@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from memstore.errors import InvalidInputError
+from memstore.errors import bad_parameter
 
 
 @torch.no_grad()
@@ -25,11 +25,11 @@ def sample_tokens(
 ) -> list[int]:
     """Extend ``prompt_ids`` by up to ``max_new_tokens`` sampled tokens (greedy if temperature 0)."""
     if max_new_tokens < 0:
-        raise InvalidInputError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        raise bad_parameter("max_new_tokens", f"must be >= 0, got {max_new_tokens}")
     if temperature < 0:
-        raise InvalidInputError(f"--temperature must be >= 0, got {temperature}")
+        raise bad_parameter("temperature", f"must be >= 0, got {temperature}")
     if not prompt_ids:
-        raise InvalidInputError("the prompt is empty after tokenization; give --prompt TEXT")
+        raise bad_parameter("prompt", "is empty after tokenization: give some text")
     context = context or model.config.n_positions
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from memstore.errors import InvalidInputError, StudentFormatError
-from memstore_torch.surgery import ZeroMlp, gpt2_blocks
+from memstore.errors import bad_parameter
+from memstore_gpt2.errors import StudentFormatError
+from memstore_gpt2.surgery import ZeroMlp, gpt2_blocks
+from memstore_torch.model_memory import flush_memory, is_memory_row_key, memory_layers
 
 STUDENT_FILE = "memstore_student.json"
 WEIGHTS_FILE = "dense.pt"
 DEFAULT_DB_FILE = "memory.db"
 FORMAT_VERSION = 1
 MEMORY_CLASSES = ("FeaturalMemory", "AssociativeMemory")
+_BLOCK_MLP = re.compile(r"(?:transformer\.)?h\.(\d+)\.mlp")
 
 
 def memory_class(name: str):
@@ -36,51 +40,16 @@ def memory_class(name: str):
     return getattr(memstore_torch, name)
 
 
-def is_memory_layer(module: nn.Module) -> bool:
-    """Duck-typed: anything with the memory-layer protocol (flush + extra_config)."""
-    return callable(getattr(module, "flush", None)) and callable(
-        getattr(module, "extra_config", None)
-    )
+def slot_key(module_name: str) -> int | str:
+    """How a student names where a module sits: the block index for a GPT-2 block's MLP, the
+    dotted module path anywhere else (a memory layer may sit in any submodule)."""
+    match = _BLOCK_MLP.fullmatch(module_name)
+    return int(match.group(1)) if match else module_name
 
 
-def memory_layers(model) -> dict[int, nn.Module]:
-    """{block index: memory layer} of a student."""
-    return {i: b.mlp for i, b in enumerate(gpt2_blocks(model)) if is_memory_layer(b.mlp)}
-
-
-def flush_memory(model) -> None:
-    """Write every memory layer's dirty rows to its collection (one transaction per layer)."""
-    for layer in memory_layers(model).values():
-        layer.flush()
-
-
-def memory_parameter_ids(model) -> set[int]:
-    """ids of the parameters that are memory rows (they get their own optimizer group)."""
-    ids: set[int] = set()
-    for layer in memory_layers(model).values():
-        ids.update(id(p) for p in layer.memory_parameters())
-    return ids
-
-
-def memory_parameters(model) -> list[nn.Parameter]:
-    """Every memory-row Parameter of a student (rows live in the database, not in dense.pt)."""
-    out: dict[int, nn.Parameter] = {}
-    for layer in memory_layers(model).values():
-        out.update((id(p), p) for p in layer.memory_parameters())
-    return list(out.values())
-
-
-def split_parameters(model) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(dense, memory) trainable parameters, in a stable order (the optimizer state relies on it)."""
-    memory_ids = memory_parameter_ids(model)
-    dense, memory = [], []
-    seen: set[int] = set()
-    for param in model.parameters():  # .parameters() de-duplicates tied weights already
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))
-        (memory if id(param) in memory_ids else dense).append(param)
-    return dense, memory
+def memory_slots(model) -> dict[int | str, nn.Module]:
+    """``{slot key: memory layer}`` of a student, found by type (see :func:`slot_key`)."""
+    return {slot_key(name): layer for name, layer in memory_layers(model).items()}
 
 
 def default_db_url(out_dir: str | os.PathLike) -> str:
@@ -110,15 +79,15 @@ def memory_factory(
     """
     options = dict(layer_options or {})
     if kind not in ("featural", "associative"):
-        raise InvalidInputError(f"--kind must be 'featural' or 'associative', got {kind!r}")
+        raise bad_parameter("kind", f"must be 'featural' or 'associative', got {kind!r}")
     if init not in ("mlp", "random"):
-        raise InvalidInputError(f"--init must be 'mlp' or 'random', got {init!r}")
+        raise bad_parameter("init", f"must be 'mlp' or 'random', got {init!r}")
     if kind == "associative" and init == "mlp":
-        raise InvalidInputError(
-            "--init mlp applies to --kind featural; associative memory starts empty (--init random)"
+        raise bad_parameter(
+            "init", "'mlp' applies to kind 'featural'; associative memory starts empty ('random')"
         )
     if k <= 0:
-        raise InvalidInputError(f"--k must be positive, got {k}")
+        raise bad_parameter("k", f"must be positive, got {k}")
 
     def factory(index: int, mlp: nn.Module) -> nn.Module:
         d_model = mlp.c_fc.weight.shape[0]  # GPT-2 Conv1D: weight (d_in, d_out)
@@ -129,7 +98,7 @@ def memory_factory(
 
             if init == "mlp":
                 if calibration is None or index not in calibration:
-                    raise InvalidInputError("--init mlp needs calibration inputs for every layer")
+                    raise bad_parameter("init", "'mlp' needs calibration inputs for every layer")
                 return FeaturalMemory.from_mlp(
                     mlp,
                     k=min(k, n_inner),
@@ -157,13 +126,12 @@ def memory_factory(
 
 
 def layer_manifest(model) -> dict[str, dict[str, Any]]:
-    """{block index: {"class", "config"}} for every replaced MLP of a student."""
+    """{slot key: {"class", "config"}} for every memory layer and removed MLP of a student."""
     out: dict[str, dict[str, Any]] = {}
+    for key, layer in memory_slots(model).items():
+        out[str(key)] = {"class": type(layer).__name__, "config": layer.extra_config()}
     for index, block in enumerate(gpt2_blocks(model)):
-        mlp = block.mlp
-        if is_memory_layer(mlp):
-            out[str(index)] = {"class": type(mlp).__name__, "config": mlp.extra_config()}
-        elif isinstance(mlp, ZeroMlp):
+        if isinstance(block.mlp, ZeroMlp):
             out[str(index)] = {"class": "ZeroMlp", "config": {}}
     return out
 
@@ -225,13 +193,15 @@ def build_student_skeleton(student_dir: str | os.PathLike, manifest: dict, store
     config = GPT2Config.from_pretrained(student_dir, local_files_only=True)
     model = GPT2LMHeadModel(config)
     blocks = gpt2_blocks(model)
-    for index, entry in manifest["layers"].items():
+    for key, entry in manifest["layers"].items():
         if entry["class"] == "ZeroMlp":
-            blocks[int(index)].mlp = ZeroMlp()
+            module = ZeroMlp()
         else:
-            blocks[int(index)].mlp = memory_class(entry["class"]).from_config(
-                entry["config"], store
-            )
+            module = memory_class(entry["class"]).from_config(entry["config"], store)
+        if key.isdigit():
+            blocks[int(key)].mlp = module
+        else:
+            model.set_submodule(key, module)
     return model
 
 
@@ -275,8 +245,7 @@ def load_dense_state(model, state: dict[str, torch.Tensor]) -> None:
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise StudentFormatError(f"weights have unexpected keys: {result.unexpected_keys[:5]}")
-    prefixes = tuple(f"transformer.h.{i}.mlp." for i in memory_layers(model))
-    missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
+    missing = [k for k in result.missing_keys if not is_memory_row_key(k, model)]
     if missing:
         raise StudentFormatError(f"weights lack keys: {missing[:5]}")
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from memstore.errors import InvalidInputError
+from memstore.errors import InvalidInputError, bad_parameter
 
 MlpFactory = Callable[[int, nn.Module], nn.Module]
 
@@ -31,7 +31,7 @@ def gpt2_blocks(model) -> nn.ModuleList:
 def parse_layers(spec: str | Sequence[int] | None, n_layer: int) -> list[int]:
     """``"all"`` / ``None`` / ``"0,2"`` / ``"1-3"`` / ``"-1"`` -> sorted unique block indices.
 
-    Negative indices count from the end like Python's. Anything else is a clear ``--layers`` error.
+    Negative indices count from the end like Python's. Anything else is a clear ``layers`` error.
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
         return list(range(n_layer))
@@ -43,14 +43,15 @@ def parse_layers(spec: str | Sequence[int] | None, n_layer: int) -> list[int]:
             if range_match:
                 lo, hi = int(range_match.group(1)), int(range_match.group(2))
                 if lo > hi:
-                    raise InvalidInputError(f"bad --layers {spec!r}: range {part!r} is empty")
+                    raise bad_parameter("layers", f"{spec!r}: range {part!r} is empty")
                 indices.extend(range(lo, hi + 1))
             elif re.fullmatch(r"-?\d+", part):
                 indices.append(int(part))
             else:
-                raise InvalidInputError(
-                    f"bad --layers {spec!r}: expected 'all' or comma-separated block indices "
-                    f"or ranges like '0,2' or '1-3'"
+                raise bad_parameter(
+                    "layers",
+                    f"{spec!r}: expected 'all' or comma-separated block indices "
+                    f"or ranges like '0,2' or '1-3'",
                 )
     else:
         indices = [int(i) for i in spec]
@@ -58,13 +59,14 @@ def parse_layers(spec: str | Sequence[int] | None, n_layer: int) -> list[int]:
     for index in indices:
         real = index + n_layer if index < 0 else index
         if not 0 <= real < n_layer:
-            raise InvalidInputError(
-                f"bad --layers: block {index} does not exist (the teacher has {n_layer} blocks, "
-                f"0..{n_layer - 1})"
+            raise bad_parameter(
+                "layers",
+                f"{spec!r}: block {index} does not exist (the teacher has {n_layer} blocks, "
+                f"0..{n_layer - 1})",
             )
         resolved.append(real)
     if not resolved:
-        raise InvalidInputError(f"bad --layers {spec!r}: no block selected")
+        raise bad_parameter("layers", f"{spec!r}: no block selected")
     return sorted(set(resolved))
 
 

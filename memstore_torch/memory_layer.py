@@ -23,11 +23,16 @@ from memstore.errors import InvalidInputError
 
 from .resident import ResidentHits, ResidentIndex
 
-MEMORY_PARAMETER_NAMES = ("memory_keys", "memory_values")
 
+class MemoryLayer(nn.Module):
+    """Base of every memory layer: owns ``self.index`` and the two row Parameters.
 
-class MemoryRowsMixin(nn.Module):
-    """Base ``nn.Module`` owning ``self.index`` and the two row Parameters."""
+    Whole-model code (:mod:`memstore_torch.model_memory`) finds memory layers by this type, so a
+    subclass placed anywhere in any model is flushed, checkpointed and counted.
+    """
+
+    #: Row Parameters kept out of ``state_dict`` (the database is their home).
+    ROW_PARAMETER_NAMES = ("memory_keys", "memory_values")
 
     index: ResidentIndex
 
@@ -171,12 +176,12 @@ class MemoryRowsMixin(nn.Module):
 
 
 def _drop_memory_rows(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    for name in MEMORY_PARAMETER_NAMES:
+    for name in MemoryLayer.ROW_PARAMETER_NAMES:
         state_dict.pop(prefix + name, None)
 
 
 def _forgive_missing_memory_rows(module: nn.Module, incompatible_keys) -> None:
     missing = incompatible_keys.missing_keys
     for key in list(missing):
-        if key.rsplit(".", 1)[-1] in MEMORY_PARAMETER_NAMES:
+        if key.rsplit(".", 1)[-1] in MemoryLayer.ROW_PARAMETER_NAMES:
             missing.remove(key)

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memstore_torch.distill import DistillJob, run_distill
-from memstore_torch.teacher import TeacherSpec, train_teacher
-from memstore_torch.text_data import python_docs_corpus, read_texts
-from memstore_torch.trainer import DistillConfig
+from memstore_gpt2.distill import DistillJob, run_distill
+from memstore_gpt2.teacher import TeacherSpec, train_teacher
+from memstore_gpt2.text_data import python_docs_corpus, read_texts
+from memstore_gpt2.trainer import DistillConfig
 
 # Sized so both phases finish in a few minutes on 2 cores (see docs/distill.md for timings).
 DEMO_TEACHER = TeacherSpec(
