@@ -45,6 +45,7 @@ from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
 from vector_data import bench_values, brute_force_topk, clustered  # noqa: E402
 
 from memstore import Store  # noqa: E402
+from memstore.naming import rows_table  # noqa: E402
 
 RAW_TABLE = "memstore_bench_raw"
 
@@ -124,7 +125,7 @@ def store_insert(store: Store, name: str, keys: np.ndarray, **options) -> float:
 
 def analyze(store: Store, name: str) -> None:
     """Fresh planner statistics, as autovacuum would give a real deployment after a bulk load."""
-    table = f"rows_{store.collection(name).spec.id}"
+    table = rows_table(store.collection(name).spec)
     with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
 

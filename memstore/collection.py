@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from memstore import catalog, lrfu
 from memstore.errors import InvalidInputError, RowNotFoundError
 from memstore.recombine import pairwise_distances, plan_merges, plan_novel
 from memstore.schema import COUNTERS
+from memstore.transactions import TransactionHost
 from memstore.types import CollectionSpec, RowBlock, SearchResult
 from memstore.validation import as_ids, as_matrix, check_k, check_nonzero_rows
 
-if TYPE_CHECKING:
-    from memstore.store import Store
-
 
 class Collection:
-    """Handle on one collection; cheap to create, holds no connection."""
+    """Handle on one collection; cheap to create, holds no connection.
 
-    def __init__(self, store: Store, spec: CollectionSpec) -> None:
+    ``store`` is the :class:`memstore.Store` it belongs to; the collection only needs its
+    transactions and backend (:class:`memstore.transactions.TransactionHost`).
+    """
+
+    def __init__(self, store: TransactionHost, spec: CollectionSpec) -> None:
         self.store = store
         self.spec = spec
 

@@ -18,6 +18,7 @@ from memstore import catalog, migrate
 from memstore.backends import backend_class
 from memstore.collection import Collection
 from memstore.errors import DatabaseError, MemstoreError
+from memstore.transactions import mark_write_transaction
 from memstore.validation import check_collection_options, check_name
 
 
@@ -107,7 +108,7 @@ class Store:
         try:
             with self.engine.connect() as conn:
                 if write:
-                    conn.execution_options(memstore_begin="IMMEDIATE")
+                    mark_write_transaction(conn)
                 with conn.begin():
                     yield conn
         except MemstoreError:

@@ -28,6 +28,7 @@ from memstore.errors import InvalidInputError
 from .functions import make_weight_fn, topk_memory_read
 from .memory_layer import MemoryLayer
 from .resident import ResidentIndex
+from .rows_source import CollectionStore
 
 _ACTIVATION_WEIGHTING = {
     "NewGELUActivation": "gelu_tanh",
@@ -121,11 +122,7 @@ class FeaturalMemory(MemoryLayer):
         n = keys.shape[0]
         if n > self.n_rows:
             raise InvalidInputError(f"{n} rows do not fit n_rows={self.n_rows}")
-        stale = self.index.ids.clone()
-        self.index.delete(torch.arange(self.index.n))
-        self.index.counters["evictions"] = 0
-        self.index._next_id = 1 if stale.numel() == 0 else int(stale.max()) + 1
-        self.index.insert(torch.cat([keys, bias[:, None]], dim=1).float(), values.float())
+        self.index.replace_all(torch.cat([keys, bias[:, None]], dim=1).float(), values.float())
 
     @classmethod
     def from_mlp(
@@ -187,20 +184,15 @@ class FeaturalMemory(MemoryLayer):
             layer.attach(store, collection)
         return layer.to(fc_w.device)
 
-    def attach(self, store: Any, collection: str | None) -> None:
+    def attach(self, store: CollectionStore, collection: str | None) -> None:
         """Bind to ``store``/``collection`` and write this layer's rows there, replacing any."""
         if not collection:
             raise InvalidInputError("attach needs a collection name")
         self._store, self.collection_name = store, collection
         coll = self._collection_for(store, collection)
         self._collection = coll
-        if len(coll):
-            old = coll.export_rows().ids
-            stale = torch.as_tensor(old)
-            keep = torch.isin(stale, self.index.ids.cpu())
-            self.index._deleted_ids.append(stale[~keep])  # ids reused by our rows are upserted
-        self.index._in_store[: self.index.n] = False
-        self.index.mark_rows_changed()
+        # Our rows are written over whatever the collection held; its other rows are deleted.
+        self.index.adopt_store(coll.export_rows().ids if len(coll) else [])
         self.flush()
 
     # -------------------------------------------------------------- forward

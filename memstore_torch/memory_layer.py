@@ -14,7 +14,7 @@ Caveat of the bounded table: a delete moves the last row into the hole, and opti
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,6 +22,10 @@ from torch import nn
 from memstore.errors import InvalidInputError
 
 from .resident import ResidentHits, ResidentIndex
+from .rows_source import CollectionStore, LayerCollection
+
+#: ``factory(store, name)``: the layer's collection in ``store``, created with the layer's options.
+CollectionFactory = Callable[[CollectionStore, str], LayerCollection]
 
 
 class MemoryLayer(nn.Module):
@@ -40,14 +44,14 @@ class MemoryLayer(nn.Module):
         self,
         index: ResidentIndex,
         trainable_rows: bool,
-        store: Any = None,
+        store: CollectionStore | None = None,
         collection: str | None = None,
     ) -> None:
         self.index = index
         self.trainable_rows = trainable_rows
         self.collection_name = collection
         self._store = store
-        self._collection = None
+        self._collection: LayerCollection | None = None
         # Row-moving changes (novel inserts, recombinations) decided in a forward are applied at
         # the next forward or flush: the backward pass still needs the rows as they were read.
         self._pending: list[tuple[str, tuple]] = []
@@ -87,11 +91,11 @@ class MemoryLayer(nn.Module):
 
     # -------------------------------------------------------------- store binding
     @property
-    def collection(self) -> Any:
+    def collection(self) -> LayerCollection | None:
         """The bound ``memstore.Collection`` (None when the layer is not bound to a store)."""
         return self._collection
 
-    def _bind(self, collection_factory) -> None:
+    def _bind(self, collection_factory: CollectionFactory) -> None:
         """Bind to ``self._store``/``self.collection_name``; load rows if the collection has any.
 
         ``collection_factory(store, name)`` returns the (possibly new) collection. Returns with
@@ -131,9 +135,7 @@ class MemoryLayer(nn.Module):
             if kind == "insert":
                 keys, values = payload
                 self.index.insert(keys, values)
-                self.index.counters["novel_inserts"] = (
-                    self.index.counters.get("novel_inserts", 0) + keys.shape[0]
-                )
+                self.index.count("novel_inserts", keys.shape[0])
                 continue
             queries, dist, ids = payload
             # Rows evicted or merged since the search are dropped from the hits (id -1 pads too).

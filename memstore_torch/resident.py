@@ -16,15 +16,17 @@ any optimizer; inserts beyond ``max_rows`` evict the rows with the lowest LRFU s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from memstore.errors import DimensionMismatchError, InvalidInputError, RowNotFoundError
+from memstore.types import RowBlock
 
 from . import knn
+from .rows_source import RowsSource
 
 _INITIAL_STORAGE = 1024
 
@@ -164,12 +166,15 @@ class ResidentIndex:
     def dirty_count(self) -> int:
         return int(self._dirty[: self.n].sum()) + sum(len(d) for d in self._deleted_ids)
 
+    def _id_tensor(self, ids: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
+        """Ids as a flat int64 tensor on the index's device."""
+        if isinstance(ids, torch.Tensor):  # possibly on the GPU already: never via numpy
+            return ids.to(self.device, torch.int64).reshape(-1)
+        return torch.as_tensor(np.asarray(ids, dtype=np.int64)).to(self.device).reshape(-1)
+
     def slots_of(self, ids: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
         """Slots of the given ids; :class:`RowNotFoundError` if any is not resident."""
-        if isinstance(ids, torch.Tensor):  # possibly on the GPU already: never via numpy
-            ids_t = ids.to(self.device, torch.int64).reshape(-1)
-        else:
-            ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64)).to(self.device).reshape(-1)
+        ids_t = self._id_tensor(ids)
         if self._id_lookup is None:
             sorted_ids, order = self.ids.sort()
             self._id_lookup = (sorted_ids, order)
@@ -188,13 +193,14 @@ class ResidentIndex:
     @classmethod
     def from_collection(
         cls,
-        collection: Any,
+        collection: RowsSource,
         *,
         device: str | torch.device = "cpu",
         max_rows: int | None = None,
         backend: knn.Backend = "auto",
     ) -> ResidentIndex:
-        """Load every row of a ``memstore.Collection`` (one ``export_rows`` call)."""
+        """Load every row of a ``memstore.Collection`` (one ``export_rows`` call); any
+        :class:`~memstore_torch.rows_source.RowsSource` will do."""
         index = cls(
             collection.key_dim,
             collection.value_dim,
@@ -207,14 +213,14 @@ class ResidentIndex:
         index.load_collection(collection)
         return index
 
-    def load_collection(self, collection: Any) -> None:
+    def load_collection(self, collection: RowsSource) -> None:
         """Replace the resident rows by every row of ``collection`` and adopt its clock/next id."""
         stats = collection.stats()
         self.load_block(
             collection.export_rows(), clock=int(stats["clock"]), next_id=stats.get("next_id")
         )
 
-    def load_block(self, block: Any, clock: int = 0, next_id: int | None = None) -> None:
+    def load_block(self, block: RowBlock, clock: int = 0, next_id: int | None = None) -> None:
         """Replace the resident rows by a ``RowBlock``; nothing is dirty afterwards."""
         n = len(block.ids)
         if self.max_rows is not None and n > self.max_rows:
@@ -244,10 +250,8 @@ class ResidentIndex:
         self.counters = dict.fromkeys(self.counters, 0)
         self._invalidate()
 
-    def dirty_block(self) -> Any:
+    def dirty_block(self) -> RowBlock:
         """The changed rows as a ``memstore.RowBlock`` (what :meth:`flush` upserts)."""
-        from memstore import RowBlock
-
         slots = self._dirty[: self.n].nonzero().reshape(-1)
         return RowBlock(
             ids=self._ids[slots].cpu().numpy().astype(np.int64),
@@ -259,7 +263,7 @@ class ResidentIndex:
             created_tick=self._created_tick[slots].cpu().numpy().astype(np.int64),
         )
 
-    def flush(self, collection: Any) -> dict[str, int]:
+    def flush(self, collection: RowsSource) -> dict[str, int]:
         """Write every dirty row and deletion to ``collection`` in one transaction."""
         upserts = self.dirty_block()
         deletes = (
@@ -278,6 +282,28 @@ class ResidentIndex:
         self._deleted_ids = []
         self.counters = dict.fromkeys(self.counters, 0)
         return {"upserts": len(upserts.ids), "deletes": len(deletes)}
+
+    def adopt_store(self, stored_ids: torch.Tensor | np.ndarray | Sequence[int]) -> None:
+        """Make a collection that holds ``stored_ids`` the target of the next :meth:`flush`.
+
+        Whatever that collection held before, the flush then leaves it holding exactly the
+        resident rows: every resident row is written (ids it already holds are replaced field by
+        field) and every stored id that is not resident is deleted. Pending deletions recorded
+        against a previous collection are dropped: they are covered by ``stored_ids``.
+        """
+        stored = self._id_tensor(stored_ids)
+        resident = self.ids
+        self._deleted_ids = [stored[~torch.isin(stored, resident)]]
+        self._in_store[: self.n] = torch.isin(resident, stored)
+        self.mark_rows_changed()
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name`` (reported to the collection at the next flush).
+
+        For maintenance the owner decides on, such as ``"novel_inserts"``; the index counts its
+        own inserts, recombinations and evictions.
+        """
+        self.counters[name] = self.counters.get(name, 0) + int(n)
 
     # ------------------------------------------------------------------ search
     def _prepared_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -400,6 +426,27 @@ class ResidentIndex:
         self.counters["inserts"] += m
         self._invalidate()
         return new_ids
+
+    def replace_all(self, keys: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        """Delete every row, then insert these as new rows (crf 1, created now); returns their ids.
+
+        The new ids continue after the largest id that is resident or awaiting deletion from the
+        store (from 1 when there is none), so none of them equals a deleted id and one flush can
+        delete the old rows and write the new ones. Evictions counted since the last flush are
+        forgotten (every row is replaced anyway). Nothing changes when the new rows are invalid or
+        do not fit ``max_rows``.
+        """
+        keys, values = self._check_rows(keys, values)
+        if self.max_rows is not None and keys.shape[0] > self.max_rows:
+            raise InvalidInputError(
+                f"cannot insert {keys.shape[0]} rows into max_rows={self.max_rows}"
+            )
+        known = torch.cat([self.ids, *(d.to(self.device) for d in self._deleted_ids)])
+        next_id = int(known.max()) + 1 if known.numel() else 1
+        self.delete(torch.arange(self.n, device=self.device))
+        self.counters["evictions"] = 0
+        self._next_id = next_id
+        return self.insert(keys, values)
 
     def update(
         self,

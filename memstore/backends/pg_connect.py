@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from memstore.backends.pg_codec import FLOAT4_OID, INT8_OID, encode_array
 from memstore.errors import DatabaseError, DriverError
+from memstore.transactions import is_write_transaction
 
 _PLAIN_DRIVERNAMES = ("postgresql", "postgres")
 _PSYCOPG_DRIVERNAME = "postgresql+psycopg"
@@ -150,12 +151,12 @@ def create_pg_engine(url: sa.URL | str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:
-        # The store marks write transactions memstore_begin="IMMEDIATE" (SQLite: BEGIN IMMEDIATE).
+        # The store marks write transactions (memstore.transactions; SQLite: BEGIN IMMEDIATE).
         # Their read-compute-write steps (id allocation from next_id, clock, counters) assume no
         # other writer runs in between; under READ COMMITTED that needs a lock. One transaction-
         # scoped advisory lock per database gives SQLite's single-writer semantics: writers queue,
         # readers never wait (MVCC), and the lock is released by COMMIT / ROLLBACK.
-        if conn.get_execution_options().get("memstore_begin") == "IMMEDIATE":
+        if is_write_transaction(conn):
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
 
     try:

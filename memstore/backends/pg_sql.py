@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql
 
 from memstore import lrfu
 from memstore.backends.pg_codec import ROW_FIELDS
+from memstore.naming import key_index, rows_table
 from memstore.types import CollectionSpec
 
 #: pgvector operator whose result is our public distance (smaller = nearer) for each metric:
@@ -44,17 +45,13 @@ VECTOR_MAX_DIM = 16000
 ROW_COLUMNS = ", ".join(ROW_FIELDS)
 
 
-def rows_table(spec: CollectionSpec) -> str:
-    return f"rows_{int(spec.id)}"
-
-
 def physical_index(spec: CollectionSpec) -> str | None:
     """``"hnsw"``, ``"ivfflat"`` or None (exact scan) for the collection's index kind."""
     return PHYSICAL_INDEX[spec.index]
 
 
 def index_name(spec: CollectionSpec) -> str:
-    return f"rows_{int(spec.id)}_key_{physical_index(spec)}"
+    return key_index(spec, physical_index(spec))
 
 
 def distance_operator(spec: CollectionSpec) -> str:

@@ -44,6 +44,7 @@ from memstore.backends.pg_connect import (
     install_pgvector,
 )
 from memstore.errors import InvalidInputError
+from memstore.naming import ROWS_TABLE_POSIX
 from memstore.types import CollectionSpec, RowBlock, SearchResult
 
 _COPY_CHUNK = 8 << 20  # bytes per write to the COPY stream
@@ -342,7 +343,7 @@ class PostgresBackend(VectorBackend):
             tables = conn.exec_driver_sql(
                 "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE c.relkind = 'r' AND n.nspname = current_schema() "
-                "AND (c.relname ~ '^rows_[0-9]+$' OR c.relname = 'memstore_collections') "
+                f"AND (c.relname ~ '{ROWS_TABLE_POSIX}' OR c.relname = 'memstore_collections') "
                 "ORDER BY c.relname"
             ).scalars()
             for table in list(tables):

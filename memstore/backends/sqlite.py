@@ -37,7 +37,10 @@ from sqlalchemy.pool import StaticPool
 from memstore.backends import sqlite_lrfu
 from memstore.backends.base import VectorBackend
 from memstore.errors import InvalidInputError
+from memstore.naming import rows_table as _rows
+from memstore.naming import vec_table as _vec
 from memstore.sqlite_driver import prepare_connection, sqlite_module
+from memstore.transactions import is_write_transaction, mark_write_transaction
 from memstore.types import SQLITE_INDEX_KINDS, CollectionSpec, RowBlock, SearchResult
 
 #: Rows per bulk statement (keeps every bound blob far below SQLite's 1 GB limit).
@@ -48,14 +51,6 @@ MAX_KNN_K = 4096
 IP_HEADROOM = 1.25
 
 _COUNTER = "WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < ?{n} - 1) "
-
-
-def _rows(spec: CollectionSpec) -> str:
-    return f"rows_{int(spec.id)}"
-
-
-def _vec(spec: CollectionSpec) -> str:
-    return f"vec_{int(spec.id)}"
 
 
 def _index_dim(spec: CollectionSpec) -> int:
@@ -106,8 +101,7 @@ class SqliteBackend(VectorBackend):
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
-            mode = conn.get_execution_options().get("memstore_begin")
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if mode == "IMMEDIATE" else "BEGIN")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if is_write_transaction(conn) else "BEGIN")
 
         return engine
 
@@ -560,7 +554,7 @@ class SqliteBackend(VectorBackend):
         rebuild is atomic (DDL is transactional in SQLite); an interrupted VACUUM changes nothing.
         """
         with self.engine.connect() as conn:
-            conn.execution_options(memstore_begin="IMMEDIATE")
+            mark_write_transaction(conn)
             with conn.begin():
                 self.fold_touches(conn, spec)
                 self._rebuild_index(conn, spec)

@@ -17,14 +17,11 @@ Statements here use named parameters ``:lam`` (and ``:now``), never spliced valu
 
 from __future__ import annotations
 
+from memstore.naming import touches_table as log_table
 from memstore.types import CollectionSpec
 
 #: Pending hits kept before they are folded into the row table.
 FOLD_AT = 8192
-
-
-def log_table(spec: CollectionSpec) -> str:
-    return f"touches_{int(spec.id)}"
 
 
 def create_sql(spec: CollectionSpec) -> str:

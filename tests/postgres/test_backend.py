@@ -9,6 +9,7 @@ from memstore import lrfu
 from memstore.backends import pg_sql
 from memstore.backends.pg_connect import Float4Array
 from memstore.errors import InvalidInputError
+from memstore.naming import key_index, rows_table
 from memstore.types import RowBlock
 
 
@@ -174,7 +175,7 @@ def test_approximate_index_is_used_and_oversample_is_the_recall_knob(pg_backend,
                 sql = pg_sql.knn_query(spec, exact_tiebreak=False, single=single)
                 params = {"q": Float4Array(queries[:m]), "m": m, "k": k}
                 plan = "\n".join(r[0] for r in raw.execute("EXPLAIN " + sql, params))
-                assert f"Index Scan using rows_{spec.id}_key_{index}" in plan, plan
+                assert f"Index Scan using {key_index(spec, index)}" in plan, plan
             result = pg_backend.knn(conn, spec, queries, k)
         recalls[oversample] = _recall(result.ids, reference, k)
         # Approximate ids, but exact distances of the rows returned.
@@ -190,7 +191,7 @@ def _index_options(backend, spec) -> list[str] | None:
         return conn.exec_driver_sql(
             "SELECT c.reloptions FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
             "WHERE i.indrelid = %(t)s::regclass AND NOT i.indisprimary",
-            {"t": f"rows_{spec.id}"},
+            {"t": rows_table(spec)},
         ).scalar()
 
 
@@ -250,7 +251,7 @@ def test_sqlite_quantised_index_kinds_are_served_by_hnsw(pg_backend, make_spec, 
             "SELECT am.amname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
             "JOIN pg_am am ON am.oid = c.relam WHERE i.indrelid = %(t)s::regclass "
             "AND NOT i.indisprimary",
-            {"t": f"rows_{spec.id}"},
+            {"t": rows_table(spec)},
         ).scalar()
     assert method == "hnsw"
 
@@ -260,7 +261,7 @@ def test_compact_gives_deleted_space_back(pg_backend, make_spec):
     insert(
         pg_backend, spec, np.random.default_rng(6).standard_normal((5000, 64)).astype(np.float32)
     )
-    table_size = f"SELECT pg_total_relation_size('rows_{spec.id}')"
+    table_size = f"SELECT pg_total_relation_size('{rows_table(spec)}')"
     with pg_backend.engine.begin() as conn:
         before = conn.exec_driver_sql(table_size).scalar()
         pg_backend.delete_rows(conn, spec, np.arange(1, 4501))

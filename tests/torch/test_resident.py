@@ -186,3 +186,68 @@ def test_random_mutations_match_a_reference_model(ops, seed):
         hits = index.search(q, 3)
         ref_d, ref_i = knn.brute_force(q, index.keys, 3, "l2")
         torch.testing.assert_close(hits.distances, ref_d, atol=1e-4, rtol=1e-5)
+
+
+def test_replace_all_deletes_every_row_and_continues_the_ids(store):
+    coll = make_collection(store, "l2", n=10)  # ids 0..9
+    index = ResidentIndex.from_collection(coll, max_rows=12)
+    index.evict(capacity=9)
+    assert index.counters["evictions"] == 1
+    index.insert(torch.randn(1, 6), torch.randn(1, 3))  # id 10, never stored
+    index.delete_ids([10])
+    new = index.replace_all(torch.ones(3, 6), torch.zeros(3, 3))
+    assert new.tolist() == [10, 11, 12] and sorted(index.ids.tolist()) == [10, 11, 12]
+    assert index.counters["evictions"] == 0 and index.counters["inserts"] == 4
+    report = index.flush(coll)
+    assert report == {"upserts": 3, "deletes": 10}
+    assert coll.export_rows().ids.tolist() == [10, 11, 12]
+    assert np.array_equal(coll.export_rows().keys, np.ones((3, 6), np.float32))
+
+
+def test_replace_all_never_reuses_an_id_awaiting_deletion(store):
+    coll = make_collection(store, "l2", n=10)  # ids 0..9
+    index = ResidentIndex.from_collection(coll)
+    index.delete_ids([9])  # larger than every resident id, and still in the store
+    assert index.replace_all(torch.ones(2, 6), torch.zeros(2, 3)).tolist() == [10, 11]
+    assert index.flush(coll) == {"upserts": 2, "deletes": 10}
+    assert coll.export_rows().ids.tolist() == [10, 11]
+
+    empty = ResidentIndex(2, 1, "l2")
+    assert empty.replace_all(torch.zeros(2, 2), torch.zeros(2, 1)).tolist() == [1, 2]
+
+
+def test_replace_all_with_bad_rows_changes_nothing():
+    index = ResidentIndex(2, 1, "l2", max_rows=3)
+    index.insert(torch.randn(3, 2), torch.randn(3, 1))
+    before = index.keys.clone()
+    with pytest.raises(InvalidInputError):
+        index.replace_all(torch.randn(4, 2), torch.randn(4, 1))  # more than max_rows
+    with pytest.raises(InvalidInputError):
+        index.replace_all(torch.tensor([[float("nan"), 0.0]]), torch.zeros(1, 1))
+    with pytest.raises(DimensionMismatchError):
+        index.replace_all(torch.randn(2, 3), torch.randn(2, 1))
+    assert len(index) == 3 and torch.equal(index.keys, before) and index.dirty_count == 3
+
+
+def test_adopt_store_makes_the_collection_hold_exactly_the_resident_rows(store):
+    coll = make_collection(store, "l2", n=6)  # ids 0..5
+    index = ResidentIndex(6, 3, "l2")
+    index.insert(torch.randn(8, 6), torch.randn(8, 3))  # ids 1..8
+    index.adopt_store(coll.export_rows().ids)
+    assert index.dirty_count == 8 + 1  # every row written, stored id 0 deleted
+    index.delete_ids([2, 7])  # 2 is stored already: it must go; 7 never reached the store
+    index.flush(coll)
+    assert coll.export_rows().ids.tolist() == [1, 3, 4, 5, 6, 8]
+    stored = coll.get(index.ids.numpy())
+    np.testing.assert_array_equal(stored.keys, index.keys.numpy())
+    np.testing.assert_array_equal(stored.values, index.values.numpy())
+
+
+def test_count_adds_to_the_counters_the_next_flush_reports(store):
+    coll = make_collection(store, "l2", n=2)
+    index = ResidentIndex.from_collection(coll)
+    index.count("novel_inserts", 3)
+    index.count("novel_inserts")
+    assert index.counters["novel_inserts"] == 4
+    index.flush(coll)
+    assert coll.stats()["novel_inserts"] == 4 and index.counters["novel_inserts"] == 0

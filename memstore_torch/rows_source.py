@@ -1,0 +1,81 @@
+"""The seam between the layer library and the store: exactly what resident rows and layers use.
+
+A :class:`~memstore_torch.resident.ResidentIndex` loads a collection's rows once and writes its
+changes back in one call; a memory layer additionally asks a store for its collection by name.
+These protocols spell out that contract and nothing more, so the layer library depends on the
+shape of a ``memstore.Collection`` / ``memstore.Store``, not on their classes: anything with
+these members (a test double, another store) can serve as a layer's home.
+``memstore.Collection`` and ``memstore.Store`` satisfy them (``tests/torch/test_rows_source.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from memstore.types import RowBlock
+
+
+@runtime_checkable
+class RowsSource(Protocol):
+    """What a :class:`~memstore_torch.resident.ResidentIndex` needs from a collection."""
+
+    @property
+    def key_dim(self) -> int: ...
+
+    @property
+    def value_dim(self) -> int: ...
+
+    @property
+    def metric(self) -> str: ...
+
+    @property
+    def lrfu_lambda(self) -> float: ...
+
+    def stats(self) -> Mapping[str, Any]:
+        """At least ``"clock"`` (the logical tick) and ``"next_id"`` (the next unused id)."""
+        ...
+
+    def export_rows(self) -> RowBlock:
+        """Every row, ordered by id."""
+        ...
+
+    def apply_changes(
+        self,
+        upserts: RowBlock | None = None,
+        deletes: np.ndarray | None = None,
+        *,
+        clock: int | None = None,
+        counters: dict[str, int] | None = None,
+    ) -> None:
+        """One transaction: delete ``deletes``, insert-or-replace ``upserts`` field by field, set
+        the clock and add ``counters`` to the lifetime counters."""
+        ...
+
+
+@runtime_checkable
+class LayerCollection(RowsSource, Protocol):
+    """What a memory layer needs from its bound collection: the rows, and whether there are any."""
+
+    def __len__(self) -> int: ...
+
+
+@runtime_checkable
+class CollectionStore(Protocol):
+    """What a memory layer needs from a store: its collection by name, created on first use."""
+
+    def get_or_create_collection(
+        self,
+        name: str,
+        *,
+        key_dim: int,
+        value_dim: int,
+        metric: str,
+        lrfu_lambda: float,
+        **options: Any,
+    ) -> LayerCollection:
+        """The existing collection (its stored options win) or a new one with these options
+        (layers also pass e.g. ``capacity``)."""
+        ...
