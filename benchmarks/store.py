@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from importlib import metadata
@@ -37,8 +36,9 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+# memstore comes from the installed package (an editable install or a wheel), never from the
+# checkout around this file: the checkout's memstore/ lacks memstore.migrations, which only an
+# install maps in. benchmarks/ itself is sys.path[0] (the script's folder) for its helpers.
 from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
 from vector_data import SPREAD, bench_values, brute_force_topk, clustered  # noqa: E402
 

@@ -5,7 +5,11 @@ revision on open. A database with an *older* schema is NOT upgraded silently -- 
 :class:`SchemaOutdatedError` until ``memstore upgrade URL`` (or ``Store(url, upgrade=True)``) is run,
 because an upgrade can make the file unreadable to the older memstore another process may be using.
 A database whose revision this code does not know was written by a newer memstore:
-:class:`SchemaTooNewError`.
+:class:`SchemaTooNewError`. A database whose ``alembic_version`` table is empty although memstore's
+catalog is there (the revision was lost, e.g. by a hand-made ``DELETE``) is treated as outdated: the
+upgrade records the latest revision only after checking that the catalog's columns, indexes and
+constraints are exactly that revision's, and otherwise refuses with a one-line repair hint; it never
+re-creates, alters or drops a table, so no row can be lost.
 
 The Alembic scripts are found with ``importlib.resources`` on ``memstore.migrations`` so the same
 code works from a checkout, an editable install and a wheel.
@@ -17,6 +21,7 @@ from importlib import resources
 
 import sqlalchemy as sa
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -25,9 +30,11 @@ from sqlalchemy.engine import Connection, Engine
 
 from memstore.errors import DatabaseError, SchemaOutdatedError, SchemaTooNewError
 from memstore.naming import is_runtime_table
+from memstore.schema import metadata as head_metadata  # the latest revision's catalog
 from memstore.transactions import mark_write_transaction
 
 VERSION_TABLE = "alembic_version"
+CATALOG_TABLE = "memstore_collections"
 
 
 def include_name(name, type_, parent_names) -> bool:
@@ -63,14 +70,19 @@ def current_revision(conn: Connection) -> str | None:
 
 
 def schema_status(conn: Connection) -> str:
-    """One of ``"empty"``, ``"current"``, ``"outdated"``, ``"newer"``, ``"foreign"``."""
+    """One of ``"empty"``, ``"current"``, ``"outdated"``, ``"unstamped"``, ``"newer"``,
+    ``"foreign"``.
+
+    ``"unstamped"``: the version table is empty but other tables exist, so the database is not at
+    the base revision (where the version table stands alone) -- its revision was lost.
+    """
     tables = set(sa.inspect(conn).get_table_names())
     if VERSION_TABLE not in tables:
         return "empty" if not tables else "foreign"
     revision = current_revision(conn)
     script = ScriptDirectory.from_config(alembic_config())
     if revision is None:
-        return "outdated"
+        return "outdated" if tables == {VERSION_TABLE} else "unstamped"
     try:
         script.get_revision(revision)
     except CommandError:
@@ -78,11 +90,53 @@ def schema_status(conn: Connection) -> str:
     return "current" if revision == script.get_current_head() else "outdated"
 
 
-def upgrade(engine: Engine) -> None:
-    """Migrate to the latest revision in one transaction (Alembic runs on our connection)."""
+def _describe(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+def restore_lost_revision(conn: Connection, url_text: str) -> None:
+    """Record the latest revision in an empty version table, if the catalog is exactly that
+    revision's; otherwise raise :class:`DatabaseError` and change nothing.
+
+    Why only the latest: it is the one revision whose schema this code holds (``memstore.schema``)
+    and can compare against. Running the migrations instead would try to create tables that exist;
+    guessing an older revision could replay a migration over data it already transformed.
+    """
+    tables = set(sa.inspect(conn).get_table_names())
+    head = head_revision()
+    repair = (
+        f"if you know the revision it was at, record it (INSERT INTO {VERSION_TABLE} "
+        f"VALUES ('<revision>')) and run `memstore upgrade {url_text}` again"
+    )
+    if CATALOG_TABLE not in tables:
+        raise DatabaseError(
+            f"{url_text} has an empty '{VERSION_TABLE}' table and other tables, but no memstore "
+            f"catalog ('{CATALOG_TABLE}'): not a memstore database; refusing to modify it"
+        )
+    context = MigrationContext.configure(
+        conn, opts={"include_name": include_name, "include_object": include_object}
+    )
+    differences = compare_metadata(context, head_metadata)
+    if differences:
+        raise DatabaseError(
+            f"{url_text} has an empty '{VERSION_TABLE}' table and a catalog that differs from "
+            f"schema {head!r} ({len(differences)} difference(s), e.g. {differences[0]!r}), so its "
+            f"revision cannot be told; nothing was changed ({repair})"
+        )
+    MigrationContext.configure(conn).stamp(ScriptDirectory.from_config(alembic_config()), "head")
+
+
+def upgrade(engine: Engine, url_text: str | None = None) -> None:
+    """Migrate to the latest revision in one transaction (Alembic runs on our connection).
+
+    An empty version table in front of memstore's catalog (``"unstamped"``) is first given back
+    its revision by :func:`restore_lost_revision`, in the same transaction.
+    """
     config = alembic_config()
     with engine.connect() as conn:
         mark_write_transaction(conn)
+        if schema_status(conn) == "unstamped":
+            restore_lost_revision(conn, url_text or _describe(engine))
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
         conn.commit()
@@ -109,9 +163,14 @@ def ensure_schema(
             f"{url_text} has schema revision {revision!r}, written by a newer memstore than this one "
             f"(latest known: {head_revision()!r}); upgrade memstore to open it"
         )
+    if status == "unstamped" and not upgrade_outdated:
+        raise SchemaOutdatedError(
+            f"{url_text} has tables but an empty '{VERSION_TABLE}' table (its schema revision was "
+            f"lost); run `memstore upgrade {url_text}` to check the tables and record it"
+        )
     if status == "outdated" and not upgrade_outdated:
         raise SchemaOutdatedError(
             f"{url_text} has an older schema (revision {revision!r}, latest {head_revision()!r}); "
             f"run `memstore upgrade {url_text}` first"
         )
-    upgrade(engine)
+    upgrade(engine, url_text)

@@ -182,7 +182,7 @@ class FeaturalMemory(MemoryLayer):
                     )
         if store is not None:
             layer.attach(store, collection)
-        return layer.to(fc_w.device)
+        return layer.to(fc_w.device).train(mlp.training)  # the mode of the MLP it replaces
 
     def attach(self, store: CollectionStore, collection: str | None) -> None:
         """Bind to ``store``/``collection`` and write this layer's rows there, replacing any."""

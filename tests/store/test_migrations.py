@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import numpy as np
@@ -79,3 +80,79 @@ def test_older_schema_needs_upgrade(tmp_path):
         store.create_collection("c", key_dim=2)
     with Store(f"sqlite:///{path}") as store:
         assert [c.name for c in store.list_collections()] == ["c"]
+
+
+def _empty_version_table(url: str) -> None:
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM alembic_version"))
+    engine.dispose()
+
+
+def test_an_emptied_version_table_is_restored_by_upgrade(db_url, rng):
+    """An emptied ``alembic_version`` in front of memstore's tables: plain open asks for an
+    upgrade, the upgrade checks the catalog against the latest revision and records it; no row
+    is lost (before the fix the upgrade re-ran the first migration: 'table ... already exists')."""
+    keys = rng.standard_normal((20, 4)).astype(np.float32)
+    with Store(db_url) as store:
+        store.create_collection("c", key_dim=4, metric="ip").insert(keys)
+    _empty_version_table(db_url)
+    with pytest.raises(
+        errors.SchemaOutdatedError, match="empty 'alembic_version'.*memstore upgrade"
+    ):
+        Store(db_url)
+    with Store(db_url, upgrade=True) as store:
+        assert store.schema_revision() == migrate.head_revision()
+        coll = store.collection("c")
+        assert len(coll) == 20 and coll.stats()["inserts"] == 20
+        np.testing.assert_array_equal(coll.get(list(range(20))).keys, keys)
+        coll.insert(keys[:2])
+    with Store(db_url) as store:  # opens without upgrade from now on
+        assert len(store.collection("c")) == 22
+
+
+def test_upgrade_command_restores_an_emptied_version_table(tmp_path):
+    from click.testing import CliRunner
+
+    from memstore_gpt2.cli import main
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    with Store(url) as store:
+        store.create_collection("c", key_dim=2).insert(np.ones((3, 2), np.float32))
+    _empty_version_table(url)
+    out = CliRunner().invoke(main, ["upgrade", url, "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["to"] == migrate.head_revision()
+    assert len(Store(url).collection("c")) == 3
+
+
+def test_an_emptied_version_table_with_a_changed_catalog_is_refused_untouched(tmp_path):
+    """If the catalog is not exactly the latest revision's, its revision cannot be told: the
+    upgrade refuses with a repair hint and writes nothing."""
+    path = tmp_path / "changed.db"
+    with Store(f"sqlite:///{path}") as store:
+        store.create_collection("c", key_dim=2).insert(np.ones((1, 2), np.float32))
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DELETE FROM alembic_version")
+        conn.execute("ALTER TABLE memstore_collections ADD COLUMN from_elsewhere INTEGER")
+    conn.close()
+    original = path.read_bytes()
+    with pytest.raises(errors.DatabaseError, match="revision cannot be told.*INSERT INTO"):
+        Store(f"sqlite:///{path}", upgrade=True)
+    assert path.read_bytes() == original
+
+
+def test_an_emptied_version_table_without_the_catalog_is_refused_untouched(tmp_path):
+    """Other tables behind an empty version table and no catalog: not ours to migrate."""
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+        conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        conn.execute("INSERT INTO notes VALUES (1, 'keep me')")
+    conn.close()
+    original = path.read_bytes()
+    with pytest.raises(errors.DatabaseError, match="refusing to modify it"):
+        Store(f"sqlite:///{path}", upgrade=True)
+    assert path.read_bytes() == original

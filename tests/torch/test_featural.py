@@ -204,3 +204,30 @@ def test_reduced_precision_activations_and_converted_layers():
     torch.testing.assert_close(out.float(), mlp(x), atol=0.1, rtol=0.05)
     double = FeaturalMemory.from_mlp(mlp, k=64).double().eval()
     torch.testing.assert_close(double(x.double()), mlp.double()(x.double()), atol=1e-9, rtol=0)
+
+
+def test_from_mlp_keeps_the_mode_of_the_mlp_it_replaces():
+    """Swapped into an eval-mode model, the layer must already be in eval mode: in training mode
+    its dropout and LRFU bookkeeping change the model's output until ``.eval()`` is called."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        n_inner=64,
+        vocab_size=50,
+        n_positions=8,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(config).eval()  # resid_pdrop 0.1: dropout matters in training mode
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        block = model.transformer.h[0]
+        block.mlp = FeaturalMemory.from_mlp(block.mlp, k=64)  # k = n_inner: the same function
+        assert not block.mlp.training
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=0)
+    assert FeaturalMemory.from_mlp(gpt2_mlp().train(), k=64).training
