@@ -5,6 +5,14 @@ eviction and recombination, numpy in and out. Never imports torch.
 from memstore import errors
 from memstore.collection import Collection
 from memstore.store import Store
-from memstore.types import CollectionSpec, RowBlock, SearchResult
+from memstore.types import CollectionOptions, CollectionSpec, RowBlock, SearchResult
 
-__all__ = ["Store", "Collection", "SearchResult", "RowBlock", "CollectionSpec", "errors"]
+__all__ = [
+    "Store",
+    "Collection",
+    "SearchResult",
+    "RowBlock",
+    "CollectionOptions",
+    "CollectionSpec",
+    "errors",
+]

@@ -6,6 +6,7 @@ Dialect-neutral SQLAlchemy Core, shared by every backend.
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from functools import lru_cache
 
 import sqlalchemy as sa
@@ -13,50 +14,28 @@ from sqlalchemy.engine import Connection
 
 from memstore.errors import CollectionExistsError, CollectionNotFoundError
 from memstore.schema import COUNTERS, collections
-from memstore.types import CollectionSpec
+from memstore.types import CollectionOptions, CollectionSpec
 
 _c = collections.c
 
 
+#: Catalog column of each collection option where the names differ ("index" is reserved in SQL).
+_COLUMN = {"index": "index_kind"}
+_OPTIONS = tuple(f.name for f in fields(CollectionOptions))
+
+
 def _spec(row) -> CollectionSpec:
-    return CollectionSpec(
-        id=int(row.id),
-        name=row.name,
-        key_dim=int(row.key_dim),
-        value_dim=int(row.value_dim),
-        metric=row.metric,
-        lrfu_lambda=float(row.lrfu_lambda),
-        capacity=None if row.capacity is None else int(row.capacity),
-        index=row.index_kind,
-        oversample=int(row.oversample),
-    )
+    m = row._mapping
+    options = {option: m[_COLUMN.get(option, option)] for option in _OPTIONS}
+    return CollectionSpec(id=int(m["id"]), name=m["name"], **options)
 
 
-def add(
-    conn: Connection,
-    name: str,
-    key_dim: int,
-    value_dim: int,
-    metric: str,
-    lrfu_lambda: float,
-    capacity: int | None,
-    index: str,
-    oversample: int,
-) -> CollectionSpec:
+def add(conn: Connection, name: str, options: CollectionOptions) -> CollectionSpec:
+    """Record a new collection (``options`` are already validated: a CollectionOptions is)."""
     if conn.execute(sa.select(_c.id).where(_c.name == name)).first() is not None:
         raise CollectionExistsError(f"collection {name!r} already exists")
-    conn.execute(
-        collections.insert().values(
-            name=name,
-            key_dim=key_dim,
-            value_dim=value_dim,
-            metric=metric,
-            lrfu_lambda=lrfu_lambda,
-            capacity=capacity,
-            index_kind=index,
-            oversample=oversample,
-        )
-    )
+    values = {_COLUMN.get(option, option): getattr(options, option) for option in _OPTIONS}
+    conn.execute(collections.insert().values(name=name, **values))
     return get(conn, name)
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import click
 import numpy as np
+from click.core import ParameterSource
 
 from memstore.errors import DatabaseError, InvalidInputError
-from memstore.types import INDEX_KINDS, METRICS
+from memstore.types import INDEX_KINDS, METRICS, CollectionOptions
 
 
 def normalise_url(url: str) -> str:
@@ -92,6 +93,9 @@ def init_command(url: str, as_json: bool) -> None:
         click.echo(f"{normalise_url(url)}: memstore schema {revision}, {len(names)} collection(s)")
 
 
+_NEW = CollectionOptions.defaults()  # a new collection's options: defaults in one place
+
+
 @click.command("import")
 @URL_ARG
 @click.argument("collection")
@@ -101,15 +105,40 @@ def init_command(url: str, as_json: bool) -> None:
 @click.option(
     "--values", "values_path", type=click.Path(), help="Values (n, dv) .npy; default: keys."
 )
-@click.option("--metric", type=click.Choice(METRICS), help="For a new collection (default l2).")
 @click.option(
-    "--index", type=click.Choice(INDEX_KINDS), help="For a new collection (default exact)."
+    "--metric",
+    type=click.Choice(METRICS),
+    default=_NEW["metric"],
+    show_default=True,
+    help="Distance of a new collection.",
 )
 @click.option(
-    "--oversample", type=int, help="Rescore oversampling for a new collection (default 8)."
+    "--index",
+    type=click.Choice(INDEX_KINDS),
+    default=_NEW["index"],
+    show_default=True,
+    help="Vector index of a new collection.",
 )
-@click.option("--lrfu-lambda", type=float, help="LRFU lambda in [0, 1] for a new collection.")
-@click.option("--capacity", type=int, help="Capacity (prune's default) for a new collection.")
+@click.option(
+    "--oversample",
+    type=int,
+    default=_NEW["oversample"],
+    show_default=True,
+    help="Rescore oversampling of a new collection.",
+)
+@click.option(
+    "--lrfu-lambda",
+    type=float,
+    default=_NEW["lrfu_lambda"],
+    show_default=True,
+    help="LRFU lambda in [0, 1] of a new collection.",
+)
+@click.option(
+    "--capacity",
+    type=int,
+    default=_NEW["capacity"],
+    help="Capacity (prune's default) of a new collection; default: unbounded.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def import_command(
     url,
@@ -126,25 +155,29 @@ def import_command(
     """Insert rows from .npy files, creating the collection if it is missing.
 
     Ids are assigned consecutively in the order of the rows; the whole file is one transaction.
+    The collection options apply to a new collection; --metric, --index and --oversample given
+    for an existing one must match it.
 
     \b
     Examples:
       memstore import memory.db facts --keys keys.npy --values values.npy --metric ip
       memstore import sqlite:///memory.db facts --keys keys.npy --index rescore-bit --json
     """
+    ctx = click.get_current_context()
     keys = load_matrix(keys_path, "keys")
     values = None if values_path is None else load_matrix(values_path, "values")
     with open_store(url) as store:
         if store.has_collection(collection):
             coll = store.collection(collection)
             for option, given, stored in (
-                ("--metric", metric, coll.metric),
-                ("--index", index, coll.index),
-                ("--oversample", oversample, coll.oversample),
+                ("metric", metric, coll.metric),
+                ("index", index, coll.index),
+                ("oversample", oversample, coll.oversample),
             ):
-                if given is not None and given != stored:
+                typed = ctx.get_parameter_source(option) is not ParameterSource.DEFAULT
+                if typed and given != stored:
                     raise InvalidInputError(
-                        f"collection {collection!r} exists with {option} {stored}, not {given}"
+                        f"collection {collection!r} exists with --{option} {stored}, not {given}"
                     )
             created = False
         else:
@@ -155,18 +188,17 @@ def import_command(
             value_dim = (
                 values.shape[-1] if values is not None and values.ndim == 2 else keys.shape[1]
             )
-            options = {"key_dim": keys.shape[1], "value_dim": value_dim}
-            for name, given in (
-                ("metric", metric),
-                ("index", index),
-                ("oversample", oversample),
-                ("lrfu_lambda", lrfu_lambda),
-                ("capacity", capacity),
-            ):
-                if given is not None:
-                    options[name] = given
+            options = CollectionOptions(
+                key_dim=keys.shape[1],
+                value_dim=value_dim,
+                metric=metric,
+                lrfu_lambda=lrfu_lambda,
+                capacity=capacity,
+                index=index,
+                oversample=oversample,
+            )
             _validate_before_create(keys, values, options)
-            coll = store.create_collection(collection, **options)
+            coll = store.create_collection(collection, options)
             created = True
         try:
             ids = coll.insert(keys, values)
@@ -193,22 +225,13 @@ def import_command(
         )
 
 
-def _validate_before_create(keys, values, options) -> None:
+def _validate_before_create(keys, values, options: CollectionOptions) -> None:
     """Reject a bad file before creating the collection it would have created."""
-    from memstore.validation import as_matrix, check_collection_options
+    from memstore.validation import as_matrix
 
-    check_collection_options(
-        options["key_dim"],
-        options["value_dim"],
-        options.get("metric", "l2"),
-        options.get("lrfu_lambda", 0.5),
-        options.get("capacity"),
-        options.get("index", "exact"),
-        options.get("oversample", 8),
-    )
-    as_matrix(keys, options["key_dim"], "keys")
+    as_matrix(keys, options.key_dim, "keys")
     if values is not None:
-        as_matrix(values, options["value_dim"], "values")
+        as_matrix(values, options.value_dim, "values")
 
 
 @click.command("query")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -17,9 +19,15 @@ from sqlalchemy.engine import Connection
 from memstore import catalog, migrate
 from memstore.backends import backend_class
 from memstore.collection import Collection
-from memstore.errors import DatabaseError, MemstoreError
+from memstore.errors import (
+    DatabaseError,
+    DimensionMismatchError,
+    InvalidInputError,
+    MemstoreError,
+)
 from memstore.transactions import mark_write_transaction
-from memstore.validation import check_collection_options, check_name
+from memstore.types import CollectionOptions
+from memstore.validation import check_name
 
 
 def _describe(url: sa.URL) -> str:
@@ -126,30 +134,15 @@ class Store:
 
     # ------------------------------------------------------------- collections
     def create_collection(
-        self,
-        name: str,
-        *,
-        key_dim: int,
-        value_dim: int | None = None,
-        metric: str = "l2",
-        lrfu_lambda: float = 0.5,
-        capacity: int | None = None,
-        index: str = "exact",
-        oversample: int = 8,
+        self, name: str, options: CollectionOptions | None = None, **kwargs: Any
     ) -> Collection:
-        """Create an empty collection; ``value_dim`` defaults to ``key_dim``."""
+        """Create an empty collection. Options by keyword (``key_dim=64, metric="ip", ...``: the
+        fields of :class:`~memstore.types.CollectionOptions`, with their defaults) or as one
+        ``CollectionOptions``; ``value_dim`` defaults to ``key_dim``."""
         check_name(name)
-        options = check_collection_options(
-            key_dim,
-            key_dim if value_dim is None else value_dim,
-            metric,
-            lrfu_lambda,
-            capacity,
-            index,
-            oversample,
-        )
+        options = _options(options, kwargs)
         with self.write() as conn:
-            spec = catalog.add(conn, name, *options)
+            spec = catalog.add(conn, name, options)
             self.backend.create_storage(conn, spec)
         return Collection(self, spec)
 
@@ -158,14 +151,37 @@ class Store:
         with self.read() as conn:
             return Collection(self, catalog.get(conn, name))
 
-    def get_or_create_collection(self, name: str, **options) -> Collection:
-        """The existing collection (its stored options win) or a new one with ``options``."""
+    def get_or_create_collection(
+        self, name: str, options: CollectionOptions | None = None, **kwargs: Any
+    ) -> Collection:
+        """The existing collection, or a new one made with the options.
+
+        An existing collection must agree with every option the caller gave (each keyword, or
+        every field of a ``CollectionOptions``): a different dimension raises
+        :class:`DimensionMismatchError`, any other difference :class:`InvalidInputError`, naming
+        the option, the stored value and the one asked for. Options not given are not compared
+        (``get_or_create_collection(name)`` of an existing collection needs no ``key_dim``);
+        options given are validated even when the collection exists.
+        """
         check_name(name)
         with self.read() as conn:
             spec = catalog.find(conn, name)
-        if spec is not None:
-            return Collection(self, spec)
-        return self.create_collection(name, **options)
+        if spec is None:
+            return self.create_collection(name, options, **kwargs)
+        given = asdict(_options(options, kwargs)) if options is not None else kwargs
+        differences = spec.differences(given)
+        if differences:
+            text = ", ".join(
+                f"{option} {stored!r} (asked for {asked!r})"
+                for option, (stored, asked) in differences.items()
+            )
+            error = (
+                DimensionMismatchError
+                if differences.keys() & {"key_dim", "value_dim"}
+                else InvalidInputError
+            )
+            raise error(f"collection {name!r} exists with different options: {text}")
+        return Collection(self, spec)
 
     def has_collection(self, name: str) -> bool:
         check_name(name)
@@ -185,6 +201,17 @@ class Store:
 
     def size_bytes(self) -> int | None:
         return self.backend.size_bytes()
+
+
+def _options(options: CollectionOptions | None, kwargs: dict[str, Any]) -> CollectionOptions:
+    """One validated CollectionOptions from an options object or keywords (not both)."""
+    if options is None:
+        return CollectionOptions(**kwargs)
+    if kwargs:
+        raise TypeError("give options either as a CollectionOptions or as keywords, not both")
+    if not isinstance(options, CollectionOptions):
+        raise TypeError(f"options must be a CollectionOptions, got {type(options).__name__}")
+    return options.options
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,9 +6,14 @@ without touching SQL or torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 import numpy as np
+
+from memstore.errors import InvalidInputError
+from memstore.validation import check_lrfu_lambda, check_positive_int
 
 METRICS = ("l2", "cosine", "ip")
 #: Index kinds a collection may ask for. sqlite-vec serves the ``rescore-*`` kinds; PostgreSQL serves
@@ -18,8 +23,83 @@ INDEX_KINDS = (*SQLITE_INDEX_KINDS, "hnsw", "ivfflat")
 
 
 @dataclass(frozen=True)
-class CollectionSpec:
-    """The immutable definition of a collection as recorded in the catalog.
+class CollectionOptions:
+    """How a collection is made: the one list of collection options, their defaults and checks.
+
+    Every front end builds one of these (``Store.create_collection(name, **options)``, the CLI's
+    ``import``, the memory layers), so an option is declared, defaulted and validated in exactly
+    one place. Construction validates and normalises (``value_dim=None`` becomes ``key_dim``, numpy
+    integers become ``int``): an instance is always a valid definition.
+    """
+
+    key_dim: int
+    #: None means "same as key_dim" (values default to the keys themselves).
+    value_dim: int | None = None
+    metric: str = "l2"
+    lrfu_lambda: float = 0.5
+    #: Default target of ``evict()`` / ``memstore prune``; None = unbounded.
+    capacity: int | None = None
+    index: str = "exact"
+    #: Candidates per result that an approximate index rescores exactly.
+    oversample: int = 8
+
+    def __post_init__(self) -> None:
+        key_dim = check_positive_int(self.key_dim, "key_dim")
+        value_dim = (
+            key_dim if self.value_dim is None else check_positive_int(self.value_dim, "value_dim")
+        )
+        if self.metric not in METRICS:
+            raise InvalidInputError(
+                f"unknown metric {self.metric!r}: use one of {', '.join(METRICS)}"
+            )
+        if self.index not in INDEX_KINDS:
+            raise InvalidInputError(
+                f"unknown index {self.index!r}: use one of {', '.join(INDEX_KINDS)}"
+            )
+        capacity = None if self.capacity is None else check_positive_int(self.capacity, "capacity")
+        normalised = {
+            "key_dim": key_dim,
+            "value_dim": value_dim,
+            "metric": str(self.metric),
+            "lrfu_lambda": check_lrfu_lambda(self.lrfu_lambda),
+            "capacity": capacity,
+            "index": str(self.index),
+            "oversample": check_positive_int(self.oversample, "oversample"),
+        }
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)  # frozen: normalise in place, once
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """``{option: default}`` for every option that has one (all but ``key_dim``)."""
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+    @property
+    def options(self) -> CollectionOptions:
+        """Just the options (a :class:`CollectionSpec` without its identity)."""
+        return CollectionOptions(
+            **{f.name: getattr(self, f.name) for f in fields(CollectionOptions)}
+        )
+
+    def differences(self, wanted: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """``{option: (ours, wanted)}`` for each option in ``wanted`` whose value differs from ours.
+
+        ``wanted`` is validated and normalised first, completed with our ``key_dim`` when it
+        has none (so ``value_dim=None`` there means its own ``key_dim``, else ours).
+        """
+        given = dict(wanted)
+        full = CollectionOptions(**{"key_dim": self.key_dim, **given})
+        out = {}
+        for name in given:
+            ours, theirs = getattr(self, name), getattr(full, name)
+            if ours != theirs:
+                out[name] = (ours, theirs)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectionSpec(CollectionOptions):
+    """A collection as recorded in the catalog: its identity (``id``, ``name``) plus its options.
 
     Backends receive it for every call, so they never have to look a collection up by name: the
     integer ``id`` names the per-collection tables (``name`` is user text and never reaches SQL).
@@ -27,13 +107,12 @@ class CollectionSpec:
 
     id: int
     name: str
-    key_dim: int
-    value_dim: int
-    metric: str
-    lrfu_lambda: float
-    capacity: int | None
-    index: str
-    oversample: int
+
+    def __post_init__(self) -> None:
+        # A record, not a request: its options were validated (as CollectionOptions) when the
+        # collection was made, so reading the catalog does not check them again, and backend
+        # tests can hand a backend a spec it must refuse.
+        pass
 
 
 @dataclass

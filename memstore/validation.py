@@ -1,6 +1,7 @@
 """Input checks shared by every backend: each bad input gets an error that names the problem.
 
 Everything is checked *before* any SQL runs, so a rejected call leaves the database untouched.
+Collection options are checked by :class:`memstore.types.CollectionOptions` itself.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ import re
 
 import numpy as np
 
-from memstore.errors import DimensionMismatchError, InvalidInputError, InvalidNameError
-from memstore.types import INDEX_KINDS, METRICS
+from memstore.errors import (
+    DimensionMismatchError,
+    InvalidInputError,
+    InvalidNameError,
+    bad_parameter,
+)
 
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
@@ -24,38 +29,23 @@ def check_name(name: object) -> str:
     return name
 
 
-def check_positive_int(value: object, what: str) -> int:
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` as an int if it is a positive integer (bools are not), else an error naming
+    the parameter ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise InvalidInputError(f"{what} must be a positive integer, got {value!r}")
+        raise bad_parameter(name, f"must be a positive integer, got {value!r}")
     return int(value)
 
 
-def check_collection_options(
-    key_dim: object,
-    value_dim: object,
-    metric: object,
-    lrfu_lambda: object,
-    capacity: object,
-    index: object,
-    oversample: object,
-) -> tuple[int, int, str, float, int | None, str, int]:
-    key_dim = check_positive_int(key_dim, "key_dim")
-    value_dim = check_positive_int(value_dim, "value_dim")
-    if metric not in METRICS:
-        raise InvalidInputError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
-    if index not in INDEX_KINDS:
-        raise InvalidInputError(f"unknown index {index!r}: use one of {', '.join(INDEX_KINDS)}")
+def check_lrfu_lambda(value: object, name: str = "lrfu_lambda") -> float:
+    """An LRFU lambda as a float in [0, 1] (0 = LFU, 1 orders like LRU)."""
     try:
-        lam = float(lrfu_lambda)  # type: ignore[arg-type]
+        lam = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise InvalidInputError(
-            f"lrfu_lambda must be a number in [0, 1], got {lrfu_lambda!r}"
-        ) from None
+        raise bad_parameter(name, f"must be a number in [0, 1], got {value!r}") from None
     if not (0.0 <= lam <= 1.0) or math.isnan(lam):
-        raise InvalidInputError(f"lrfu_lambda must be in [0, 1], got {lrfu_lambda!r}")
-    cap = None if capacity is None else check_positive_int(capacity, "capacity")
-    over = check_positive_int(oversample, "oversample")
-    return key_dim, value_dim, str(metric), lam, cap, str(index), over
+        raise bad_parameter(name, f"must be in [0, 1], got {value!r}")
+    return lam
 
 
 def as_matrix(array: object, dim: int, what: str, *, allow_empty: bool = False) -> np.ndarray:

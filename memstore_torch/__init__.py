@@ -17,6 +17,8 @@ _EXPORTS: dict[str, str] = {
     "FeaturalMemory": "memstore_torch.featural",
     "AssociativeMemory": "memstore_torch.associative",
     "MemoryLayer": "memstore_torch.memory_layer",
+    "FeaturalConfig": "memstore_torch.config",
+    "AssociativeConfig": "memstore_torch.config",
     "memory_layers": "memstore_torch.model_memory",
     "flush_memory": "memstore_torch.model_memory",
     "memory_parameters": "memstore_torch.model_memory",

@@ -22,65 +22,56 @@ import torch
 from torch import nn
 
 from memstore.errors import InvalidInputError
+from memstore.types import CollectionOptions
 
 from . import knn
+from .config import AssociativeConfig
 from .functions import straight_through_insert, straight_through_query
 from .memory_layer import MemoryLayer
 from .resident import ResidentHits, ResidentIndex
+from .rows_source import CollectionStore
 
 
 class AssociativeMemory(MemoryLayer):
     """Drop-in ``(B, T, d) -> (B, T, d)`` memory layer that writes what it reads about."""
 
+    config_class = AssociativeConfig
+
     def __init__(
         self,
-        d_model: int,
-        heads: int = 4,
-        k: int = 32,
-        key_dim: int | None = None,
-        value_dim: int | None = None,
-        capacity: int = 65536,
-        novel: float | None = 0.05,
-        recombine: float | None = None,
-        store: Any = None,
-        collection: str | None = None,
+        config: AssociativeConfig | int | None = None,
+        /,
         *,
-        trainable_rows: bool = True,
-        lrfu_lambda: float = 0.5,
-        update_in_eval: bool = False,
-        st_query: bool = True,
-        st_insert: bool = True,
+        store: CollectionStore | None = None,
+        collection: str | None = None,
+        **options: Any,
     ) -> None:
+        """``AssociativeMemory(AssociativeConfig(...))`` or ``AssociativeMemory(d_model,
+        heads=..., ...)`` (keyword options: the fields of
+        :class:`~memstore_torch.config.AssociativeConfig`, which also override a given config's);
+        rows go to ``store``/``collection`` when given."""
         super().__init__()
-        if d_model < 1 or heads < 1 or k < 1 or capacity < 1:
-            raise InvalidInputError("d_model, heads, k and capacity must all be >= 1")
-        if key_dim is None:
-            if d_model % heads:
-                raise InvalidInputError(f"d_model {d_model} is not divisible by heads={heads}")
-            key_dim = d_model // heads
-        value_dim = key_dim if value_dim is None else value_dim
-        self.d_model, self.heads, self.k = d_model, heads, k
-        self.key_dim, self.value_dim, self.capacity = key_dim, value_dim, capacity
-        self.novel, self.recombine = novel, recombine
-        self.lrfu_lambda, self.update_in_eval = lrfu_lambda, update_in_eval
-        # The seed's straight-through rules, switchable to measure what each contributes.
-        self.st_query, self.st_insert = st_query, st_insert
-        self.query_proj = nn.Linear(d_model, heads * key_dim, bias=False)
-        self.key_proj = nn.Linear(d_model, heads * key_dim, bias=False)
-        self.value_proj = nn.Linear(d_model, heads * value_dim, bias=False)
-        self.out_proj = nn.Linear(heads * value_dim, d_model)
-        index = ResidentIndex(key_dim, value_dim, "ip", lrfu_lambda=lrfu_lambda, max_rows=capacity)
-        self._init_memory(index, trainable_rows, store, collection)
-        self._bind(self._collection_for)
+        self.config = cfg = self.make_config(config, options)
+        d, heads = cfg.d_model, cfg.heads
+        self.query_proj = nn.Linear(d, heads * cfg.key_dim, bias=False)
+        self.key_proj = nn.Linear(d, heads * cfg.key_dim, bias=False)
+        self.value_proj = nn.Linear(d, heads * cfg.value_dim, bias=False)
+        self.out_proj = nn.Linear(heads * cfg.value_dim, d)
+        index = ResidentIndex(
+            cfg.key_dim, cfg.value_dim, "ip", lrfu_lambda=cfg.lrfu_lambda, max_rows=cfg.capacity
+        )
+        self._init_memory(index, store, collection)
+        self._bind()
 
-    def _collection_for(self, store: Any, name: str) -> Any:
-        return store.get_or_create_collection(
-            name,
-            key_dim=self.key_dim,
-            value_dim=self.value_dim,
+    def collection_options(self) -> CollectionOptions:
+        """An ``ip`` collection of per-head key/value pairs, as many as the table holds."""
+        cfg = self.config
+        return CollectionOptions(
+            key_dim=cfg.key_dim,
+            value_dim=cfg.value_dim,
             metric="ip",
-            lrfu_lambda=self.lrfu_lambda,
-            capacity=self.capacity,
+            lrfu_lambda=cfg.lrfu_lambda,
+            capacity=cfg.capacity,
         )
 
     # -------------------------------------------------------------- forward
@@ -195,37 +186,9 @@ class AssociativeMemory(MemoryLayer):
             keep = min(keys.shape[0], self.capacity)
             self._queue_insert(keys[-keep:], values[-keep:])
 
-    # -------------------------------------------------------------- config
-    def extra_config(self) -> dict[str, Any]:
-        return {
-            "type": "AssociativeMemory",
-            "d_model": self.d_model,
-            "heads": self.heads,
-            "k": self.k,
-            "key_dim": self.key_dim,
-            "value_dim": self.value_dim,
-            "capacity": self.capacity,
-            "novel": self.novel,
-            "recombine": self.recombine,
-            "collection": self.collection_name,
-            "trainable_rows": self.trainable_rows,
-            "lrfu_lambda": self.lrfu_lambda,
-            "update_in_eval": self.update_in_eval,
-            "st_query": self.st_query,
-            "st_insert": self.st_insert,
-        }
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any], store: Any) -> AssociativeMemory:
-        """Rebuild the layer bound to its collection, rows loaded from ``store``."""
-        cfg = dict(cfg)
-        kind = cfg.pop("type", "AssociativeMemory")
-        if kind != "AssociativeMemory":
-            raise InvalidInputError(f"config is for {kind}, not AssociativeMemory")
-        return cls(**cfg, store=store)
-
     def extra_repr(self) -> str:
+        cfg = self.config
         return (
-            f"d_model={self.d_model}, heads={self.heads}, k={self.k}, rows={self.index.n}/"
-            f"{self.capacity}, novel={self.novel}, collection={self.collection_name!r}"
+            f"d_model={cfg.d_model}, heads={cfg.heads}, k={cfg.k}, rows={self.index.n}/"
+            f"{cfg.capacity}, novel={cfg.novel}, collection={self.collection_name!r}"
         )

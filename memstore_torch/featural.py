@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from memstore.errors import InvalidInputError
+from memstore.types import CollectionOptions
 
+from .config import FeaturalConfig
 from .functions import make_weight_fn, topk_memory_read
 from .memory_layer import MemoryLayer
 from .resident import ResidentIndex
@@ -45,70 +48,63 @@ _ACTIVATION_WEIGHTING = {
 class FeaturalMemory(MemoryLayer):
     """Drop-in ``(B, T, d) -> (B, T, d)`` replacement for a transformer MLP."""
 
+    config_class = FeaturalConfig
+    #: ``self.dropout`` is the ``nn.Dropout`` submodule; the rate is ``config.dropout``.
+    unmirrored_options = ("dropout",)
+
     def __init__(
         self,
-        d_model: int,
-        n_rows: int = 1024,
-        k: int = 32,
-        heads: int = 1,
-        key_dim: int | None = None,
-        value_dim: int | None = None,
-        weighting: str = "softmax",
-        temperature: float = 1.0,
-        trainable_rows: bool = True,
-        novel: float | None = None,
-        recombine: float | None = None,
-        store: Any = None,
-        collection: str | None = None,
+        config: FeaturalConfig | int | None = None,
+        /,
         *,
-        lrfu_lambda: float = 0.5,
-        dropout: float = 0.0,
-        update_in_eval: bool = False,
+        store: CollectionStore | None = None,
+        collection: str | None = None,
         _init_rows: bool = True,
+        **options: Any,
     ) -> None:
+        """``FeaturalMemory(FeaturalConfig(...))`` or ``FeaturalMemory(d_model, k=..., ...)``
+        (keyword options: the fields of :class:`~memstore_torch.config.FeaturalConfig`, which
+        also override a given config's); rows go to ``store``/``collection`` when given."""
         super().__init__()
-        if d_model < 1 or n_rows < 1 or k < 1 or heads < 1:
-            raise InvalidInputError("d_model, n_rows, k and heads must all be >= 1")
-        if temperature <= 0:
-            raise InvalidInputError(f"temperature must be > 0, got {temperature}")
-        query_dim = d_model if key_dim is None else key_dim
-        if query_dim % heads:
-            raise InvalidInputError(f"key dim {query_dim} is not divisible by heads={heads}")
-        self.d_model, self.n_rows, self.k, self.heads = d_model, n_rows, k, heads
-        self.key_dim, self.value_dim = key_dim, value_dim
-        self.head_dim = query_dim // heads
-        self.row_value_dim = d_model if value_dim is None else value_dim
-        self.weighting, self.temperature = weighting, float(temperature)
-        self.novel, self.recombine = novel, recombine
-        self.lrfu_lambda, self.dropout_p = lrfu_lambda, dropout
-        self.update_in_eval = update_in_eval
-        self._weight_fn = make_weight_fn(weighting, self.temperature)
+        self.config = cfg = self.make_config(config, options)
+        self._weight_fn = make_weight_fn(cfg.weighting, cfg.temperature)
 
         # q = W_q x only when key_dim is given; from_mlp uses the identity.
-        self.query_proj = None if key_dim is None else nn.Linear(d_model, key_dim, bias=False)
-        self.out_proj = None if value_dim is None else nn.Linear(value_dim, d_model, bias=False)
-        self.out_bias = nn.Parameter(torch.zeros(d_model))  # c_proj bias + tail correction
-        self.dropout = nn.Dropout(dropout)
+        d = cfg.d_model
+        self.query_proj = None if cfg.key_dim is None else nn.Linear(d, cfg.key_dim, bias=False)
+        self.out_proj = None if cfg.value_dim is None else nn.Linear(cfg.value_dim, d, bias=False)
+        self.out_bias = nn.Parameter(torch.zeros(d))  # c_proj bias + tail correction
+        self.dropout = nn.Dropout(cfg.dropout)
 
         index = ResidentIndex(
-            self.head_dim + 1, self.row_value_dim, "ip", lrfu_lambda=lrfu_lambda, max_rows=n_rows
+            cfg.head_dim + 1,
+            cfg.row_value_dim,
+            "ip",
+            lrfu_lambda=cfg.lrfu_lambda,
+            max_rows=cfg.n_rows,
         )
-        self._init_memory(index, trainable_rows, store, collection)
-        self._bind(self._collection_for)
+        self._init_memory(index, store, collection)
+        self._bind()
         if not self._loaded and _init_rows:
             self._init_random_rows()
             if self._collection is not None:
                 self.flush()
 
+    # ``head_dim``: query width per head; ``row_value_dim``: width of a row's value.
+    head_dim = property(lambda self: self.config.head_dim)
+    row_value_dim = property(lambda self: self.config.row_value_dim)
+    dropout_p = property(lambda self: self.config.dropout)
+
     # -------------------------------------------------------------- construction helpers
-    def _collection_for(self, store: Any, name: str) -> Any:
-        return store.get_or_create_collection(
-            name,
-            key_dim=self.head_dim + 1,
-            value_dim=self.row_value_dim,
+    def collection_options(self) -> CollectionOptions:
+        """An ``ip`` collection of ``[key, bias]`` rows, as many as the layer holds."""
+        cfg = self.config
+        return CollectionOptions(
+            key_dim=cfg.head_dim + 1,
+            value_dim=cfg.row_value_dim,
             metric="ip",
-            lrfu_lambda=self.lrfu_lambda,
-            capacity=self.n_rows,
+            lrfu_lambda=cfg.lrfu_lambda,
+            capacity=cfg.n_rows,
         )
 
     def _init_random_rows(self) -> None:
@@ -130,7 +126,7 @@ class FeaturalMemory(MemoryLayer):
         mlp: nn.Module,
         k: int = 128,
         calibration: torch.Tensor | None = None,
-        store: Any = None,
+        store: CollectionStore | None = None,
         collection: str | None = None,
         *,
         trainable_rows: bool = True,
@@ -257,42 +253,20 @@ class FeaturalMemory(MemoryLayer):
                 )
 
     # -------------------------------------------------------------- config
-    def extra_config(self) -> dict[str, Any]:
-        return {
-            "type": "FeaturalMemory",
-            "d_model": self.d_model,
-            "n_rows": self.n_rows,
-            "k": self.k,
-            "heads": self.heads,
-            "key_dim": self.key_dim,
-            "value_dim": self.value_dim,
-            "weighting": self.weighting,
-            "temperature": self.temperature,
-            "trainable_rows": self.trainable_rows,
-            "novel": self.novel,
-            "recombine": self.recombine,
-            "collection": self.collection_name,
-            "lrfu_lambda": self.lrfu_lambda,
-            "dropout": self.dropout_p,
-            "update_in_eval": self.update_in_eval,
-        }
-
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], store: Any) -> FeaturalMemory:
+    def from_config(cls, saved: Mapping[str, Any], store: CollectionStore) -> FeaturalMemory:
         """Rebuild the layer bound to its collection with rows loaded from ``store``."""
-        cfg = dict(cfg)
-        kind = cfg.pop("type", "FeaturalMemory")
-        if kind != "FeaturalMemory":
-            raise InvalidInputError(f"config is for {kind}, not FeaturalMemory")
-        layer = cls(**cfg, store=store, _init_rows=False)
+        config, collection = cls.split_saved_config(saved)
+        layer = cls(config, store=store, collection=collection, _init_rows=False)
         if not layer._loaded:
-            raise InvalidInputError(f"collection {cfg.get('collection')!r} holds no rows")
+            raise InvalidInputError(f"collection {collection!r} holds no rows")
         return layer
 
     def extra_repr(self) -> str:
+        cfg = self.config
         return (
-            f"d_model={self.d_model}, rows={self.index.n}/{self.n_rows}, k={self.k}, "
-            f"heads={self.heads}, weighting={self.weighting}, collection={self.collection_name!r}"
+            f"d_model={cfg.d_model}, rows={self.index.n}/{cfg.n_rows}, k={cfg.k}, "
+            f"heads={cfg.heads}, weighting={cfg.weighting}, collection={self.collection_name!r}"
         )
 
 

@@ -13,42 +13,107 @@ Caveat of the bounded table: a delete moves the last row into the hole, and opti
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from memstore.errors import InvalidInputError
+from memstore.errors import CollectionExistsError, InvalidInputError
+from memstore.types import CollectionOptions
 
 from .resident import ResidentHits, ResidentIndex
 from .rows_source import CollectionStore, LayerCollection
 
 #: ``factory(store, name)``: the layer's collection in ``store``, created with the layer's options.
-CollectionFactory = Callable[[CollectionStore, str], LayerCollection]
 
 
 class MemoryLayer(nn.Module):
-    """Base of every memory layer: owns ``self.index`` and the two row Parameters.
+    """Base of every memory layer: owns ``self.index``, the two row Parameters and ``self.config``.
 
     Whole-model code (:mod:`memstore_torch.model_memory`) finds memory layers by this type, so a
     subclass placed anywhere in any model is flushed, checkpointed and counted.
+
+    A subclass names its frozen config dataclass in ``config_class``; each field of it is then
+    readable as ``layer.<field>`` too (settable when the config lists it in ``LIVE``), so adding an
+    option to the config is all it takes to have it everywhere.
     """
 
     #: Row Parameters kept out of ``state_dict`` (the database is their home).
     ROW_PARAMETER_NAMES = ("memory_keys", "memory_values")
 
+    #: The layer's config dataclass (see :mod:`memstore_torch.config`).
+    config_class: ClassVar[type]
+    #: Config fields not mirrored as ``layer.<field>`` because the name is taken (a submodule).
+    unmirrored_options: ClassVar[tuple[str, ...]] = ()
+
     index: ResidentIndex
+    config: Any
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        config_class = cls.__dict__.get("config_class")
+        if config_class is None:
+            return
+        for f in dataclasses.fields(config_class):
+            if f.name in cls.unmirrored_options or hasattr(cls, f.name):
+                continue
+            setattr(cls, f.name, _ConfigOption(f.name, f.name in config_class.LIVE))
+
+    @classmethod
+    def make_config(cls, config: Any, options: dict[str, Any]) -> Any:
+        """The layer's config from a config object, or a ``d_model`` (or nothing), plus keyword
+        options overriding / filling its fields (validated by the config class)."""
+        config_class = cls.config_class
+        if isinstance(config, config_class):
+            return dataclasses.replace(config, **options) if options else config
+        if dataclasses.is_dataclass(config) or isinstance(config, Mapping):
+            raise TypeError(
+                f"{cls.__name__} takes a {config_class.__name__} or d_model, "
+                f"got {type(config).__name__} (a saved dict goes to from_config)"
+            )
+        return config_class(**options) if config is None else config_class(config, **options)
+
+    def extra_config(self) -> dict[str, Any]:
+        """What a saved model records to rebuild this layer (:meth:`from_config`): the config's
+        fields, the layer ``type`` and its ``collection``."""
+        return {
+            "type": type(self).__name__,
+            **dataclasses.asdict(self.config),
+            "collection": self.collection_name,
+        }
+
+    @classmethod
+    def split_saved_config(cls, saved: Mapping[str, Any]) -> tuple[Any, str | None]:
+        """``(config, collection name)`` from a dict :meth:`extra_config` wrote (also the one
+        earlier versions wrote: the same keys)."""
+        saved = dict(saved)
+        kind = saved.pop("type", cls.__name__)
+        if kind != cls.__name__:
+            raise InvalidInputError(f"config is for {kind}, not {cls.__name__}")
+        collection = saved.pop("collection", None)
+        return cls.config_class.from_dict(saved), collection
+
+    @classmethod
+    def from_config(cls, saved: Mapping[str, Any], store: CollectionStore) -> MemoryLayer:
+        """Rebuild the layer that :meth:`extra_config` described, bound to its collection in
+        ``store`` with the rows loaded from there."""
+        config, collection = cls.split_saved_config(saved)
+        return cls(config, store=store, collection=collection)
+
+    def collection_options(self) -> CollectionOptions:
+        """The options of the collection this layer's rows live in."""
+        raise NotImplementedError
 
     def _init_memory(
         self,
         index: ResidentIndex,
-        trainable_rows: bool,
         store: CollectionStore | None = None,
         collection: str | None = None,
     ) -> None:
         self.index = index
-        self.trainable_rows = trainable_rows
         self.collection_name = collection
         self._store = store
         self._collection: LayerCollection | None = None
@@ -95,24 +160,34 @@ class MemoryLayer(nn.Module):
         """The bound ``memstore.Collection`` (None when the layer is not bound to a store)."""
         return self._collection
 
-    def _bind(self, collection_factory: CollectionFactory) -> None:
+    def _collection_for(self, store: CollectionStore, name: str) -> LayerCollection:
+        """The layer's collection in ``store``: made with :meth:`collection_options` when missing.
+
+        An existing one must have the layer's key/value widths and metric (else
+        ``DimensionMismatchError`` / ``InvalidInputError``); its capacity and LRFU lambda are
+        kept (``from_mlp`` may refill a collection first made for another size).
+        """
+        options = self.collection_options()
+        if not store.has_collection(name):
+            try:
+                return store.create_collection(name, options)
+            except CollectionExistsError:
+                pass  # another process made it meanwhile: check it as any existing one
+        return store.get_or_create_collection(
+            name, key_dim=options.key_dim, value_dim=options.value_dim, metric=options.metric
+        )
+
+    def _bind(self) -> None:
         """Bind to ``self._store``/``self.collection_name``; load rows if the collection has any.
 
-        ``collection_factory(store, name)`` returns the (possibly new) collection. Returns with
-        ``self._loaded`` True when rows came from the store.
+        Returns with ``self._loaded`` True when rows came from the store.
         """
         self._loaded = False
         if self._store is None:
             return
         if not self.collection_name:
             raise InvalidInputError("a memory layer bound to a store needs a collection name")
-        coll = collection_factory(self._store, self.collection_name)
-        if coll.key_dim != self.index.key_dim or coll.value_dim != self.index.value_dim:
-            raise InvalidInputError(
-                f"collection {self.collection_name!r} has key/value dims "
-                f"{coll.key_dim}/{coll.value_dim}, layer needs "
-                f"{self.index.key_dim}/{self.index.value_dim}"
-            )
+        coll = self._collection_for(self._store, self.collection_name)
         self._collection = coll
         if len(coll) > 0:
             self.index.load_collection(coll)
@@ -175,6 +250,28 @@ class MemoryLayer(nn.Module):
         self.index.key_storage, self.index.value_storage = self.memory_keys, self.memory_values
         self.index.relocate(self.memory_keys.device)
         return result
+
+
+class _ConfigOption:
+    """``layer.<name>`` reads ``layer.config.<name>``; assigning it (only for the config's ``LIVE``
+    options) swaps in a validated copy of the config."""
+
+    def __init__(self, name: str, live: bool) -> None:
+        self.name, self.live = name, live
+        self.__doc__ = f"``config.{name}`` of this layer."
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        return getattr(layer.config, self.name)
+
+    def __set__(self, layer: Any, value: Any) -> None:
+        if not self.live:
+            raise AttributeError(
+                f"{self.name} is fixed when a {type(layer).__name__} is built; build a new layer "
+                f"from dataclasses.replace(layer.config, {self.name}=...)"
+            )
+        layer.config = dataclasses.replace(layer.config, **{self.name: value})
 
 
 def _drop_memory_rows(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from memstore.types import RowBlock
+from memstore.types import CollectionOptions, RowBlock
 
 
 @runtime_checkable
@@ -64,18 +64,19 @@ class LayerCollection(RowsSource, Protocol):
 
 @runtime_checkable
 class CollectionStore(Protocol):
-    """What a memory layer needs from a store: its collection by name, created on first use."""
+    """What a memory layer needs from a store: its collection by name, made on first use with the
+    layer's options, or an existing one checked against the options that must agree."""
+
+    def has_collection(self, name: str) -> bool: ...
+
+    def create_collection(
+        self, name: str, options: CollectionOptions | None = None, **kwargs: Any
+    ) -> LayerCollection:
+        """A new, empty collection with these options."""
+        ...
 
     def get_or_create_collection(
-        self,
-        name: str,
-        *,
-        key_dim: int,
-        value_dim: int,
-        metric: str,
-        lrfu_lambda: float,
-        **options: Any,
+        self, name: str, options: CollectionOptions | None = None, **kwargs: Any
     ) -> LayerCollection:
-        """The existing collection (its stored options win) or a new one with these options
-        (layers also pass e.g. ``capacity``)."""
+        """The existing collection (checked against the options given) or a new one."""
         ...

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typing_extensions import get_protocol_members
 
-from memstore import Collection, RowBlock, Store
+from memstore import Collection, CollectionOptions, RowBlock, Store
 from memstore_torch import AssociativeMemory, FeaturalMemory, ResidentIndex
 from memstore_torch.rows_source import CollectionStore, LayerCollection, RowsSource
 
@@ -136,16 +136,22 @@ class FakeCollection(FakeRows):
 
 
 class FakeStore:
-    """Collections by name, with only the member of :class:`CollectionStore`."""
+    """Collections by name, with only the members of :class:`CollectionStore`."""
 
     def __init__(self) -> None:
         self._collections: dict[str, FakeCollection] = {}
 
-    def get_or_create_collection(
-        self, name, *, key_dim, value_dim, metric, lrfu_lambda, **options
-    ) -> FakeCollection:
+    def has_collection(self, name) -> bool:
+        return name in self._collections
+
+    def create_collection(self, name, options=None, **kwargs) -> FakeCollection:
+        o = options if options is not None else CollectionOptions(**kwargs)
+        self._collections[name] = FakeCollection(o.key_dim, o.value_dim, o.metric, o.lrfu_lambda)
+        return self._collections[name]
+
+    def get_or_create_collection(self, name, options=None, **kwargs) -> FakeCollection:
         if name not in self._collections:
-            self._collections[name] = FakeCollection(key_dim, value_dim, metric, lrfu_lambda)
+            return self.create_collection(name, options, **kwargs)
         return self._collections[name]
 
 
