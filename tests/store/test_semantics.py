@@ -74,7 +74,7 @@ def _textbook(metric: str, q: list[float], k: list[float]) -> float:
     return -dot
 
 
-vectors = st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=3, max_size=3)
+vectors = st.lists(st.floats(-4, 4, allow_subnormal=False, width=32), min_size=3, max_size=3)
 
 
 @settings(max_examples=60, deadline=None)
@@ -145,7 +145,7 @@ def assert_eviction_order(got, ids, crf, last_tick, now, lam) -> None:
 
 lrfu_states = st.lists(
     st.tuples(
-        st.floats(1.0, 40.0, allow_nan=False),  # crf (>= 1: every row was referenced once)
+        st.floats(1.0, 40.0),  # crf (>= 1: every row was referenced once)
         st.integers(0, 12),  # last_tick (some ahead of the clock)
         st.integers(0, 5),  # hits
     ),
