@@ -152,8 +152,9 @@ class Collection:
         ``recombine`` merges each query's hits within that distance (:mod:`memstore.recombine`:
         the nearest hit keeps its id, crf is decayed to the newest member's tick, then summed);
         ``novel`` inserts queries whose nearest hit is farther than that (values from
-        ``novel_values``, default the queries). With either, the returned result is searched again after the changes, and
-        ``result.changes`` counts them. ``touch=False`` without them is a pure read.
+        ``novel_values``, default the queries). With either, every query the changes can affect
+        is searched again, so the returned result reflects them, and ``result.changes`` counts
+        them. ``touch=False`` without them is a pure read.
         """
         q = self._keys(queries, "queries")
         k = check_k(k)

@@ -11,7 +11,8 @@ One convention for all metrics lets recombination and novelty thresholds, paddin
 that compute distances their own way are mirrors of it and are tested against it:
 
 * the SQLite backend's exact rescoring (:func:`memstore.backends.sqlite.exact_distances`),
-* pgvector's ``<->`` / ``<=>`` / ``<#>`` operators (:data:`memstore.backends.pg_sql.DISTANCE_OPERATORS`),
+* pgvector's ``<->`` / ``<=>`` / ``<#>`` operators
+  (:data:`memstore.backends.pg_sql.DISTANCE_OPERATORS`),
 * ``memstore_torch.knn`` (``search``, ``brute_force``, ``distance_to``),
 
 tested in ``tests/store/test_semantics.py`` and ``tests/torch/test_semantics_mirrors.py``.

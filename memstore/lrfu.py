@@ -133,7 +133,8 @@ def touch_assignments(
     tick: int | ColumnElement,
     lam: float,
 ) -> dict[str, ColumnElement]:
-    """Mirror of :func:`touch` as ``UPDATE ... SET`` values (tested in tests/store/test_semantics.py).
+    """Mirror of :func:`touch` as ``UPDATE ... SET`` values (tested in
+    tests/store/test_semantics.py).
 
     ``count`` is usually a bind parameter or joined column per row (only hit rows are updated).
     The stored crf is decayed by the age of the row at ``tick`` and the hits by the age of ``tick``

@@ -217,7 +217,8 @@ def brute_force(
     queries: torch.Tensor, rows: torch.Tensor, k: int, metric: Metric = "ip"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference answer from the full distance matrix, in float64 (tests and small inputs only).
-    Mirror of memstore.distances.pairwise_distances (tested in tests/torch/test_semantics_mirrors.py)."""
+    Mirror of memstore.distances.pairwise_distances (tested in
+    tests/torch/test_semantics_mirrors.py)."""
     check_metric(metric)
     q = queries.double()
     r = rows.double()

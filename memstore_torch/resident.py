@@ -324,7 +324,7 @@ class ResidentIndex:
         return self.clock
 
     def touch(self, slots: torch.Tensor, *, tick: int | None = None) -> None:
-        """LRFU hits for every non-negative slot in ``slots`` (any shape); see :meth:`touch_counts`."""
+        """LRFU hits for every non-negative slot in ``slots`` (any shape): :meth:`touch_counts`."""
         flat = slots.reshape(-1)
         flat = flat[flat >= 0].to(self.device)
         self.touch_counts(torch.bincount(flat, minlength=self.n)[: self.n], tick=tick)

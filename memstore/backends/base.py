@@ -20,12 +20,13 @@ Contract every backend keeps (the Store relies on it; ``tests/store`` checks it)
 
 Dialect-neutral semantics live outside the backends, each as one numpy reference: distances in
 :mod:`memstore.distances`, LRFU in :mod:`memstore.lrfu`, recombination / novelty in
-:mod:`memstore.recombine` (planned in numpy, applied by the Collection through this interface), input
-checks in :mod:`memstore.validation`. A backend's SQL is a *mirror* of the references, marked as such
-where it is written and property-tested against them (``tests/store/test_semantics.py``, on every
-backend): PostgreSQL compiles the SQLAlchemy expressions :func:`memstore.lrfu.touch_assignments` /
-:func:`memstore.lrfu.order_key_sql`; SQLite keeps an append-only touch log and reads LRFU state in
-closed form (:mod:`memstore.backends.sqlite_lrfu`), which is cheaper on its storage.
+:mod:`memstore.recombine` (planned in numpy, applied by the Collection through this interface),
+input checks in :mod:`memstore.validation`. A backend's SQL is a *mirror* of the references, marked
+as such where it is written and property-tested against them (``tests/store/test_semantics.py``,
+on every backend): PostgreSQL compiles the SQLAlchemy expressions
+:func:`memstore.lrfu.touch_assignments` / :func:`memstore.lrfu.order_key_sql`; SQLite keeps an
+append-only touch log and reads LRFU state in closed form (:mod:`memstore.backends.sqlite_lrfu`),
+which is cheaper on its storage.
 """
 
 from __future__ import annotations
