@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from memstore import catalog, lrfu
+from memstore.distances import pairwise_distances
 from memstore.errors import InvalidInputError, RowNotFoundError
-from memstore.recombine import pairwise_distances, plan_merges, plan_novel
+from memstore.recombine import merged_rows, plan_merges, plan_novel
 from memstore.schema import COUNTERS
 from memstore.transactions import TransactionHost
 from memstore.types import CollectionSpec, RowBlock, SearchResult
@@ -148,10 +149,12 @@ class Collection:
 
         ``touch`` records an LRFU hit for every returned row at a new tick (clock + 1, or ``tick``)
         and counts the batch in ``stats()["searches"]``.
-        ``recombine`` merges each query's hits within that distance (DESIGN §5); ``novel`` inserts
-        queries whose nearest hit is farther than that (values from ``novel_values``, default the
-        queries). With either, the returned result is searched again after the changes, and
-        ``result.changes`` counts them. ``touch=False`` without them is a pure read.
+        ``recombine`` merges each query's hits within that distance (:mod:`memstore.recombine`:
+        the nearest hit keeps its id, crf is decayed to the newest member's tick, then summed);
+        ``novel`` inserts queries whose nearest hit is farther than that (values from
+        ``novel_values``, default the queries). With either, every query the changes can affect
+        is searched again, so the returned result reflects them, and ``result.changes`` counts
+        them. ``touch=False`` without them is a pure read.
         """
         q = self._keys(queries, "queries")
         k = check_k(k)
@@ -188,24 +191,26 @@ class Collection:
             if recombine is not None:
                 hit = np.unique(result.ids[result.ids >= 0])
                 groups = plan_merges(
-                    result, self._backend.fetch_rows(conn, self.spec, hit), recombine
+                    result,
+                    self._backend.fetch_rows(conn, self.spec, hit),
+                    recombine,
+                    self.spec.lrfu_lambda,
                 )
                 if groups:
-                    merged = RowBlock(
-                        ids=next_id + np.arange(len(groups), dtype=np.int64),
-                        keys=np.stack([g.key for g in groups]),
-                        values=np.stack([g.value for g in groups]),
-                        crf=np.array([g.crf for g in groups], np.float64),
-                        last_tick=np.array([g.last_tick for g in groups], np.int64),
-                        hits=np.array([g.hits for g in groups], np.int64),
-                        created_tick=np.array([g.created_tick for g in groups], np.int64),
-                    )
-                    gone = np.concatenate([g.ids for g in groups])
-                    self._backend.delete_rows(conn, self.spec, gone)
+                    # Each merged row replaces its members under the keeper's id: delete every
+                    # member, insert the merged rows (the same end state as an upsert of the
+                    # keepers plus deletes, which is how a resident-index merge is flushed).
+                    merged = merged_rows(groups)
+                    members = np.concatenate([g.ids for g in groups])
+                    self._backend.delete_rows(conn, self.spec, members)
                     self._backend.insert_rows(conn, self.spec, merged)
-                    next_id += len(groups)
                     counters["recombinations"] = len(groups)
-                    changed |= np.isin(result.ids, gone).any(1)
+                    changed |= np.isin(result.ids, members).any(1)
+                    # A merged key is a weighted mean, so it can come nearer to a query that hit
+                    # none of its members than that query's k-th hit: search those again too.
+                    kth = result.distances[:, -1].astype(np.float64)
+                    closer = pairwise_distances(self.spec.metric, q, merged.keys) <= kth[:, None]
+                    changed |= closer.any(1)
             if novel is not None:
                 chosen = plan_novel(
                     q,
@@ -233,8 +238,9 @@ class Collection:
             return result
 
     def recombine(self, queries, threshold: float, k: int = 16) -> int:
-        """Merge near-duplicates around ``queries`` without counting hits (DESIGN §3's
-        ``recombine(...)``): each query's k nearest rows within ``threshold`` become one row.
+        """Merge near-duplicates around ``queries`` without counting hits: each query's k nearest
+        rows within ``threshold`` become one row (:mod:`memstore.recombine`), which keeps the id of
+        the member nearest to the query.
         Returns how many merges were made."""
         result = self.search(queries, k, touch=False, recombine=threshold)
         return int(result.changes.get("recombinations", 0))

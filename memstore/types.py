@@ -122,7 +122,9 @@ class RowBlock:
     ids: np.ndarray  # int64 (n,)
     keys: np.ndarray  # float32 (n, dk)
     values: np.ndarray  # float32 (n, dv)
-    crf: np.ndarray  # float64 (n,)  LRFU combined recency-frequency, as of last_tick
+    crf: (
+        np.ndarray
+    )  # float64 (n,)  LRFU combined recency-frequency, as of last_tick (memstore.lrfu)
     last_tick: np.ndarray  # int64 (n,)
     hits: np.ndarray  # int64 (n,)
     created_tick: np.ndarray  # int64 (n,)
@@ -189,7 +191,8 @@ class RowBlock:
 class SearchResult:
     """k nearest rows per query; smaller distance = nearer for every metric.
 
-    Distances: l2 -> Euclidean distance, cosine -> 1 - cosine similarity, ip -> -(q . k).
+    Distances as defined by :mod:`memstore.distances`: l2 -> Euclidean distance, cosine ->
+    1 - cosine similarity, ip -> -(q . k).
     Where fewer than k rows exist, ids are -1, distances +inf and keys/values 0.
     """
 

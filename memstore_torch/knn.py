@@ -15,8 +15,10 @@ product. Two kernels answer the same question and must agree with brute force:
   torch-kernel column of ``benchmarks/knn.py`` measures it now.
 
 Distances follow the store's convention, smaller = nearer: ``l2`` Euclidean (not squared),
-``cosine`` ``1 - cos``, ``ip`` ``-(q . k)``. Missing neighbours (fewer rows than ``k``) are padded
-with index ``-1`` and distance ``+inf``.
+``cosine`` ``1 - cos``, ``ip`` ``-(q . k)``; :func:`search`, :func:`brute_force` and
+:func:`distance_to` are mirrors of memstore.distances.distances (the numpy reference; tested in
+tests/torch/test_semantics_mirrors.py). Missing neighbours (fewer rows than ``k``) are padded with
+index ``-1`` and distance ``+inf``.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def search(
     rows_normalized: bool = False,
     row_sq_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` of ``queries`` (m, d) among ``rows`` (n, d).
+    """Exact top-``k`` of ``queries`` (m, d) among ``rows`` (n, d). Distances mirror
+    memstore.distances.distances (tested in tests/torch/test_semantics_mirrors.py).
 
     Returns ``(distances (m, k) float32, indices (m, k) int64)`` sorted nearest first.
     ``rows_normalized`` says ``rows`` are already unit-norm (cosine); ``row_sq_norms`` (n,) caches
@@ -213,7 +216,9 @@ def _tile_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def brute_force(
     queries: torch.Tensor, rows: torch.Tensor, k: int, metric: Metric = "ip"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference answer from the full distance matrix, in float64 (tests and small inputs only)."""
+    """Reference answer from the full distance matrix, in float64 (tests and small inputs only).
+    Mirror of memstore.distances.pairwise_distances (tested in
+    tests/torch/test_semantics_mirrors.py)."""
     check_metric(metric)
     q = queries.double()
     r = rows.double()
@@ -233,7 +238,8 @@ def brute_force(
 
 
 def distance_to(queries: torch.Tensor, rows: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """Distance of each query (m, d) to its paired row (m, d), in the store's convention."""
+    """Distance of each query (m, d) to its paired row (m, d), in the store's convention.
+    Mirror of memstore.distances.distances (tested in tests/torch/test_semantics_mirrors.py)."""
     if metric == "l2":
         return (queries - rows).norm(dim=-1)
     if metric == "cosine":

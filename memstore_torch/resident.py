@@ -350,29 +350,44 @@ class ResidentIndex:
         return self.clock
 
     def touch(self, slots: torch.Tensor, *, tick: int | None = None) -> None:
-        """LRFU hits (DESIGN section 4) for every non-negative slot in ``slots`` (any shape)."""
+        """LRFU hits for every non-negative slot in ``slots`` (any shape): :meth:`touch_counts`."""
         flat = slots.reshape(-1)
         flat = flat[flat >= 0].to(self.device)
         self.touch_counts(torch.bincount(flat, minlength=self.n)[: self.n], tick=tick)
 
     def touch_counts(self, counts: torch.Tensor, *, tick: int | None = None) -> None:
-        """``counts`` (n,) hits per slot at one tick: ``crf <- c + 2^(-lam*age) * crf``, which is
-        what c successive single hits at the same tick give."""
+        """``counts`` (n,) hits per slot at one tick. Mirror of memstore.lrfu.touch (tested in
+        tests/torch/test_semantics_mirrors.py): stored crf and the hits are both decayed to the
+        later of ``last_tick`` and the tick, then summed, i.e. ``crf <- c + 2^(-lam*age) * crf``
+        for a row last touched before the tick (c successive single hits give the same)."""
         t = self.advance_clock(tick)
         hit = counts.nonzero().reshape(-1)
         if hit.numel() == 0:
             return
-        age = (t - self._last_tick[hit]).clamp_min(0).double()
-        decay = torch.exp2(-self.lrfu_lambda * age)
-        self._crf[hit] = counts[hit].double() + decay * self._crf[hit]
-        self._last_tick[hit] = t
+        last = self._last_tick[hit]
+        row_age = (t - last).clamp_min(0).double()
+        hit_age = (last - t).clamp_min(0).double()  # > 0 only for rows written ahead of the clock
+        self._crf[hit] = (
+            counts[hit].double() * torch.exp2(-self.lrfu_lambda * hit_age)
+            + torch.exp2(-self.lrfu_lambda * row_age) * self._crf[hit]
+        )
+        self._last_tick[hit] = last.clamp_min(t)
         self._hits[hit] += counts[hit].to(torch.int64)
         self._dirty[hit] = True
 
     def lrfu_scores(self, now: int | None = None) -> torch.Tensor:
-        """``log2(crf) - lambda * (now - last_tick)``: higher = keep."""
+        """``log2(crf) - lambda * (now - last_tick)``: higher = keep. Mirror of
+        memstore.lrfu.order_key (tested in tests/torch/test_semantics_mirrors.py)."""
         now = self.clock if now is None else now
         return torch.log2(self.crf) - self.lrfu_lambda * (now - self.last_tick).double()
+
+    def eviction_order(self, now: int | None = None) -> torch.Tensor:
+        """Slots in eviction order: ascending LRFU score, then older ``last_tick``, then lower id.
+        Mirror of memstore.lrfu.eviction_order (tested in tests/torch/test_semantics_mirrors.py),
+        so the resident index and the store evict the same rows, ties included."""
+        order = self.ids.argsort()
+        order = order[self.last_tick[order].argsort(stable=True)]
+        return order[self.lrfu_scores(now)[order].argsort(stable=True)]
 
     # ------------------------------------------------------------------ mutation
     def _check_rows(self, keys: torch.Tensor, values: torch.Tensor | None) -> tuple:
@@ -515,7 +530,8 @@ class ResidentIndex:
         return int(self.delete(self.slots_of(ids)).numel())
 
     def evict(self, capacity: int | None = None, *, min_score: float | None = None) -> torch.Tensor:
-        """Delete the lowest-LRFU rows until ``len <= capacity`` and/or score >= ``min_score``."""
+        """Delete the lowest-LRFU rows until ``len <= capacity`` and/or score >= ``min_score``
+        (in :meth:`eviction_order`, as ``Collection.evict`` does)."""
         if capacity is None and min_score is None:
             raise InvalidInputError("evict needs capacity and/or min_score")
         scores = self.lrfu_scores()
@@ -527,18 +543,28 @@ class ResidentIndex:
                 raise InvalidInputError(f"capacity must be >= 0, got {capacity}")
             excess = self.n - capacity
             if excess > 0:
-                victims[scores.argsort(stable=True)[:excess]] = True
+                victims[self.eviction_order()[:excess]] = True
         removed = self.delete(victims.nonzero().reshape(-1))
         self.counters["evictions"] += int(removed.numel())
         return removed
 
     def recombine(self, queries: torch.Tensor, hits: ResidentHits, threshold: float) -> int:
-        """Merge each query's hits within ``threshold`` of it into one row (DESIGN section 5).
+        """Merge each query's hits within ``threshold`` of it into one row; returns the number of
+        merges (as ``Collection.recombine`` does, and counted as ``recombinations`` likewise).
 
-        Key and value become the ``softmax(-d)``-weighted mean, ``crf``/``hits`` are summed,
-        ``last_tick`` is the max and ``created_tick`` the min; the nearest hit keeps its id.
-        Overlapping groups are resolved greedily, each row merged at most once per call.
-        Returns the number of rows removed.
+        Torch mirror of memstore.recombine.plan_merges (the one definition; tested in
+        tests/torch/test_semantics_mirrors.py: merging here and flushing leaves the database equal
+        to the same merge done by the store). Queries in order, members nearest first, each row
+        merged at most once per call; key and value become the ``softmax(-d)``-weighted means with
+        ``d`` each member's distance to the query; crf is decayed to the newest member's
+        ``last_tick`` and summed (crf is stored as of ``last_tick``), ``hits`` summed,
+        ``last_tick`` the max, ``created_tick`` the min; the nearest member keeps its id (a flush
+        upserts it in place) and the others are deleted.
+
+        ``hits`` decide the groups; ``d`` is recomputed from the members' current keys (in
+        float64, like the reference), which is what the store's search measured when ``hits`` are
+        fresh, and stays the distance of the keys actually averaged when a layer merges hits found
+        before an optimizer step moved them.
         """
         close = (hits.distances <= threshold) & (hits.slots >= 0)
         candidates = (close.sum(1) >= 2).nonzero().reshape(-1).tolist()
@@ -547,24 +573,26 @@ class ResidentIndex:
         used = torch.zeros(self.n, dtype=torch.bool, device=self.device)
         doomed: list[torch.Tensor] = []
         for qi in candidates:
-            group = hits.slots[qi][close[qi]]
+            group = hits.slots[qi][close[qi]].to(self.device)
             group = group[~used[group]]
             if group.numel() < 2:
                 continue
             used[group] = True
             d = knn.distance_to(
-                queries[qi].to(self.device).expand(group.numel(), -1),
-                self.key_storage[group].detach(),
+                queries[qi].to(self.device, torch.float64).expand(group.numel(), -1),
+                self.key_storage[group].detach().double(),
                 self.metric,
             )
-            w = torch.softmax(-d.float(), dim=0)[:, None]
+            w = torch.softmax(-d, dim=0)[:, None]
             keeper, rest = group[0], group[1:]
             with torch.no_grad():
-                self.key_storage[keeper] = (w * self.key_storage[group]).sum(0)
-                self.value_storage[keeper] = (w * self.value_storage[group]).sum(0)
-            now = int(self._last_tick[group].max())
+                key = (w * self.key_storage[group].double()).sum(0)
+                value = (w * self.value_storage[group].double()).sum(0)
+                self.key_storage[keeper] = key.to(self.key_storage.dtype)
+                self.value_storage[keeper] = value.to(self.value_storage.dtype)
+            now = self._last_tick[group].max()
             decay = torch.exp2(-self.lrfu_lambda * (now - self._last_tick[group]).double())
-            self._crf[keeper] = (decay * self._crf[group]).sum()  # crf is "as of last_tick"
+            self._crf[keeper] = (decay * self._crf[group]).sum()
             self._hits[keeper] = self._hits[group].sum()
             self._last_tick[keeper] = now
             self._created_tick[keeper] = self._created_tick[group].min()
@@ -572,6 +600,6 @@ class ResidentIndex:
             doomed.append(rest)
         if not doomed:
             return 0
-        removed = self.delete(torch.cat(doomed)).numel()
-        self.counters["recombinations"] += int(removed)
-        return int(removed)
+        self.delete(torch.cat(doomed))
+        self.counters["recombinations"] += len(doomed)
+        return len(doomed)

@@ -11,14 +11,22 @@ Contract every backend keeps (the Store relies on it; ``tests/store`` checks it)
 * every method that takes ``conn`` runs inside the caller's transaction and never commits;
 * ids, counts and ticks are int64 numpy arrays; keys/values float32; crf float64;
 * tables are named from ``spec.id`` (an integer), never from ``spec.name`` (user text);
-* ``knn`` returns distances in the public convention (smaller = nearer): l2 -> Euclidean distance,
-  cosine -> 1 - cosine similarity, ip -> -(q . k); ``ip`` must equal brute force (ties aside);
-  results are padded with id -1, distance +inf, zero keys/values;
+* ``knn`` returns distances in the public convention of :mod:`memstore.distances` (the numpy
+  reference; smaller = nearer); ``ip`` must equal brute force (ties aside); results are padded with
+  id -1, distance +inf, zero keys/values;
+* LRFU state (``touch``, ``lowest_scored``, ``score_summary``, and the crf / last_tick / hits that
+  ``fetch_rows`` returns) follows :mod:`memstore.lrfu`'s numpy reference exactly;
 * the input arrays are already validated (shapes, dtypes, finiteness) by :mod:`memstore.validation`.
 
-Dialect-neutral maths lives outside the backends so every backend reuses it: LRFU formulas and their
-SQL expressions in :mod:`memstore.lrfu`, recombination / novelty in :mod:`memstore.recombine`,
-input checks in :mod:`memstore.validation`.
+Dialect-neutral semantics live outside the backends, each as one numpy reference: distances in
+:mod:`memstore.distances`, LRFU in :mod:`memstore.lrfu`, recombination / novelty in
+:mod:`memstore.recombine` (planned in numpy, applied by the Collection through this interface),
+input checks in :mod:`memstore.validation`. A backend's SQL is a *mirror* of the references, marked
+as such where it is written and property-tested against them (``tests/store/test_semantics.py``,
+on every backend): PostgreSQL compiles the SQLAlchemy expressions
+:func:`memstore.lrfu.touch_assignments` / :func:`memstore.lrfu.order_key_sql`; SQLite keeps an
+append-only touch log and reads LRFU state in closed form (:mod:`memstore.backends.sqlite_lrfu`),
+which is cheaper on its storage.
 """
 
 from __future__ import annotations
@@ -138,9 +146,9 @@ class VectorBackend(ABC):
         counts: np.ndarray,
         tick: int,
     ) -> None:
-        """Record ``counts[i]`` hits of ``ids[i]`` at ``tick`` (LRFU update, DESIGN §4).
-
-        Use :func:`memstore.lrfu.touch_assignments` for the SQL expressions.
+        """Record ``counts[i]`` hits of ``ids[i]`` at ``tick``: afterwards the rows read back as
+        :func:`memstore.lrfu.touch` says (:func:`memstore.lrfu.touch_assignments` is that update as
+        SQL ``SET`` expressions; a backend may also defer it, as SQLite's touch log does).
         """
 
     @abstractmethod
@@ -155,8 +163,9 @@ class VectorBackend(ABC):
     ) -> np.ndarray:
         """Ids ordered by ascending LRFU order key at ``now`` (ties: older last_tick, then lower id).
 
-        ``limit`` caps how many; ``below`` keeps only rows whose key is < below. Use
-        :func:`memstore.lrfu.order_key_sql` so every backend orders identically.
+        ``limit`` caps how many; ``below`` keeps only rows whose key is < below. The order is
+        :func:`memstore.lrfu.eviction_order` (:func:`memstore.lrfu.order_key_sql` is the key as
+        SQL), so every backend evicts identically.
         """
 
     @abstractmethod

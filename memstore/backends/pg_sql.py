@@ -18,7 +18,8 @@ from memstore.naming import key_index, rows_table
 from memstore.types import CollectionSpec
 
 #: pgvector operator whose result is our public distance (smaller = nearer) for each metric:
-#: ``<->`` Euclidean distance, ``<=>`` 1 - cosine similarity, ``<#>`` -(q . k).
+#: ``<->`` Euclidean distance, ``<=>`` 1 - cosine similarity, ``<#>`` -(q . k). Mirror of
+#: memstore.distances.distances (tested in tests/store/test_semantics.py).
 DISTANCE_OPERATORS = {"l2": "<->", "cosine": "<=>", "ip": "<#>"}
 #: Operator classes that let HNSW / IVFFlat serve ``ORDER BY key <op> q``.
 OPERATOR_CLASSES = {"l2": "vector_l2_ops", "cosine": "vector_cosine_ops", "ip": "vector_ip_ops"}
@@ -145,8 +146,9 @@ def _order_key(lrfu_lambda: float) -> str:
 
 
 def order_key_sql(spec: CollectionSpec) -> str:
-    """memstore.lrfu's order key compiled for PostgreSQL (the same expression as every backend),
-    with the current tick as the parameter ``%(now)s``. Compiled once per lambda."""
+    """Mirror of memstore.lrfu.order_key: :func:`memstore.lrfu.order_key_sql` compiled for
+    PostgreSQL, with the current tick as the parameter ``%(now)s`` (tested in
+    tests/store/test_semantics.py). Compiled once per lambda."""
     return _order_key(float(spec.lrfu_lambda))
 
 
@@ -172,8 +174,8 @@ def _touch_statement(table_name: str, lrfu_lambda: float) -> str:
 
 
 def touch_statement(spec: CollectionSpec) -> str:
-    """One UPDATE for all touched rows; parameters ``%(ids)b`` int8[], ``%(counts)b`` int8[] and
-    ``%(tick)s``.
+    """Mirror of memstore.lrfu.touch (tested in tests/store/test_semantics.py): one UPDATE for all
+    touched rows; parameters ``%(ids)b`` int8[], ``%(counts)b`` int8[] and ``%(tick)s``.
 
     The SET expressions are memstore.lrfu.touch_assignments compiled for PostgreSQL, with the
     per-row hit count taken from the joined ``u.c`` column. Compiled once per collection (a

@@ -34,6 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
+from memstore import distances
 from memstore.backends import sqlite_lrfu
 from memstore.backends.base import VectorBackend
 from memstore.errors import InvalidInputError
@@ -67,16 +68,9 @@ def _decode(blobs: list[bytes], dim: int) -> np.ndarray:
 
 
 def exact_distances(metric: str, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Distances (m, c) between each query (m, d) and its candidate keys (m, c, d), in float64."""
-    q = queries.astype(np.float64)[:, None, :]
-    kk = keys.astype(np.float64)
-    if metric == "l2":
-        return np.sqrt(((kk - q) ** 2).sum(-1))
-    if metric == "cosine":
-        num = (kk * q).sum(-1)
-        den = np.linalg.norm(kk, axis=-1) * np.linalg.norm(q, axis=-1)
-        return 1.0 - num / np.where(den == 0, 1.0, den)
-    return -(kk * q).sum(-1)
+    """Distances (m, c) between each query (m, d) and its candidate keys (m, c, d), in float64:
+    :func:`memstore.distances.distances` itself (the reference), so rescored results follow it."""
+    return distances.distances(metric, np.asarray(queries)[:, None, :], keys)
 
 
 class SqliteBackend(VectorBackend):

@@ -1,5 +1,9 @@
 """LRFU hits on SQLite as an append-only log, folded into the row table lazily.
 
+Mirror of :func:`memstore.lrfu.touch` / :func:`memstore.lrfu.order_key` (the numpy reference),
+tested in tests/store/test_semantics.py (effective state, peek scores, eviction order) and
+tests/store/test_lrfu.py.
+
 Updating the LRFU state of every hit row in place costs a page rewrite per hit (16 random 16 KiB
 pages for a k=16 search: most of a search's write cost, and WAL checkpoints on top). Instead a
 search appends ``(id, tick, count)`` to ``touches_<id>`` (one or two pages) and every reader of LRFU
@@ -8,11 +12,11 @@ With hits ``c_i`` at ticks ``t_i`` and ``T = max(last_tick, max t_i)``::
 
     crf_eff = crf * 2^(-lam (T - last_tick)) + sum_i c_i 2^(-lam (T - t_i)),  last_tick_eff = T
 
-which is exactly DESIGN §4's sequential update ``crf <- c + 2^(-lam (t - last_tick)) crf`` applied
-hit by hit (for ticks not older than ``last_tick``). The log is folded into ``rows_<id>`` (one
-UPDATE ... FROM, then emptied) when it grows past :data:`FOLD_AT` rows and before any statement
-that deletes or replaces rows, so a log entry can never outlive or be applied to the wrong row.
-Statements here use named parameters ``:lam`` (and ``:now``), never spliced values.
+which is exactly :func:`memstore.lrfu.touch` applied hit by hit (every value decayed to the later
+tick, then summed; this also covers hits older than ``last_tick``). The log is folded into
+``rows_<id>`` (one UPDATE ... FROM, then emptied) when it grows past :data:`FOLD_AT` rows and before
+any statement that deletes or replaces rows, so a log entry can never outlive or be applied to the
+wrong row. Statements here use named parameters ``:lam`` (and ``:now``), never spliced values.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ def pending_cte(spec: CollectionSpec) -> str:
     )
 
 
-#: Effective LRFU columns of row alias ``r`` left-joined with pending alias ``a``.
+#: Effective LRFU columns of row alias ``r`` left-joined with pending alias ``a``: mirror of
+#: memstore.lrfu.touch applied to every pending hit (tested in tests/store/test_semantics.py).
 EFFECTIVE_CRF = (
     "(CASE WHEN a.id IS NULL THEN r.crf "
     "WHEN a.t >= r.last_tick THEN a.add_crf + power(2.0, -:lam * (a.t - r.last_tick)) * r.crf "
@@ -59,7 +64,8 @@ def effective_rows(spec: CollectionSpec, rows_table: str) -> str:
 
 
 def order_key(now_param: str = ":now") -> str:
-    """LRFU order key (log2 of the score at ``now``) over the effective columns."""
+    """Mirror of :func:`memstore.lrfu.order_key` over the effective columns (log2 of the score at
+    ``now``; tested in tests/store/test_semantics.py)."""
     return f"(ln({EFFECTIVE_CRF}) / ln(2.0) - :lam * ({now_param} - {EFFECTIVE_LAST_TICK}))"
 
 

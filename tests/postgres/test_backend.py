@@ -136,13 +136,15 @@ def test_touch_lowest_scored_and_summary_match_the_lrfu_reference(pg_backend, ma
     assert summary["mean"] == pytest.approx(key.mean())
 
 
-def test_touch_never_raises_crf_for_rows_ahead_of_the_clock(pg_backend, make_spec):
+def test_touch_of_a_row_ahead_of_the_clock_decays_the_hit_to_its_last_tick(pg_backend, make_spec):
+    """The crf is never scaled up (2^(+lam*5)); the hit at 5 counts as of the row's tick 10."""
     spec = make_spec()
     insert(pg_backend, spec, np.ones((1, 8), np.float32), tick=10)
     with pg_backend.engine.begin() as conn:
         pg_backend.touch(conn, spec, np.array([1]), np.array([1]), 5)
         rows = pg_backend.fetch_rows(conn, spec)
-    assert rows.crf.tolist() == [2.0] and rows.last_tick.tolist() == [10]
+    assert rows.crf.tolist() == [pytest.approx(1 + 2 ** (-0.5 * 5))]
+    assert rows.last_tick.tolist() == [10]
 
 
 def _clustered(n: int, d: int, seed: int) -> np.ndarray:

@@ -30,10 +30,10 @@ def test_recombine_merges_near_duplicates(clustered, index_consistent):
     res = coll.search(query, 5, recombine=0.2, tick=4)
     assert res.changes == {"recombinations": 1, "novel_inserts": 0}
     rows = coll.export_rows()
-    assert rows.ids.tolist() == [3, 4, 5, 6]  # 0,1,2 replaced by new row 6
+    assert rows.ids.tolist() == [0, 3, 4, 5]  # 0,1,2 replaced by one row keeping 0 (the nearest)
     d = np.linalg.norm(keys[:3] - query, axis=1)
     w = softmax_weights(d)
-    merged = rows.take(np.array([3]))
+    merged = rows.take(np.array([0]))
     np.testing.assert_allclose(merged.keys[0], (w[:, None] * keys[:3]).sum(0), rtol=1e-5)
     np.testing.assert_allclose(merged.values[0], (w[:, None] * values[:3]).sum(0), rtol=1e-5)
     # LRFU state: the batch's own touch at tick 4 first, then crf/hits summed, max/min ticks
@@ -42,7 +42,7 @@ def test_recombine_merges_near_duplicates(clustered, index_consistent):
     assert merged.crf[0] == pytest.approx(crf_after_touch.sum())
     assert merged.hits[0] == touched.hits.sum() + 3
     assert merged.last_tick[0] == 4 and merged.created_tick[0] == 0
-    assert res.ids[0, 0] == 6  # the answer is re-searched after the merge
+    assert res.ids[0, 0] == 0  # the answer is re-searched after the merge
     assert coll.stats()["recombinations"] == 1 and index_consistent(coll)
 
 
@@ -103,5 +103,33 @@ def test_recombine_method_merges_without_touching(clustered, index_consistent):
     clock = coll.clock
     assert coll.recombine(np.array([[0, 10, 0]], np.float32), threshold=0.5, k=4) == 1
     assert len(coll) == 5 and coll.clock == clock and index_consistent(coll)
-    merged = coll.get([6])
+    merged = coll.get([3])  # row 3 is the nearest of {3, 4} to the query: it keeps its id
     assert merged.hits[0] == 0 and merged.crf[0] == pytest.approx(2.0)  # two fresh rows, crf 1 each
+
+
+def test_result_sees_a_merged_row_that_came_nearer_to_another_query(store):
+    """Query 2 hit none of the merged rows, but their weighted mean is nearer to it than its
+    second hit was: the returned result must be the search after the merge."""
+    coll = store.create_collection("near", key_dim=2, metric="l2")
+    a, b, c, d = [0.0, 0.0], [0.21, 0.0], [0.1, 2.003], [0.1, 1.5]
+    coll.insert(np.array([a, b, c, d], np.float32))
+    queries = np.array([[0.1, 0.0], [0.1, 1.0]], np.float32)
+    before = coll.search(queries, 2, touch=False)
+    assert before.ids.tolist() == [[0, 1], [3, 2]]  # query 2's hits: d, then c at 1.003
+    res = coll.search(queries, 2, touch=False, recombine=0.15)
+    assert res.changes["recombinations"] == 1 and coll.export_rows().ids.tolist() == [0, 2, 3]
+    assert res.ids.tolist() == [[0, 3], [3, 0]]  # the merged row 0 (~(0.105, 0)) beats c
+    again = coll.search(queries, 2, touch=False)
+    np.testing.assert_array_equal(res.ids, again.ids)
+    np.testing.assert_allclose(res.distances, again.distances)
+
+
+def test_merged_crf_is_decayed_to_the_newest_member(store):
+    """crf is stored as of last_tick: an old member's crf counts decayed, not as if it were new."""
+    coll = store.create_collection("decay", key_dim=2, metric="l2", lrfu_lambda=0.5)
+    coll.insert(np.array([[0, 0], [0.1, 0], [5, 5]], np.float32))  # crf 1 at tick 0
+    coll.search(np.array([[0.1, 0]], np.float32), 1, tick=4)  # row 1: crf 1 + 2^-2, tick 4
+    assert coll.recombine(np.array([[0.09, 0]], np.float32), threshold=0.2, k=3) == 1
+    row = coll.get([1])  # the nearest member (row 1) keeps its id
+    assert len(coll) == 2 and row.last_tick[0] == 4 and row.hits[0] == 1
+    assert row.crf[0] == pytest.approx((1 + 2**-2) + 1 * 2 ** (-0.5 * 4))
