@@ -1,4 +1,4 @@
-"""Quality of memory students against their teacher (DESIGN §9 table, issue 4).
+"""Quality of memory students against their teacher (the evaluation protocol of docs/design.md).
 
     python benchmarks/distill_quality.py --train ../shared/data/wikitext-2/valid.txt \
         --test ../shared/data/wikitext-2/test.txt [--steps 200] [--json]
@@ -73,7 +73,7 @@ def machine() -> dict:
 
 
 def get_teacher(args) -> tuple:
-    """Train the DESIGN §9 teacher once and cache it under --work (reused when the spec matches)."""
+    """Train the evaluation-protocol teacher once and cache it under --work (reused when the spec matches)."""
     teacher_dir = Path(args.work) / "teacher"
     spec = TeacherSpec(**{**TEACHER.__dict__, "steps": args.teacher_steps})
     info_file = teacher_dir / "teacher_train.json"
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = k8_rows[0]["step_time_s"] / control_time if k8_rows and control_time else None
     teacher_ppl = teacher_row["ppl"]
     info = machine()
-    print(f"# memstore distillation quality (DESIGN §9) — {args.steps} distillation steps, "
+    print(f"# memstore distillation quality (evaluation protocol, docs/design.md) — {args.steps} distillation steps, "
           f"batch {args.batch_size}x{context}, teacher {teacher_info['steps']} steps")  # fmt: skip
     print(f"# machine: {info['cores']} cores ({info['cpu']}), torch {info['torch']} "
           f"({info['torch_threads']} threads), SQLite {info['sqlite']}, "

@@ -11,8 +11,8 @@ Both are timed in the same run, interleaved, median of ``--repeats``.
 
     python benchmarks/layer.py --variants [--seeds 2] [--steps 150]
 
-trains AssociativeMemory on a fact-recall task under each straight-through variant (DESIGN
-section 6: "measure which variants train best") and prints the final in-step loss and the recall
+trains AssociativeMemory on a fact-recall task under each straight-through variant (docs/design.md,
+Straight-through gradients: which variants train best) and prints the final in-step loss and the recall
 error when the facts must come from the table alone, both relative to predicting zeros.
 """
 

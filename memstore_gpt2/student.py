@@ -75,7 +75,7 @@ def memory_factory(
     """A surgery factory that turns teacher MLP ``i`` into a memory layer bound to ``layer{i}``.
 
     ``init='mlp'`` (featural only) copies the MLP into memory rows with tail correction, which is
-    what makes the student start close to the teacher (DESIGN §6); ``'random'`` starts from scratch.
+    what makes the student start close to the teacher (docs/design.md, The tail correction); ``'random'`` starts from scratch.
     """
     options = dict(layer_options or {})
     if kind not in ("featural", "associative"):

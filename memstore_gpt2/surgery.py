@@ -135,7 +135,7 @@ def capture_mlp_inputs(model, layers: Sequence[int], batches, max_rows: int = 81
     """Inputs ``(N, d)`` reaching each chosen block's MLP, gathered over ``batches`` of token ids.
 
     Used as calibration data for MLP -> memory initialisation (the tail correction needs the
-    typical distribution of MLP inputs, DESIGN §6).
+    typical distribution of MLP inputs; docs/design.md, The tail correction).
     """
     blocks = gpt2_blocks(model)
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}

@@ -75,7 +75,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 @dataclass
 class TeacherSpec:
-    """Architecture and training budget of a locally trained teacher (DESIGN §9 uses 4/256/4/128)."""
+    """Architecture and training budget of a locally trained teacher (the evaluation protocol in docs/design.md uses 4/256/4/128)."""
 
     layers: int = 4
     width: int = 256

@@ -33,7 +33,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 @dataclass
 class DistillConfig:
-    """Hyper-parameters of a distillation run (DESIGN §9 prototype: T=2, alpha=0.5, AdamW 3e-4)."""
+    """Hyper-parameters of a distillation run (defaults: T=2, alpha=0.5, AdamW 3e-4)."""
 
     steps: int = 300
     batch_size: int = 16

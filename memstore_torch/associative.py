@@ -1,6 +1,6 @@
 """AssociativeMemory: attention over the top-k rows of a growing key/value memory.
 
-Per head (DESIGN section 6): ``q, k, v = W_q x, W_k x, W_v x`` -> top-k stored keys for each ``q``
+Per head (docs/design.md, Associative memory): ``q, k, v = W_q x, W_k x, W_v x`` -> top-k stored keys for each ``q``
 -> insert the ``(k, v)`` pairs that are novel -> ``softmax(q . K'^T / sqrt(d)) V'`` -> ``W_o``.
 All heads share one table (one collection), each with its own projections.
 

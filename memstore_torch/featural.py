@@ -1,6 +1,6 @@
 """FeaturalMemory: a feed-forward layer whose key/value rows live in a memstore collection.
 
-Seed steps 1-4 (DESIGN section 6): ``q = W_q x`` -> top-k stored keys by ``q . key + bias`` ->
+Seed steps 1-4 (docs/design.md, Featural memory): ``q = W_q x`` -> top-k stored keys by ``q . key + bias`` ->
 weighted sum of their values (``softmax(score / tau)`` or an activation such as GELU) -> ``W_o``.
 A GPT-2 MLP ``c_proj(act(c_fc x))`` is exactly this with ``n_inner`` rows, so
 :meth:`FeaturalMemory.from_mlp` turns one into the other; with ``k < n_inner`` the mean of the
@@ -135,8 +135,8 @@ class FeaturalMemory(MemoryLayer):
         """Featural memory equal to a GPT-2 MLP (``c_fc``, ``act``, ``c_proj``) at ``k = n_inner``.
 
         ``calibration`` (N, d) or (B, T, d): sample inputs of this MLP; with ``k < n_inner`` the
-        mean contribution of the rows top-k leaves out is added to the output bias (DESIGN
-        section 6: without it a top-k GELU MLP loses badly). Rows go to ``store``/``collection``
+        mean contribution of the rows top-k leaves out is added to the output bias (docs/design.md,
+        The tail correction: without it a top-k GELU MLP loses badly). Rows go to ``store``/``collection``
         (replacing what the collection held) when given.
         """
         fc_w, fc_b = _linear_weight(mlp.c_fc)  # (n_inner, d), (n_inner,)

@@ -1,7 +1,7 @@
 """Autograd Functions: the top-k memory read and the seed's straight-through rules.
 
 Top-k selection and insertion into a database are not differentiable. What *is* differentiable is
-what happens to the rows once chosen, and the seed (DESIGN section 6) adds three straight-through
+what happens to the rows once chosen, and docs/design.md (Straight-through gradients) gives three straight-through
 rules for what is not:
 
 * ``dQuery = dKeyReturned`` -- a returned key is treated as "the query plus noise", so the gradient

@@ -1,4 +1,4 @@
-"""LRFU: stored state and eviction order equal the reference formula of DESIGN §4, including the
+"""LRFU: stored state and eviction order equal the reference formula (docs/design.md, LRFU), including the
 LFU (lambda=0) and LRU (lambda=1) limits, large ticks, and eviction keeping rows and index in step."""
 
 from __future__ import annotations

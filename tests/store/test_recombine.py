@@ -1,4 +1,4 @@
-"""Recombination and novelty (DESIGN §5): merged rows, counters, consistency, atomicity."""
+"""Recombination and novelty (docs/design.md, Recombination and novelty): merged rows, counters, consistency, atomicity."""
 
 from __future__ import annotations
 
