@@ -225,9 +225,11 @@ class Store:
         catching its error and carrying on is safe. Writers in other threads and processes wait
         for the block, so keep it short. ``compact()`` and ``upgrade()`` cannot run inside it.
 
-        >>> with store.transaction():
-        ...     coll = store.create_collection("facts", key_dim=4)
-        ...     coll.insert(keys)  # a crash here leaves no empty "facts" behind
+        Example::
+
+            with store.transaction():
+                coll = store.create_collection("facts", key_dim=4)
+                coll.insert(keys)  # a crash here leaves no empty "facts" behind
         """
         return self._enter(True)
 

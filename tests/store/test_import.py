@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memstore import Store, errors
+from memstore import Store, catalog, errors
 
 WORKER = Path(__file__).with_name("import_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def test_a_rejected_import_leaves_no_collection(store, rng):
     assert not store.has_collection("new")
 
 
-def test_transaction_groups_calls(store, rng):
+def test_transaction_groups_calls(store, rng, monkeypatch, index_consistent):
     keys = rng.standard_normal((3, 4)).astype(np.float32)
     with pytest.raises(RuntimeError):
         with store.transaction():
@@ -79,10 +79,24 @@ def test_transaction_groups_calls(store, rng):
         with pytest.raises(errors.InvalidInputError, match="inside"):
             coll.compact()
     assert len(store.collection("t")) == 3
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    coll = store.collection("t")
+    with store.transaction():
+        coll.insert(keys)
+        with monkeypatch.context() as patch:  # fails after its rows and index entries are written
+            patch.setattr(catalog, "set_state", boom)
+            with pytest.raises(RuntimeError):
+                coll.insert(rng.standard_normal((500, 4)).astype(np.float32))
+        assert coll.insert(keys).tolist() == [6, 7, 8]  # the failed call left nothing, not even ids
+    assert len(coll) == 9 and coll.stats()["inserts"] == 9 and index_consistent(coll)
+    assert coll.search(keys, 1, touch=False).distances.max() == 0.0
     with store.read():
         with pytest.raises(errors.InvalidInputError, match="inside a read transaction"):
             store.collection("t").insert(keys)
-    assert len(store.collection("t")) == 3
+    assert len(store.collection("t")) == 9
 
 
 @pytest.mark.slow
