@@ -6,6 +6,8 @@ each memstore error reaches the user as one ``Error: ...`` line with exit code 1
 
 from __future__ import annotations
 
+import re
+
 import click
 
 from memstore.errors import InvalidInputError, MemstoreError
@@ -35,15 +37,17 @@ class MemstoreGroup(click.Group):
 
 
 def _as_flags(exc: MemstoreError, commands: list[click.Command]) -> str:
-    """The error's message with its parameter spelled as the innermost command's option."""
+    """The error's message with its parameter spelled as the innermost command's option (the
+    first whole-word mention of the parameter is replaced)."""
     message = str(exc)
     parameter = getattr(exc, "parameter", None)
     if not isinstance(exc, InvalidInputError) or not parameter or not commands:
         return message
     for param in commands[-1].params:
-        if param.name == parameter and message.startswith(parameter):
+        if param.name == parameter:
             spelled = (
                 param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
             )
-            return spelled + message[len(parameter) :]
+            word = re.compile(rf"(?<![\w-]){re.escape(parameter)}(?![\w-])")
+            return word.sub(spelled.replace("\\", r"\\"), message, count=1)
     return message

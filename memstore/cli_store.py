@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import click
 import numpy as np
@@ -20,19 +19,14 @@ from click.core import ParameterSource
 
 from memstore.errors import DatabaseError, InvalidInputError
 from memstore.types import INDEX_KINDS, METRICS, CollectionOptions
-
-
-def normalise_url(url: str) -> str:
-    """``x.db`` -> ``sqlite:///<absolute path>``; URLs pass through unchanged."""
-    if "://" in url:
-        return url
-    return "sqlite:///" + str(Path(url).expanduser().resolve())
+from memstore.url import normalise_url
 
 
 def open_store(url: str, **kwargs):
+    """The Store reads URLs and bare paths itself (:func:`memstore.url.normalise_url`)."""
     from memstore.store import Store
 
-    return Store(normalise_url(url), **kwargs)
+    return Store(url, **kwargs)
 
 
 def load_matrix(path: str, what: str) -> np.ndarray:
@@ -155,8 +149,8 @@ def import_command(
     """Insert rows from .npy files, creating the collection if it is missing.
 
     Ids are assigned consecutively in the order of the rows; the whole file is one transaction.
-    The collection options apply to a new collection; --metric, --index and --oversample given
-    for an existing one must match it.
+    The collection options apply to a new collection; any of them given for an existing one must
+    match it.
 
     \b
     Examples:
@@ -166,46 +160,25 @@ def import_command(
     ctx = click.get_current_context()
     keys = load_matrix(keys_path, "keys")
     values = None if values_path is None else load_matrix(values_path, "values")
+    given = {
+        "metric": metric,
+        "index": index,
+        "oversample": oversample,
+        "lrfu_lambda": lrfu_lambda,
+        "capacity": capacity,
+    }
+    # A new collection takes every option (typed or default); an existing one is checked against
+    # the options the user typed only.
+    typed = {
+        name: value
+        for name, value in given.items()
+        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+    }
     with open_store(url) as store:
-        if store.has_collection(collection):
-            coll = store.collection(collection)
-            for option, given, stored in (
-                ("metric", metric, coll.metric),
-                ("index", index, coll.index),
-                ("oversample", oversample, coll.oversample),
-            ):
-                typed = ctx.get_parameter_source(option) is not ParameterSource.DEFAULT
-                if typed and given != stored:
-                    raise InvalidInputError(
-                        f"collection {collection!r} exists with --{option} {stored}, not {given}"
-                    )
-            created = False
-        else:
-            if keys.ndim != 2:
-                raise InvalidInputError(
-                    f"keys must be a 2-D array (rows, dim), got shape {keys.shape}"
-                )
-            value_dim = (
-                values.shape[-1] if values is not None and values.ndim == 2 else keys.shape[1]
-            )
-            options = CollectionOptions(
-                key_dim=keys.shape[1],
-                value_dim=value_dim,
-                metric=metric,
-                lrfu_lambda=lrfu_lambda,
-                capacity=capacity,
-                index=index,
-                oversample=oversample,
-            )
-            _validate_before_create(keys, values, options)
-            coll = store.create_collection(collection, options)
-            created = True
-        try:
-            ids = coll.insert(keys, values)
-        except Exception:
-            if created:  # do not leave an empty collection behind a rejected file
-                store.drop_collection(collection)
-            raise
+        options = typed if store.has_collection(collection) else given
+        # Create-if-missing and insert are one transaction: a concurrent import of the same new
+        # collection cannot make this one fail, and a crash or a rejected file leaves nothing.
+        coll, ids, created = store.import_rows(collection, keys, values, **options)
         rows = len(coll)
     if as_json:
         emit_json(
@@ -225,28 +198,28 @@ def import_command(
         )
 
 
-def _validate_before_create(keys, values, options: CollectionOptions) -> None:
-    """Reject a bad file before creating the collection it would have created."""
-    from memstore.validation import as_matrix
-
-    as_matrix(keys, options.key_dim, "keys")
-    if values is not None:
-        as_matrix(values, options.value_dim, "values")
-
-
 @click.command("query")
 @URL_ARG
 @click.argument("collection")
 @click.option(
     "--queries", "queries_path", required=True, type=click.Path(), help="Queries (m, dk) .npy."
 )
-@click.option("-k", "k", required=True, type=int, help="Neighbours per query (1..rows).")
+@click.option(
+    "-k",
+    "k",
+    required=True,
+    type=int,
+    help="Neighbours per query (at most 2**20); beyond the rows: id -1, distance inf.",
+)
 @click.option(
     "--touch/--no-touch", default=True, show_default=True, help="Count the hits for LRFU."
 )
 @click.option("--json", "as_json", is_flag=True, help='Print {"ids": [[..]], "distances": [[..]]}.')
 def query_command(url, collection, queries_path, k, touch, as_json) -> None:
     """k nearest rows of each query (smaller distance = nearer; ip distance is -q.k).
+
+    With fewer than k rows, the missing neighbours are id -1 with distance inf (null in --json),
+    as in the Python API.
 
     \b
     Examples:
@@ -258,15 +231,10 @@ def query_command(url, collection, queries_path, k, touch, as_json) -> None:
     queries = load_matrix(queries_path, "queries")
     check_k(k)
     with open_store(url, create=False) as store:
-        coll = store.collection(collection)
-        rows = len(coll)
-        if k > rows:
-            raise InvalidInputError(f"k={k} exceeds the {rows} rows in collection {collection!r}")
-        result = coll.search(queries, k, touch=touch)
+        result = store.collection(collection).search(queries, k, touch=touch)
     if as_json:
-        emit_json(
-            {"ids": result.ids.tolist(), "distances": result.distances.astype(float).tolist()}
-        )
+        distances = [[_finite(d) for d in row] for row in result.distances.astype(float).tolist()]
+        emit_json({"ids": result.ids.tolist(), "distances": distances})
         return
     for q, (ids, dists) in enumerate(zip(result.ids, result.distances, strict=True)):
         pairs = "  ".join(f"{i}:{d:.4g}" for i, d in zip(ids.tolist(), dists.tolist(), strict=True))
@@ -276,11 +244,9 @@ def query_command(url, collection, queries_path, k, touch, as_json) -> None:
 @click.command("inspect")
 @URL_ARG
 @click.argument("collection", required=False)
-@click.option(
-    "--rows", "n_rows", default=5, show_default=True, help="Rows to show (next to evict)."
-)
+@click.option("--rows", "n", default=5, show_default=True, help="Rows to show (next to evict).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def inspect_command(url, collection, n_rows, as_json) -> None:
+def inspect_command(url, collection, n, as_json) -> None:
     """Collections, dims, metric, index, rows, LRFU scores, counters, size on disk, a few rows.
 
     Read-only (safe while another process trains into the database).
@@ -290,7 +256,7 @@ def inspect_command(url, collection, n_rows, as_json) -> None:
       memstore inspect memory.db
       memstore inspect memory.db facts --json
     """
-    with open_store(url, create=False) as store:
+    with open_store(url, read_only=True) as store:
         size = store.size_bytes()
         revision = store.schema_revision()
         if collection is None:
@@ -303,7 +269,7 @@ def inspect_command(url, collection, n_rows, as_json) -> None:
             }
         else:
             coll = store.collection(collection)
-            payload = {**coll.stats(), "size_bytes": size, "sample": coll.peek(max(0, n_rows))}
+            payload = {**coll.stats(), "size_bytes": size, "sample": coll.peek(max(0, n))}
     if as_json:
         emit_json(payload)
         return
@@ -346,11 +312,12 @@ def _print_stats(s: dict) -> None:
 @click.option("--dry-run", is_flag=True, help="Only report what would be evicted.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def prune_command(url, collection, capacity, min_score, dry_run, as_json) -> None:
-    """LRFU eviction, then give the freed space back: the database file shrinks.
+    """LRFU eviction, then give the free space back: the database file shrinks.
 
-    The score is log2(crf) - lambda*(clock - last_tick). After evicting, the vector index is
-    rebuilt from the remaining rows (sqlite-vec keeps emptied chunks otherwise) and the file is
-    VACUUMed.
+    The score is log2(crf) - lambda*(clock - last_tick). After evicting (even when nothing was
+    evicted: space freed by deletes or left by an interrupted prune is given back too), the
+    vector index is rebuilt from the remaining rows (sqlite-vec keeps emptied chunks otherwise)
+    and the file is VACUUMed. --dry-run changes nothing.
 
     \b
     Examples:
@@ -358,14 +325,14 @@ def prune_command(url, collection, capacity, min_score, dry_run, as_json) -> Non
       memstore prune memory.db facts --min-score -20 --dry-run --json
     """
     if (capacity is None) == (min_score is None):
-        raise click.UsageError("give exactly one of --capacity N or --min-score S")
+        raise InvalidInputError("give exactly one of --capacity N or --min-score S")
     if capacity is not None and capacity < 0:
         raise InvalidInputError(f"--capacity must be >= 0, got {capacity}")
     with open_store(url, create=False) as store:
         coll = store.collection(collection)
         rows_before, size_before = len(coll), store.size_bytes()
         evicted = coll.evict(capacity, min_score=min_score, dry_run=dry_run)
-        if not dry_run and len(evicted):
+        if not dry_run:
             coll.compact()
         rows_after, size_after = len(coll), store.size_bytes()
     payload = {

@@ -11,7 +11,15 @@ from memstore.recombine import merged_rows, plan_merges, plan_novel
 from memstore.schema import COUNTERS
 from memstore.transactions import TransactionHost
 from memstore.types import CollectionSpec, RowBlock, SearchResult
-from memstore.validation import as_ids, as_matrix, check_k, check_nonzero_rows
+from memstore.validation import (
+    INT64_MAX,
+    as_ids,
+    as_matrix,
+    check_count,
+    check_int64,
+    check_k,
+    check_nonzero_rows,
+)
 
 
 class Collection:
@@ -85,6 +93,8 @@ class Collection:
         v = self._values(values, len(k), k)
         with self.store.write() as conn:
             state = catalog.state(conn, self.spec.id)
+            if state["next_id"] > INT64_MAX - len(k):
+                raise InvalidInputError(f"collection {self.name!r} has run out of 64-bit ids")
             ids = state["next_id"] + np.arange(len(k), dtype=np.int64)
             self._backend.insert_rows(conn, self.spec, RowBlock.fresh(ids, k, v, state["clock"]))
             catalog.set_state(
@@ -163,11 +173,11 @@ class Collection:
             nv = self._values(novel_values, len(q), q, "novel_values")
         if recombine is not None:
             recombine = float(recombine)
-        if tick is not None and (isinstance(tick, bool) or int(tick) != tick or tick < 0):
-            raise InvalidInputError(f"tick must be a non-negative integer, got {tick!r}")
+        if tick is not None:
+            tick = check_count(tick, "tick")
         if not touch and recombine is None and novel is None:
             with self.store.read() as conn:
-                return self._backend.knn(conn, self.spec, q, k)
+                return self._knn(conn, q, k)
 
         with self.store.write() as conn:
             state = catalog.state(conn, self.spec.id)
@@ -176,11 +186,15 @@ class Collection:
                 now = int(tick)
             else:
                 now = state["clock"] + 1 if touch else state["clock"]
+                if now > INT64_MAX:
+                    raise InvalidInputError(
+                        f"collection {self.name!r}'s clock is at 2**63 - 1 and cannot advance"
+                    )
             if now < state["clock"]:
                 raise InvalidInputError(
                     f"tick {now} is before the collection's clock {state['clock']}"
                 )
-            result = self._backend.knn(conn, self.spec, q, k)
+            result = self._knn(conn, q, k)
             if touch:
                 hit = result.ids[result.ids >= 0]
                 ids, counts = np.unique(hit, return_counts=True)
@@ -228,7 +242,7 @@ class Collection:
                     counters["inserts"] = len(chosen)
                     changed[:] = True  # a new row may now be the nearest of any query
             if changed.any():
-                again = self._backend.knn(conn, self.spec, q[changed], k)
+                again = self._knn(conn, q[changed], k)
                 for field in ("ids", "distances", "keys", "values"):
                     getattr(result, field)[changed] = getattr(again, field)
             catalog.set_state(conn, self.spec.id, clock=now, next_id=next_id, add_counters=counters)
@@ -236,6 +250,24 @@ class Collection:
                 name: counters.get(name, 0) for name in ("recombinations", "novel_inserts")
             }
             return result
+
+    def _knn(self, conn, queries: np.ndarray, k: int) -> SearchResult:
+        """The backend's kNN, refusing results whose distances overflowed float32.
+
+        Finite inputs near float32's limit (3.4e38) can have distances beyond it; they would come
+        back as +inf, indistinguishable from padding, or -inf for ``ip``. Raised inside the
+        transaction, so a touching search that hits this changes nothing.
+        """
+        result = self._backend.knn(conn, self.spec, queries, k)
+        overflowed = (result.ids >= 0) & ~np.isfinite(result.distances)
+        if overflowed.any():
+            row = int(np.argwhere(overflowed)[0][0])
+            raise InvalidInputError(
+                f"the {self.spec.metric} distance between query {row} and a stored key overflows "
+                f"float32 (it, or a vector's norm, exceeds {float(np.finfo(np.float32).max):.3g}):"
+                " the vectors are too large for float32 arithmetic; scale queries and keys down"
+            )
+        return result
 
     def recombine(self, queries, threshold: float, k: int = 16) -> int:
         """Merge near-duplicates around ``queries`` without counting hits: each query's k nearest
@@ -266,6 +298,8 @@ class Collection:
             or capacity < 0
         ):
             raise InvalidInputError(f"capacity must be a non-negative integer, got {capacity!r}")
+        if capacity is not None:
+            check_int64(capacity, "capacity")
         if min_score is not None:
             min_score = float(min_score)
             if np.isnan(min_score):
@@ -301,8 +335,8 @@ class Collection:
         gone = None if deletes is None else as_ids(deletes, "deletes", allow_empty=True)
         if block is not None and gone is not None and np.isin(block.ids, gone).any():
             raise InvalidInputError("apply_changes: some ids are both upserted and deleted")
-        if clock is not None and (isinstance(clock, bool) or int(clock) != clock or clock < 0):
-            raise InvalidInputError(f"clock must be a non-negative integer, got {clock!r}")
+        if clock is not None:
+            clock = check_count(clock, "clock")
         for name, amount in (counters or {}).items():
             if name not in COUNTERS:
                 raise InvalidInputError(
@@ -310,6 +344,9 @@ class Collection:
                 )
             if isinstance(amount, bool) or int(amount) != amount or amount < 0:
                 raise InvalidInputError(f"counter {name!r} must be a non-negative integer")
+            check_int64(int(amount), f"counters[{name!r}]")
+        if block is not None and len(block) and int(block.ids.max()) >= INT64_MAX:
+            raise InvalidInputError(f"upserts.ids must be below 2**63 - 1 ({INT64_MAX})")
         with self.store.write() as conn:
             state = catalog.state(conn, self.spec.id)
             if gone is not None and len(gone):
@@ -357,13 +394,14 @@ class Collection:
 
     def compact(self) -> None:
         """Give the space of deleted/evicted rows back to the file system (rebuild index, VACUUM)."""
-        self.store._translate(self._backend.compact, self.spec)
+        self.store._maintenance(self._backend.compact, self.spec)
 
     def peek(self, n: int = 5) -> list[dict]:
         """The ``n`` rows next in line for eviction, lowest LRFU order key first (for inspect)."""
+        n = check_count(n, "n")
         with self.store.read() as conn:
             now = catalog.state(conn, self.spec.id)["clock"]
-            ids = self._backend.lowest_scored(conn, self.spec, now, limit=int(n))
+            ids = self._backend.lowest_scored(conn, self.spec, now, limit=n)
             rows = self._backend.fetch_rows(conn, self.spec, ids)
         rows = rows.take(np.searchsorted(rows.ids, ids))
         scores = lrfu.order_key(rows.crf, rows.last_tick, now, self.spec.lrfu_lambda)

@@ -54,6 +54,17 @@ class DatabaseError(MemstoreError):
     """The URL does not point at a usable memstore database (not a database, unreachable, ...)."""
 
 
+class StoreClosedError(DatabaseError):
+    """The :class:`memstore.Store` (or a collection handle from it) was used after ``close()``."""
+
+
+class DiskFullError(DatabaseError):
+    """The database could not grow: its file system (or SQLite's ``max_page_count``) is full.
+
+    Nothing of the failed call was written (it ran in one transaction, rolled back).
+    """
+
+
 class SchemaTooNewError(DatabaseError):
     """The database was written by a newer memstore; opening it could corrupt it."""
 

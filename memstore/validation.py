@@ -20,6 +20,14 @@ from memstore.errors import (
 
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
+#: The largest integer a stored count, tick, capacity or id may take (a signed 64-bit column).
+INT64_MAX = 2**63 - 1
+#: The largest ``k`` a search accepts. A result is (m, k)-shaped and padded (ids -1, distances
+#: +inf), so k sizes its arrays whatever the number of rows; an unbounded k would only allocate
+#: padding (k = 10**9 needs gigabytes per query). 2**20 neighbours per query is far beyond any
+#: kNN use and still a bounded allocation.
+MAX_K = 2**20
+
 
 def check_name(name: object) -> str:
     if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
@@ -34,7 +42,28 @@ def check_positive_int(value: object, name: str) -> int:
     the parameter ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise bad_parameter(name, f"must be a positive integer, got {value!r}")
+    return check_int64(value, name)
+
+
+def check_int64(value: int, what: str) -> int:
+    """``value`` if it fits the database's signed 64-bit integers, else a clear error (not the
+    ``OverflowError`` the driver would raise while binding it)."""
+    if value > INT64_MAX:
+        raise bad_parameter(what, f"must be at most 2**63 - 1 ({INT64_MAX}), got {value!r}")
     return int(value)
+
+
+def check_count(value: object, what: str) -> int:
+    """A non-negative integer that fits 64 bits (ticks, clocks, counters, row counts)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or value != value  # NaN
+        or int(value) != value
+        or value < 0
+    ):
+        raise bad_parameter(what, f"must be a non-negative integer, got {value!r}")
+    return check_int64(int(value), what)
 
 
 def check_lrfu_lambda(value: object, name: str = "lrfu_lambda") -> float:
@@ -77,6 +106,9 @@ def as_ids(
     ids: object, what: str = "ids", *, unique: bool = False, allow_empty: bool = False
 ) -> np.ndarray:
     """A 1-D int64 copy of ``ids`` (ints >= 0), or a clear error."""
+    largest = _largest_python_int(ids)
+    if largest is not None and largest > INT64_MAX:  # numpy would make it a float or an object
+        raise bad_parameter(what, f"must be at most 2**63 - 1 ({INT64_MAX}), got {largest}")
     arr = np.asarray(ids)
     if arr.ndim == 0:
         arr = arr.reshape(1)
@@ -88,6 +120,8 @@ def as_ids(
         return np.empty(0, np.int64)
     if arr.dtype.kind not in "iu":
         raise InvalidInputError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > INT64_MAX:  # would wrap round to a negative id
+        raise bad_parameter(what, f"must be at most 2**63 - 1 ({INT64_MAX}), got {int(arr.max())}")
     out = arr.astype(np.int64)
     if (out < 0).any():
         raise InvalidInputError(f"{what} must be >= 0, got {int(out.min())}")
@@ -96,17 +130,34 @@ def as_ids(
     return out
 
 
+def _largest_python_int(ids: object) -> int | None:
+    """The largest Python int in a flat list, tuple or object array (None if there is none)."""
+    if isinstance(ids, np.ndarray):
+        if ids.dtype.kind != "O" or ids.ndim != 1:
+            return None
+    elif isinstance(ids, int) and not isinstance(ids, bool):
+        return ids
+    elif not isinstance(ids, (list, tuple)):
+        return None
+    ints = [x for x in ids if isinstance(x, int) and not isinstance(x, bool)]
+    return max(ints) if ints else None
+
+
 def check_k(k: object) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+        raise bad_parameter("k", f"must be a positive integer, got {k!r}")
+    if k > MAX_K:
+        raise bad_parameter(
+            "k", f"must be at most {MAX_K} (2**20, memstore.validation.MAX_K), got {k!r}"
+        )
     return int(k)
 
 
 def check_nonzero_rows(arr: np.ndarray, what: str) -> None:
     """Cosine distance is undefined for a zero vector."""
-    norms = np.linalg.norm(arr, axis=1)
-    if (norms == 0).any():
+    zero = ~(arr != 0).any(axis=1)  # not a norm: that overflows float32 for huge finite rows
+    if zero.any():
         raise InvalidInputError(
-            f"{what} contain a zero vector (row {int(np.argmax(norms == 0))}); "
+            f"{what} contain a zero vector (row {int(np.argmax(zero))}); "
             "cosine distance is undefined for it"
         )

@@ -53,13 +53,20 @@ class VectorBackend(ABC):
     # ------------------------------------------------------------------ engine
     @classmethod
     @abstractmethod
-    def create_engine(cls, url: sa.URL) -> Engine:
+    def create_engine(cls, url: sa.URL, *, read_only: bool = False) -> Engine:
         """Build the engine with whatever the dialect needs on every connection.
 
         (SQLite: pick a driver that can load extensions, load sqlite-vec, WAL, busy timeout.
         PostgreSQL: ``CREATE EXTENSION vector`` and register the pgvector types.)
+        ``read_only``: the Store will only read; open the database so that nothing at all is
+        written (SQLite: no ``-wal``/``-shm`` files created in a read-only directory).
         Raise :class:`memstore.errors.DriverError` if the driver cannot be set up.
         """
+
+    def disk_full(self, error: BaseException) -> bool:
+        """Whether a driver error means the database ran out of space (reported as
+        :class:`memstore.errors.DiskFullError` instead of the driver's wording)."""
+        return False
 
     def after_open(self) -> None:
         """Called once the database is known to be a current memstore database (optional hook;

@@ -86,8 +86,11 @@ class PostgresBackend(VectorBackend):
     dialect = "postgresql"
 
     @classmethod
-    def create_engine(cls, url: sa.URL) -> Engine:
-        return create_pg_engine(url)
+    def create_engine(cls, url: sa.URL, *, read_only: bool = False) -> Engine:
+        return create_pg_engine(url)  # a read-only Store refuses writes itself
+
+    def disk_full(self, error: BaseException) -> bool:
+        return getattr(error, "sqlstate", None) == "53100"  # disk_full
 
     def after_open(self) -> None:
         """pgvector is installed once the database is known to be memstore's (never before)."""

@@ -27,17 +27,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import suppress
+from urllib.parse import quote
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import QueuePool, StaticPool
 
 from memstore import distances
 from memstore.backends import sqlite_lrfu
 from memstore.backends.base import VectorBackend
-from memstore.errors import InvalidInputError
+from memstore.errors import DatabaseError, InvalidInputError
 from memstore.naming import rows_table as _rows
 from memstore.naming import vec_table as _vec
 from memstore.sqlite_driver import prepare_connection, sqlite_module
@@ -50,6 +52,7 @@ BULK_ROWS = 65_536
 MAX_KNN_K = 4096
 #: Norm-bound headroom for ``ip``: fewer index rebuilds as keys grow, little precision lost.
 IP_HEADROOM = 1.25
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 _COUNTER = "WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < ?{n} - 1) "
 
@@ -73,6 +76,40 @@ def exact_distances(metric: str, queries: np.ndarray, keys: np.ndarray) -> np.nd
     return distances.distances(metric, np.asarray(queries)[:, None, :], keys)
 
 
+#: SQLite result codes (the low byte of ``sqlite_errorcode``) that mean "could not write to disk".
+SQLITE_IOERR, SQLITE_FULL = 10, 13
+#: Free bytes below which an I/O error on the database's file system is reported as a full disk.
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def read_only_uri(path: str) -> str:
+    """A ``file:`` URI that opens ``path`` for reading without writing anything next to it.
+
+    A WAL database normally needs its ``-wal`` and ``-shm`` files, which SQLite creates beside it;
+    in a directory we may not write to that fails ("attempt to write a readonly database"). Where
+    the directory is writable, or both files already exist (a writer is using the database),
+    ``mode=ro`` reads correctly. Where neither, and there is no un-checkpointed ``-wal`` content,
+    the file is all there is, so ``immutable=1`` reads it with no side files at all. The remaining
+    case (a non-empty ``-wal`` without its ``-shm``) cannot be read correctly without writing: a
+    clear error instead of a wrong answer.
+    """
+    absolute = os.path.abspath(path)
+    uri = f"file:{quote(absolute)}?mode=ro"
+    directory = os.path.dirname(absolute)
+    if os.access(directory, os.W_OK):
+        return uri
+    wal, shm = os.path.exists(absolute + "-wal"), os.path.exists(absolute + "-shm")
+    if wal and shm:
+        return uri
+    if wal and os.path.getsize(absolute + "-wal") > 0:
+        raise DatabaseError(
+            f"cannot read {absolute} read-only: its directory is not writable and it has a "
+            f"non-empty -wal file but no -shm file; open it once with write access to "
+            "checkpoint it (for example `memstore init` on it)"
+        )
+    return uri + "&immutable=1"
+
+
 class SqliteBackend(VectorBackend):
     """sqlite-vec backed storage (see the module docstring for the layout)."""
 
@@ -80,13 +117,23 @@ class SqliteBackend(VectorBackend):
 
     # ------------------------------------------------------------------ engine
     @classmethod
-    def create_engine(cls, url: sa.URL) -> Engine:
+    def create_engine(cls, url: sa.URL, *, read_only: bool = False) -> Engine:
+        """Threads: an in-memory database exists only inside its one connection, so every thread
+        shares it (``StaticPool``; the Store serialises transactions on it). A file gets one
+        connection per concurrently working thread (``QueuePool`` with unbounded overflow, so a
+        busy thread never waits on the pool, only on SQLite's own locks); writers then queue on
+        ``BEGIN IMMEDIATE`` and the busy timeout exactly as separate processes do."""
         module = sqlite_module()
         database = url.database or ""
         in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
         kwargs: dict = {"module": module}
         if in_memory:
             kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+        else:
+            kwargs.update(poolclass=QueuePool, pool_size=5, max_overflow=-1)
+            if read_only:
+                uri = read_only_uri(database)
+                kwargs["creator"] = lambda: module.connect(uri, uri=True, check_same_thread=False)
         engine = sa.create_engine(url, **kwargs)
 
         @sa.event.listens_for(engine, "connect")
@@ -98,6 +145,25 @@ class SqliteBackend(VectorBackend):
             conn.exec_driver_sql("BEGIN IMMEDIATE" if is_write_transaction(conn) else "BEGIN")
 
         return engine
+
+    def disk_full(self, error: BaseException) -> bool:
+        """SQLITE_FULL (a full disk or ``PRAGMA max_page_count``), or an I/O error while the file
+        system holding the database has (almost) no space left (SQLite reports a failed ``-shm``
+        or ``-wal`` extension as a plain "disk I/O error")."""
+        code = getattr(error, "sqlite_errorcode", None)
+        primary = None if code is None else code & 0xFF
+        if primary == SQLITE_FULL or "database or disk is full" in str(error):
+            return True
+        if primary != SQLITE_IOERR and "disk I/O error" not in str(error):
+            return False
+        path = self.engine.url.database or ""
+        if path in ("", ":memory:") or path.startswith("file:"):
+            return False
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        except OSError:
+            return False
+        return free < NEARLY_FULL_BYTES
 
     def after_open(self) -> None:
         """WAL (persistent in the file) lets readers such as ``memstore inspect`` run while a
@@ -172,6 +238,11 @@ class SqliteBackend(VectorBackend):
         if longest <= bound:
             return bound
         bound = max(longest * IP_HEADROOM, 1e-30)
+        if bound > FLOAT32_MAX:  # the augmented coordinate sqrt(M^2 - |k|^2) must be a float32
+            raise InvalidInputError(
+                f"keys of norm {longest:.3g} are too long for an ip collection: its index needs "
+                f"norms below {FLOAT32_MAX / IP_HEADROOM:.3g} (float32's range / {IP_HEADROOM})"
+            )
         catalog.write_index_state(conn, spec.id, {"ip_norm_bound": bound})
         self._rebuild_index(conn, spec, bound)
         return bound
@@ -476,7 +547,8 @@ class SqliteBackend(VectorBackend):
         order = np.argsort(dist, kind="stable")[:k]
         c = len(order)
         out.ids[row, :c] = ids[order]
-        out.distances[row, :c] = dist[order]
+        with np.errstate(over="ignore"):  # beyond float32: +-inf, refused by Collection._knn
+            out.distances[row, :c] = dist[order]
         out.keys[row, :c] = keys[order]
         out.values[row, :c] = _decode([found[j][3] for j in order], spec.value_dim)
 

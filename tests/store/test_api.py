@@ -40,7 +40,7 @@ def test_create_get_list_drop(store):
     with pytest.raises(errors.CollectionExistsError):
         store.create_collection("a", key_dim=4)
     assert store.get_or_create_collection("a").key_dim == 4  # nothing asked: stored options
-    with pytest.raises(errors.DimensionMismatchError, match="key_dim 4 .asked for 99"):
+    with pytest.raises(errors.DimensionMismatchError, match="key_dim 4, not 99"):
         store.get_or_create_collection("a", key_dim=99)  # asked for, and different: an error
     assert store.get_or_create_collection("c", key_dim=5).key_dim == 5
     a.insert(np.ones((3, 4), np.float32), np.ones((3, 2), np.float32))

@@ -149,7 +149,18 @@ def test_upgrade_command(runner, tmp_path):
             ["query", "{db}", "facts", "--queries", "{queries}", "-k", "0"],
             "k must be a positive integer",
         ),
-        (["query", "{db}", "facts", "--queries", "{queries}", "-k", "500"], "exceeds the 300 rows"),
+        (
+            ["query", "{db}", "facts", "--queries", "{queries}", "-k", str(2**20 + 1)],
+            "-k must be at most 1048576",
+        ),
+        (
+            ["query", "{db}", "facts", "--queries", "{queries}", "-k", str(2**64)],
+            "-k must be at most 1048576",
+        ),
+        (["import", "{db}", "big", "--keys", "{keys}", "--capacity", str(2**64)], "capacity"),
+        (["import", "{db}", "big", "--keys", "{keys}", "--oversample", str(2**63)], "oversample"),
+        (["inspect", "{db}", "facts", "--rows", str(2**64)], "--rows must be at most 2**63 - 1"),
+        (["import", "{db}", "facts", "--keys", "{keys}", "--capacity", "7"], "--capacity"),
         (
             ["query", "{db}", "nope", "--queries", "{queries}", "-k", "1"],
             "no collection named 'nope'",
