@@ -394,7 +394,7 @@ class Collection:
 
     def compact(self) -> None:
         """Give the space of deleted/evicted rows back to the file system (rebuild index, VACUUM)."""
-        self.store._maintenance(self._backend.compact, self.spec)
+        self.store.maintenance(self._backend.compact, self.spec)
 
     def peek(self, n: int = 5) -> list[dict]:
         """The ``n`` rows next in line for eviction, lowest LRFU order key first (for inspect)."""

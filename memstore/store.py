@@ -111,7 +111,7 @@ class Store:
 
     def upgrade(self) -> str:
         """Migrate to the latest schema revision; returns it."""
-        self._maintenance(migrate.upgrade, self.engine)
+        self.maintenance(migrate.upgrade, self.engine)
         return migrate.head_revision()
 
     def schema_revision(self) -> str | None:
@@ -153,8 +153,9 @@ class Store:
             except sa.exc.DBAPIError as exc:
                 raise self._database_error(exc) from exc
 
-    def _maintenance(self, fn, *args):
-        """Run ``fn`` (upgrade, compact: they commit several transactions of their own)."""
+    def maintenance(self, fn, *args):
+        """Run ``fn(*args)``, a job that commits several transactions of its own (upgrade,
+        compact), outside any open transaction, with driver errors as :class:`DatabaseError`."""
         self._check_open()
         if self.read_only:
             raise DatabaseError(f"{self._text} was opened read_only: it cannot be changed")

@@ -53,7 +53,7 @@ class TransactionHost(Protocol):
         """A write transaction, committed on success and rolled back on any error."""
         ...
 
-    def _translate(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` (which opens its own transactions) with driver errors turned into
-        :class:`memstore.errors.DatabaseError` (package-internal: used by ``compact``)."""
+    def maintenance(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)``, which commits transactions of its own (``compact``), outside any
+        open transaction, with driver errors turned into :class:`memstore.errors.DatabaseError`."""
         ...
