@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,6 +15,8 @@ from memstore.types import CollectionSpec, RowBlock, SearchResult
 from memstore.validation import as_ids, as_matrix, check_k, check_nonzero_rows
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
     from memstore.store import Store
 
 
@@ -287,10 +290,15 @@ class Collection:
         *,
         clock: int | None = None,
         counters: dict[str, int] | None = None,
+        conn: Connection | None = None,
     ) -> None:
         """One transaction: delete ``deletes``, insert-or-replace ``upserts`` (every field kept as
         given), set the clock, add ``counters`` (keys from inserts, novel_inserts, recombinations,
-        evictions, searches) to the stats. The flush path of memstore_torch."""
+        evictions, searches) to the stats. The flush path of memstore_torch.
+
+        ``conn``: an open ``self.store.write()`` transaction to join instead of opening one, so
+        that several collections (and a caller's own rows) change in one atomic commit -- e.g. a
+        training checkpoint that must never leave one layer's memory newer than another's."""
         block = None if upserts is None else self._check_block(upserts)
         gone = None if deletes is None else as_ids(deletes, "deletes", allow_empty=True)
         if block is not None and gone is not None and np.isin(block.ids, gone).any():
@@ -304,7 +312,8 @@ class Collection:
                 )
             if isinstance(amount, bool) or int(amount) != amount or amount < 0:
                 raise InvalidInputError(f"counter {name!r} must be a non-negative integer")
-        with self.store.write() as conn:
+        transaction = self.store.write() if conn is None else nullcontext(conn)
+        with transaction as conn:
             state = catalog.state(conn, self.spec.id)
             if gone is not None and len(gone):
                 self._backend.delete_rows(conn, self.spec, gone)

@@ -144,15 +144,18 @@ class MemoryLayer(nn.Module):
             d = torch.where(alive, dist, torch.full_like(dist, math.inf))
             self.index.recombine(queries, ResidentHits(d, slots, ids), self.recombine)
 
-    def flush(self) -> dict[str, int]:
-        """Write every changed row to the bound collection in one transaction."""
+    def flush(self, conn: Any = None) -> dict[str, int]:
+        """Write every changed row to the bound collection in one transaction.
+
+        ``conn``: an open write transaction of the bound store to join (see
+        :func:`memstore_torch.model_memory.flush_memory`)."""
         self._apply_pending()
         if self._collection is None:
             raise InvalidInputError(
                 "this memory layer is not bound to a store; pass store= and collection="
             )
         self._mark_optimizer_changes()
-        report = self.index.flush(self._collection)
+        report = self.index.flush(self._collection, conn=conn)
         self._snapshot()
         return report
 

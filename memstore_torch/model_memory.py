@@ -8,6 +8,8 @@ module alike, so every one of them is flushed, checkpointed and counted.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .memory_layer import MemoryLayer
@@ -18,9 +20,14 @@ def memory_layers(model: nn.Module) -> dict[str, MemoryLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MemoryLayer)}
 
 
-def flush_memory(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Write every memory layer's changed rows to its collection (one transaction per layer)."""
-    return {name: layer.flush() for name, layer in memory_layers(model).items()}
+def flush_memory(model: nn.Module, conn: Any = None) -> dict[str, dict[str, int]]:
+    """Write every memory layer's changed rows to its collection (one transaction per layer).
+
+    With ``conn`` -- an open ``store.write()`` transaction of the store every layer is bound to --
+    all layers join that one transaction instead, so a checkpoint writer can commit the whole
+    model's memory (and its own bookkeeping rows) atomically.
+    """
+    return {name: layer.flush(conn=conn) for name, layer in memory_layers(model).items()}
 
 
 def memory_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -259,8 +259,12 @@ class ResidentIndex:
             created_tick=self._created_tick[slots].cpu().numpy().astype(np.int64),
         )
 
-    def flush(self, collection: Any) -> dict[str, int]:
-        """Write every dirty row and deletion to ``collection`` in one transaction."""
+    def flush(self, collection: Any, conn: Any = None) -> dict[str, int]:
+        """Write every dirty row and deletion to ``collection`` in one transaction.
+
+        ``conn`` (an open ``store.write()`` transaction) joins the caller's transaction instead;
+        the rows then count as written when this returns, so a caller whose transaction fails
+        afterwards must reload the index (or abandon it, as a training run that dies does)."""
         upserts = self.dirty_block()
         deletes = (
             torch.cat(self._deleted_ids).cpu().numpy().astype(np.int64)
@@ -272,6 +276,7 @@ class ResidentIndex:
             deletes=deletes if len(deletes) else None,
             clock=self.clock,
             counters=dict(self.counters),
+            **({} if conn is None else {"conn": conn}),
         )
         self._dirty[:] = False
         self._in_store[: self.n] = True
