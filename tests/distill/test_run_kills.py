@@ -26,23 +26,35 @@ from memstore_gpt2.cli import main
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("kill_driver.py")
 
-#: name -> (where, when, nth, min_steps, recovery); the run checkpoints at steps 0, 2, 4 and 6.
+#: name -> (where, when, nth, min_steps, recovery, kind); runs checkpoint at steps 0, 2, 4 and 6.
 KILLS = {
-    "during surgery": ("save_student", "before", 1, 0, "restart"),
-    "first checkpoint file in place, memory not committed": ("install", "after", 1, 0, "restart"),
-    "between checkpoints": ("train_step", "before", 4, 0, "resume"),
-    "inside the memory commit, one layer written": ("apply_changes", "after", 1, 4, "resume"),
-    "inside the memory commit, every layer written": ("apply_changes", "after", 2, 4, "resume"),
-    "checkpoint file written, not yet renamed": ("install", "before", 1, 4, "resume"),
-    "checkpoint file renamed, memory not committed": ("install", "after", 1, 4, "resume"),
-    "after the last checkpoint, student not saved": ("save_student", "before", 2, 0, "resume"),
-}
+    "during surgery": ("save_student", "before", 1, 0, "restart", "featural"),
+    "first checkpoint file in place, memory not committed": (
+        "install", "after", 1, 0, "restart", "featural"),
+    "between checkpoints": ("train_step", "before", 4, 0, "resume", "featural"),
+    "inside the memory commit, one layer written": (
+        "apply_changes", "after", 1, 4, "resume", "featural"),
+    "inside the memory commit, every layer written": (
+        "apply_changes", "after", 2, 4, "resume", "featural"),
+    "checkpoint file written, not yet renamed": ("install", "before", 1, 4, "resume", "featural"),
+    "checkpoint file renamed, memory not committed": (
+        "install", "after", 1, 4, "resume", "featural"),
+    "after the last checkpoint, student not saved": (
+        "save_student", "before", 2, 0, "resume", "featural"),
+    # associative memory inserts and evicts rows: ids, counters and the clock must replay too
+    "associative: checkpoint file renamed, memory not committed": (
+        "install", "after", 1, 4, "resume", "associative"),
+}  # fmt: skip
 COUNTERS = ("clock", "next_id", "inserts", "novel_inserts", "recombinations", "evictions")
+KIND_ARGS = {
+    "featural": ["--k", "16"],
+    "associative": ["--kind", "associative", "--k", "4", "--heads", "2", "--capacity", "64"],
+}
 
 
-def distill_args(teacher: Path, corpus: Path, out: Path) -> list[str]:
+def distill_args(teacher: Path, corpus: Path, out: Path, kind: str = "featural") -> list[str]:
     return ["distill", "gpt2", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
-            "--k", "16", "--batch-size", "4", "--eval-blocks", "4", "--steps", "6",
+            *KIND_ARGS[kind], "--batch-size", "4", "--eval-blocks", "4", "--steps", "6",
             "--checkpoint-every", "2", "--json"]  # fmt: skip
 
 
@@ -51,11 +63,19 @@ def run_cli(args: list[str]):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, dropout_teacher_dir, corpus_dir) -> Path:
-    out = tmp_path_factory.mktemp("uninterrupted") / "student"
-    result = run_cli(distill_args(dropout_teacher_dir, corpus_dir, out))
-    assert result.exit_code == 0, result.output
-    return out
+def references(tmp_path_factory, dropout_teacher_dir, corpus_dir):
+    """kind -> the directory of an uninterrupted run (made on first use)."""
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            out = tmp_path_factory.mktemp(f"uninterrupted_{kind}") / "student"
+            result = run_cli(distill_args(dropout_teacher_dir, corpus_dir, out, kind))
+            assert result.exit_code == 0, result.output
+            made[kind] = out
+        return made[kind]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +85,8 @@ def killed(tmp_path_factory, dropout_teacher_dir, corpus_dir) -> dict[str, Path]
     outs = {name: root / f"run{i}" for i, name in enumerate(KILLS)}
     scenarios = [
         {"where": where, "when": when, "nth": nth, "min_steps": min_steps,
-         "args": distill_args(dropout_teacher_dir, corpus_dir, outs[name])}
-        for name, (where, when, nth, min_steps, _) in KILLS.items()
+         "args": distill_args(dropout_teacher_dir, corpus_dir, outs[name], kind)}
+        for name, (where, when, nth, min_steps, _, kind) in KILLS.items()
     ]  # fmt: skip
     spec = root / "scenarios.json"
     spec.write_text(json.dumps(scenarios))
@@ -133,13 +153,14 @@ def assert_same_final_state(got: dict, want: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", list(KILLS))
 def test_killed_run_recovers_to_the_uninterrupted_state(
-    kill, killed, reference, dropout_teacher_dir, corpus_dir
+    kill, killed, references, dropout_teacher_dir, corpus_dir
 ):
     out = killed[kill]
-    args = distill_args(dropout_teacher_dir, corpus_dir, out)
+    recovery, kind = KILLS[kill][-2:]
+    args = distill_args(dropout_teacher_dir, corpus_dir, out, kind)
     manifest = json.loads((out / "memstore_student.json").read_text())
     assert manifest["run"]["finished"] is False, "a killed run's directory must say so"
-    if KILLS[kill][-1] == "restart":
+    if recovery == "restart":
         refused = run_cli([*args, "--resume"])
         assert refused.exit_code == 1
         assert "without --resume to start it again" in refused.output.strip().splitlines()[-1]
@@ -147,12 +168,14 @@ def test_killed_run_recovers_to_the_uninterrupted_state(
     else:
         result = run_cli([*args, "--resume"])
     assert result.exit_code == 0, result.output
-    assert_same_final_state(final_state(out), final_state(reference))
+    assert_same_final_state(final_state(out), final_state(references(kind)))
 
 
-def test_two_identical_runs_are_bit_identical(tmp_path, reference, dropout_teacher_dir, corpus_dir):
+def test_two_identical_runs_are_bit_identical(
+    tmp_path, references, dropout_teacher_dir, corpus_dir
+):
     """The student has dropout, so this fails unless each run seeds torch's RNG from --seed."""
     out = tmp_path / "again"
     result = run_cli(distill_args(dropout_teacher_dir, corpus_dir, out))
     assert result.exit_code == 0, result.output
-    assert_same_final_state(final_state(out), final_state(reference))
+    assert_same_final_state(final_state(out), final_state(references("featural")))
