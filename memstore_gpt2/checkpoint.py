@@ -28,6 +28,7 @@ import os
 import pickle
 import secrets
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -132,15 +133,26 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint payload, loaded as plain data only; :class:`StudentFormatError` otherwise."""
+def read_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, Any]:
+    """A checkpoint payload, loaded as plain data only; :class:`StudentFormatError` otherwise.
+
+    ``mmap`` (the default) maps the tensors instead of reading them: cheap when only the step,
+    token or run record is wanted. Load with ``mmap=False`` to keep the tensors, so that no
+    mapping pins the file's disk space after the next checkpoint replaces it.
+    """
     path = Path(path)
+    if not zipfile.is_zipfile(path):  # what torch.save writes; the rest is damage
+        raise StudentFormatError(f"{path} is damaged or not a memstore checkpoint")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
+        # weights_only refuses a reference to a function or class as an "unsupported GLOBAL"
+        refused = [line for line in str(exc).splitlines() if "GLOBAL" in line]
+        if not refused:  # anything else it cannot unpickle is plain damage
+            raise StudentFormatError(f"{path} is damaged (not a readable checkpoint)") from None
         raise StudentFormatError(
             f"{path} holds objects other than plain data (tensors, numbers, strings); refusing to "
-            f"load it, because unpickling them could run code ({_first_line(exc)})"
+            f"load it, because unpickling them could run code ({refused[0].strip()})"
         ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
         raise StudentFormatError(
@@ -214,7 +226,7 @@ def consistent_checkpoint(out_dir: str | os.PathLike, store) -> tuple[Path, dict
         raise StudentFormatError(f"{out} has no {CHECKPOINT_FILE} to resume from")
     first = read_checkpoint(files[0])
     if store is None:  # no memory half: every file is a whole checkpoint
-        return files[0], first
+        return files[0], read_checkpoint(files[0], mmap=False)
     stamp = committed_stamp(store, first["run_id"])
     if stamp is None:
         raise StudentFormatError(
@@ -228,7 +240,7 @@ def consistent_checkpoint(out_dir: str | os.PathLike, store) -> tuple[Path, dict
             if path != current:
                 os.replace(path, current)
                 fsync_directory(out)
-            return current, payload
+            return current, read_checkpoint(current, mmap=False)
     raise StudentFormatError(
         f"the memory database is at step {stamp[0]} of the run in {out}, but no checkpoint file "
         f"there matches it ({files[0].name} is at step {first['step']}); the directory and the "
