@@ -187,6 +187,7 @@ def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers
     """
     require_torch()
     from memstore_gpt2.distill import DistillJob, run_distill
+    from memstore_gpt2.errors import RunInterrupted
     from memstore_gpt2.trainer import DistillConfig
 
     config = DistillConfig(
@@ -198,13 +199,34 @@ def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers
         teacher=teacher, data=list(data), eval_data=list(eval_data) or None, db=db, out=out,
         kind=kind, k=k, init=init or ("mlp" if kind == "featural" else "random"), layers=layers,
         resume=resume, context=context, heads=heads, capacity=capacity, config=config,
-        progress=not as_json,
+        progress=not as_json, explicit=_explicit_options(click.get_current_context()),
     )  # fmt: skip
-    summary = run_distill(job)
+    try:
+        summary = run_distill(job)
+    except RunInterrupted as exc:
+        message = f"{exc}; continue it with the same command and --resume"
+        raise _Interrupted(message, exc.exit_code) from None
     if as_json:
         _emit_json(summary)
     else:
         _print_distill_result(summary)
+
+
+def _explicit_options(ctx: click.Context) -> frozenset[str]:
+    """Options typed on the command line (a resumed run keeps its own values for the others)."""
+    return frozenset(
+        name
+        for name in ctx.params
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+    )
+
+
+class _Interrupted(click.ClickException):
+    """A run stopped by a signal: one line, and the exit code of death by that signal."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # -- generate --------------------------------------------------------------------------------------
@@ -224,9 +246,12 @@ def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, se
       memstore generate student/ --prompt "The for statement"
     """
     require_torch()
+    from memstore_gpt2.errors import StudentFormatError, TeacherNotFoundError
     from memstore_gpt2.generate import generate_text
     from memstore_gpt2.student import STUDENT_FILE, load_student
 
+    if not Path(student_dir).is_dir():
+        raise StudentFormatError(f"no directory {student_dir!r}: give a student or model directory")
     if (Path(student_dir) / STUDENT_FILE).is_file():
         loaded = load_student(student_dir, db=db)
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -234,7 +259,13 @@ def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, se
         from memstore_gpt2.teacher import load_teacher
 
         loaded = None
-        model, tokenizer = load_teacher(student_dir)
+        try:
+            model, tokenizer = load_teacher(student_dir)
+        except TeacherNotFoundError:
+            raise StudentFormatError(
+                f"{student_dir!r} is neither a memstore student directory (no {STUDENT_FILE}) "
+                "nor a GPT-2 model directory"
+            ) from None
     try:
         text = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k or None, seed=seed)  # fmt: skip

@@ -2,23 +2,57 @@
 
 One function shared by the CLI, the demo and the quality benchmark, so that what is measured is
 exactly what users run.
+
+A run is recorded in its checkpoints: every option that shapes its trajectory and fingerprints of
+its teacher (sha256 of the weights) and data (sha256 of the token blocks). ``resume`` checks the
+invocation against that record and refuses a difference with one line naming it; options the
+caller did not choose (``DistillJob.explicit``) take the run's values. A fresh run in a directory
+whose earlier run was killed before committing its first checkpoint removes what that run created
+and starts again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from memstore.errors import InvalidInputError
+import numpy as np
+
+from memstore.errors import InvalidInputError, bad_parameter
+from memstore_gpt2.checkpoint import (
+    CHECKPOINT_FILE,
+    checkpoint_files,
+    committed_stamp,
+    new_run_id,
+    read_checkpoint,
+    remove_checkpoint_files,
+)
 from memstore_gpt2.errors import StudentFormatError
-from memstore_gpt2.trainer import CHECKPOINT_FILE, DistillConfig, Distiller, write_summary
+from memstore_gpt2.trainer import DistillConfig, Distiller, write_summary
+
+#: Job options that shape a run's trajectory: a resume must keep them.
+TRAJECTORY_JOB_OPTIONS = (
+    "kind", "k", "init", "layers", "context", "heads", "capacity", "calibration_batches",
+)  # fmt: skip
+#: DistillConfig fields that shape the trajectory (or the reported perplexities).
+TRAJECTORY_CONFIG_OPTIONS = (
+    "batch_size", "lr", "memory_lr", "weight_decay", "warmup", "alpha", "temperature", "clip",
+    "eval_blocks", "seed",
+)  # fmt: skip
+#: DistillConfig fields a resume may change (``steps`` may grow; the rest do not change results).
+FREE_CONFIG_OPTIONS = ("steps", "eval_every", "checkpoint_every", "log_every")
 
 
 @dataclass
 class DistillJob:
-    """Everything ``memstore distill gpt2`` needs; field names follow the CLI flags."""
+    """Everything ``memstore distill gpt2`` needs; field names follow the CLI flags.
+
+    ``explicit``: the option names the caller chose; when resuming, every other option takes the
+    run's recorded value. None means all were chosen (a resume then checks every one of them).
+    """
 
     teacher: str
     data: list[str]
@@ -36,6 +70,10 @@ class DistillJob:
     calibration_batches: int = 4
     config: DistillConfig = field(default_factory=DistillConfig)
     progress: bool = True
+    explicit: frozenset[str] | None = None
+
+    def chose(self, name: str) -> bool:
+        return self.explicit is None or name in self.explicit
 
 
 def prepare_data(tokenizer, job: DistillJob, context: int):
@@ -48,17 +86,147 @@ def prepare_data(tokenizer, job: DistillJob, context: int):
     return holdout_split(blocks)
 
 
+def blocks_fingerprint(blocks: np.ndarray) -> str:
+    """sha256 of token blocks (shape, dtype and ids): equal exactly when the data is the same."""
+    digest = hashlib.sha256(f"{blocks.shape}|{blocks.dtype}".encode())
+    digest.update(np.ascontiguousarray(blocks).tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _run_options(job: DistillJob, layers: list[int], context: int) -> dict[str, Any]:
+    options = {name: getattr(job, name) for name in TRAJECTORY_JOB_OPTIONS}
+    options.update(layers=list(layers), context=context)
+    options.update(asdict(job.config))
+    return options
+
+
+def _adopt_run_options(job: DistillJob, recorded: dict[str, Any]) -> None:
+    """Options the caller did not choose take the values the run was started with."""
+    config_names = {f.name for f in fields(DistillConfig)}
+    for name, value in recorded.items():
+        if job.chose(name):
+            continue
+        if name in config_names:
+            setattr(job.config, name, value)
+        elif name == "layers":
+            job.layers = ",".join(str(i) for i in value)
+        elif name in TRAJECTORY_JOB_OPTIONS:
+            setattr(job, name, value)
+
+
+def _check_same_run(job: DistillJob, record: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse, with one line naming it, the first way this invocation differs from the run."""
+    if record.get("teacher_sha256") != current["teacher_sha256"]:
+        raise bad_parameter(
+            "teacher",
+            f"{job.teacher!r} is not the teacher of the run being resumed "
+            f"({record.get('teacher')!r}): their weights differ",
+        )
+    for name, what in (("data", "training"), ("eval_data", "held-out")):
+        was, now = record.get(f"{name}_sha256"), current[f"{name}_sha256"]
+        if was != now:
+            raise bad_parameter(
+                name,
+                f"differs from the {what} data of the run being resumed (sha256 of its token "
+                f"blocks {now[:12]}, the run's {str(was)[:12]}); resume with the run's data, "
+                "or start a new run in another directory",
+            )
+    recorded = record.get("options", {})
+    for name in TRAJECTORY_JOB_OPTIONS + TRAJECTORY_CONFIG_OPTIONS:
+        was, now = recorded.get(name), current["options"][name]
+        if was != now:
+            raise bad_parameter(
+                name,
+                f"is {now!r} but the run being resumed used {was!r}; leave it out to keep the "
+                "run's value, or start a new run in another directory",
+            )
+
+
+_START_AGAIN = "run the same command without --resume to start it again"
+
+
+def _saved_run(out: Path) -> tuple[str, dict[str, Any]]:
+    """(run id, run record) of the checkpoint in ``out`` (both checkpoint files hold the same)."""
+    files = checkpoint_files(out)
+    if not files:
+        raise StudentFormatError(
+            f"--resume: {out} has no {CHECKPOINT_FILE} to resume from (its run stopped before "
+            f"its first checkpoint); {_START_AGAIN}"
+        )
+    payload = read_checkpoint(files[0])
+    record = payload["run"]
+    if not isinstance(record.get("options"), dict) or "data_sha256" not in record:
+        raise StudentFormatError(
+            f"--resume: {files[0]} does not record the options of its run, so a resume cannot be "
+            "checked against it; start a new run"
+        )
+    return payload["run_id"], record
+
+
+def _prepare_fresh_directory(out: Path) -> None:
+    """Refuse a directory holding a run; clear one whose run never committed a checkpoint."""
+    from memstore import Store
+    from memstore.errors import DatabaseError
+    from memstore_gpt2.student import STUDENT_FILE, read_manifest, resolve_db_url, run_unfinished
+
+    refuse = InvalidInputError(
+        f"{out} already holds a distillation run; pass --resume to continue it, "
+        "or choose another --out"
+    )
+    if not (out / STUDENT_FILE).is_file():
+        if checkpoint_files(out):
+            raise refuse
+        return
+    manifest = read_manifest(out)
+    if not run_unfinished(manifest):
+        if checkpoint_files(out):
+            raise refuse
+        return
+    run = manifest["run"]
+    try:
+        store = Store(resolve_db_url(out, manifest), create=False)
+    except DatabaseError:
+        store = None  # its database was never created: nothing to clear there
+    try:
+        if store is not None:
+            if committed_stamp(store, str(run.get("id"))) is not None:
+                raise refuse
+            for name in run.get("collections", []):
+                if store.has_collection(name):
+                    store.drop_collection(name)
+    finally:
+        if store is not None:
+            store.close()
+    remove_checkpoint_files(out)
+
+
 def run_distill(job: DistillJob) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the summary that ``--json`` prints."""
+    import torch
+
     from memstore import Store
     from memstore_gpt2.student import (
         build_student_skeleton,
+        collection_name,
         default_db_url,
         memory_factory,
         memory_slots,
         read_manifest,
         resolve_db_url,
         save_student,
+        write_manifest,
     )
     from memstore_gpt2.surgery import parse_layers
     from memstore_gpt2.teacher import load_teacher
@@ -66,6 +234,12 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
 
     started = time.perf_counter()
     job.config.validate()  # before any work: a bad option must not fail deep inside calibration
+    out = Path(job.out)
+    if job.resume:
+        manifest = read_manifest(out)
+        run_id, record = _saved_run(out)
+        _adopt_run_options(job, record["options"])
+        job.config.validate()
     teacher, tokenizer = load_teacher(job.teacher)
     layers = parse_layers(job.layers, teacher.config.n_layer)
     context = job.context or min(teacher.config.n_positions, 128)
@@ -74,39 +248,52 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
             f"--context {context} exceeds the teacher's {teacher.config.n_positions} positions"
         )
     train_blocks, eval_blocks = prepare_data(tokenizer, job, context)
-    out = Path(job.out)
-    checkpoint = out / CHECKPOINT_FILE
+    current = {
+        "teacher": job.teacher,
+        "teacher_sha256": model_fingerprint(teacher),
+        "data_sha256": blocks_fingerprint(train_blocks),
+        "eval_data_sha256": blocks_fingerprint(eval_blocks),
+        "options": _run_options(job, layers, context),
+    }
+    info = {"teacher": job.teacher, "kind": job.kind, "k": job.k, "init": job.init}
 
     if job.resume:
-        manifest = read_manifest(out)
-        if not checkpoint.is_file():
-            raise StudentFormatError(f"--resume: {out} has no {CHECKPOINT_FILE} to resume from")
+        _check_same_run(job, record, current)
         db_url = resolve_db_url(out, manifest, job.db)
+        store = Store(db_url, create=False)
+        try:
+            if committed_stamp(store, run_id) is None:
+                raise StudentFormatError(
+                    f"--resume: the run in {out} stopped before its first checkpoint was "
+                    f"committed to its database; {_START_AGAIN}"
+                )
+        except BaseException:
+            store.close()
+            raise
+        run = dict(manifest.get("run") or {}, id=run_id, finished=False)
     else:
-        if checkpoint.is_file():
-            raise InvalidInputError(
-                f"{out} already holds a distillation run; pass --resume to continue it, "
-                "or choose another --out"
-            )
+        _prepare_fresh_directory(out)
         db_url = job.db or default_db_url(out)
         # validates --kind/--init/--k before the store is touched
         memory_factory(job.kind, None, k=job.k, init=job.init, heads=job.heads)
         out.mkdir(parents=True, exist_ok=True)
-    info = {"teacher": job.teacher, "kind": job.kind, "k": job.k, "init": job.init}
-    if job.resume:  # what the run was started with wins over this invocation's defaults
-        info = {**info, **{k: v for k, v in manifest.get("info", {}).items() if k in info}}
-    store = Store(db_url)
+        store = Store(db_url)
+        run = {
+            "id": new_run_id(),
+            "finished": False,
+            "collections": [collection_name(i) for i in layers],
+        }
     try:
         if job.resume:
             student = build_student_skeleton(out, manifest, store)
+            write_manifest(out, db_url, manifest["layers"], manifest.get("info"), run)
         else:
+            _check_no_clash(store, layers)
+            # Said before any collection exists, so a run killed during surgery can be cleared.
+            write_manifest(out, db_url, {}, info, run)
+            torch.manual_seed(job.config.seed)  # layers drawn at random start the same each run
             student = _new_student(job, teacher, layers, train_blocks, store)
-            save_student(student, tokenizer, out, db_url, info=info)
-    except BaseException:
-        store.close()
-        raise
-
-    try:
+            save_student(student, tokenizer, out, db_url, info=info, run=run)
         distiller = Distiller(
             student,
             teacher,
@@ -115,11 +302,14 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
             job.config,
             out_dir=out,
             progress=job.progress,
+            run_id=run.get("id"),
+            run_info=current,
         )
         if job.resume:
             distiller.load_checkpoint()
         result = distiller.run()
-        save_student(student, tokenizer, out, db_url, info=info)
+        run = {**run, "id": distiller.run_id, "finished": True}
+        save_student(student, tokenizer, out, db_url, info=info, run=run)
         slots = memory_slots(student)
         rows = {str(key): len(layer.collection) for key, layer in slots.items()}
         db_bytes = store.size_bytes()
@@ -146,11 +336,8 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     return summary
 
 
-def _new_student(job: DistillJob, teacher, layers: list[int], train_blocks, store):
-    """Surgery for a fresh run: memory layers bound to ``layer<i>`` collections of ``store``."""
-    from memstore_gpt2.lm_training import batch_for_step
-    from memstore_gpt2.student import collection_name, memory_factory
-    from memstore_gpt2.surgery import capture_mlp_inputs, clone_with_mlps
+def _check_no_clash(store, layers: list[int]) -> None:
+    from memstore_gpt2.student import collection_name
 
     existing = {c.name for c in store.list_collections()}
     clash = sorted(existing & {collection_name(i) for i in layers})
@@ -159,6 +346,14 @@ def _new_student(job: DistillJob, teacher, layers: list[int], train_blocks, stor
             f"database {store.url} already holds collection(s) {', '.join(clash)}; "
             "pass --resume to continue that run, or give another --db"
         )
+
+
+def _new_student(job: DistillJob, teacher, layers: list[int], train_blocks, store):
+    """Surgery for a fresh run: memory layers bound to ``layer<i>`` collections of ``store``."""
+    from memstore_gpt2.lm_training import batch_for_step
+    from memstore_gpt2.student import memory_factory
+    from memstore_gpt2.surgery import capture_mlp_inputs, clone_with_mlps
+
     calibration = None
     if job.init == "mlp":
         batches = [

@@ -15,3 +15,18 @@ class TeacherNotFoundError(MemstoreError, LookupError):
 
 class StudentFormatError(MemstoreError):
     """A student directory or training checkpoint is missing files or was written differently."""
+
+
+class RunInterrupted(MemstoreError):
+    """A training run stopped on SIGINT/SIGTERM after saving a checkpoint; resuming continues it.
+
+    ``exit_code`` is the shell's convention for death by that signal (128 + its number), so a
+    scheduler still sees the run as interrupted rather than finished.
+    """
+
+    def __init__(self, signal_name: str, signum: int, step: int, steps: int) -> None:
+        super().__init__(
+            f"interrupted by {signal_name} at step {step} of {steps}; a checkpoint was saved"
+        )
+        self.signal_name, self.step, self.steps = signal_name, step, steps
+        self.exit_code = 128 + signum

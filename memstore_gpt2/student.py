@@ -4,6 +4,10 @@ A student directory holds the GPT-2 config, the tokenizer, the *dense* weights (
 ``memstore_student.json`` — which blocks carry which memory layer, each layer's ``extra_config()``
 and the database URL. The memory rows themselves are not copied into the directory: the database is
 their home, so editing the database (``memstore prune``, ``import``...) edits what the model knows.
+
+A directory that a distillation run is still writing has ``"run": {"finished": false}`` in its
+manifest: until the run ends, ``dense.pt`` and the memory are from different steps, so loading it
+is refused (resume the run to finish it). Manifests without a ``run`` entry are finished students.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 from memstore.errors import bad_parameter
+from memstore_gpt2.checkpoint import fsync_directory
 from memstore_gpt2.errors import StudentFormatError
 from memstore_gpt2.surgery import ZeroMlp, gpt2_blocks
 from memstore_torch.model_memory import flush_memory, is_memory_row_key, memory_layers
@@ -137,9 +142,18 @@ def layer_manifest(model) -> dict[str, dict[str, Any]]:
 
 
 def save_student(
-    model, tokenizer, out_dir: str | os.PathLike, db_url: str, info: dict | None = None
+    model,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    db_url: str,
+    info: dict | None = None,
+    run: dict | None = None,
 ) -> Path:
-    """Flush memory and write the student directory (config, tokenizer, dense weights, manifest)."""
+    """Flush memory and write the student directory (config, tokenizer, dense weights, manifest).
+
+    ``run`` is the distillation run's record (``id``, ``finished``, ``collections``); a run saves
+    the directory with ``finished`` False when it starts and True when it ends.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flush_memory(model)
@@ -147,29 +161,67 @@ def save_student(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     _atomic_torch_save(model.state_dict(), out / WEIGHTS_FILE)
+    write_manifest(out, db_url, layer_manifest(model), info, run)
+    return out
+
+
+def write_manifest(
+    out_dir: str | os.PathLike,
+    db_url: str,
+    layers: dict[str, dict[str, Any]],
+    info: dict | None = None,
+    run: dict | None = None,
+) -> None:
+    """Atomically write ``memstore_student.json`` (a run writes one before it creates any
+    collection, so a run killed during surgery leaves a directory that says what it created)."""
+    out = Path(out_dir)
     manifest = {
         "format": FORMAT_VERSION,
         "db": db_url,
         "db_relative": _relative_sqlite_path(db_url, out),
-        "layers": layer_manifest(model),
+        "layers": layers,
         "info": info or {},
     }
+    if run is not None:
+        manifest["run"] = run
     _atomic_write_text(out / STUDENT_FILE, json.dumps(manifest, indent=2))
-    return out
+
+
+def run_unfinished(manifest: dict) -> bool:
+    """True while a distillation run is writing the directory (or was stopped before its end)."""
+    run = manifest.get("run")
+    return isinstance(run, dict) and run.get("finished") is False
 
 
 def read_manifest(student_dir: str | os.PathLike) -> dict:
+    """The parsed manifest; :class:`StudentFormatError` (one line) when missing or damaged."""
     path = Path(student_dir) / STUDENT_FILE
     if not path.is_file():
         raise StudentFormatError(
             f"{str(student_dir)!r} is not a memstore student directory (no {STUDENT_FILE}); "
             "make one with 'memstore distill gpt2 ... --out DIR'"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StudentFormatError(f"{path} is damaged: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise StudentFormatError(f"{path} is damaged: not a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
         raise StudentFormatError(
             f"{path} has format {manifest.get('format')!r}; this memstore reads {FORMAT_VERSION}"
         )
+    layers = manifest.get("layers")
+    if not isinstance(manifest.get("db"), str) or not isinstance(layers, dict):
+        raise StudentFormatError(f"{path} is damaged: 'db' or 'layers' is missing")
+    for key, entry in layers.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
+            raise StudentFormatError(f"{path} is damaged: layer {key!r} has no class")
+        if entry["class"] != "ZeroMlp" and not isinstance(entry.get("config"), dict):
+            raise StudentFormatError(f"{path} is damaged: layer {key!r} has no config")
+    for key in ("info", "run"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise StudentFormatError(f"{path} is damaged: {key!r} is not an object")
     return manifest
 
 
@@ -190,18 +242,33 @@ def build_student_skeleton(student_dir: str | os.PathLike, manifest: dict, store
     """GPT-2 from the saved config with memory layers rebuilt from the store (dense weights unset)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config.from_pretrained(student_dir, local_files_only=True)
+    try:
+        config = GPT2Config.from_pretrained(student_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:  # missing or unparsable config.json
+        raise StudentFormatError(
+            f"{Path(student_dir) / 'config.json'} is missing or damaged ({_first_line(exc)})"
+        ) from None
     model = GPT2LMHeadModel(config)
     blocks = gpt2_blocks(model)
     for key, entry in manifest["layers"].items():
         if entry["class"] == "ZeroMlp":
             module = ZeroMlp()
         else:
-            module = memory_class(entry["class"]).from_config(entry["config"], store)
-        if key.isdigit():
-            blocks[int(key)].mlp = module
-        else:
-            model.set_submodule(key, module)
+            try:
+                module = memory_class(entry["class"]).from_config(entry["config"], store)
+            except (TypeError, KeyError) as exc:
+                raise StudentFormatError(
+                    f"{STUDENT_FILE}: the config of layer {key!r} is damaged ({exc})"
+                ) from None
+        try:
+            if key.isdigit():
+                blocks[int(key)].mlp = module
+            else:
+                model.set_submodule(key, module)
+        except (IndexError, AttributeError) as exc:
+            raise StudentFormatError(
+                f"{STUDENT_FILE}: layer {key!r} is not a place in this model ({exc})"
+            ) from None
     return model
 
 
@@ -218,21 +285,36 @@ class LoadedStudent:
 
 
 def load_student(student_dir: str | os.PathLike, db: str | None = None) -> LoadedStudent:
-    """Rebuild a saved student with its memory from the database; model returned in eval mode."""
+    """Rebuild a saved student with its memory from the database; model returned in eval mode.
+
+    Refuses a directory whose distillation run has not finished, and never creates a database
+    (a wrong ``db`` is an error, not a new empty file).
+    """
     from transformers import AutoTokenizer
 
     from memstore import Store
 
     manifest = read_manifest(student_dir)
+    if run_unfinished(manifest):
+        raise StudentFormatError(
+            f"{str(student_dir)!r} holds a distillation run that has not finished (its dense "
+            "weights and its memory are from different steps); finish it first with "
+            "'memstore distill gpt2 ... --resume'"
+        )
+    weights = Path(student_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise StudentFormatError(f"{weights} is missing")
     db_url = resolve_db_url(student_dir, manifest, db)
-    store = Store(db_url)
+    store = Store(db_url, create=False)
     try:
         model = build_student_skeleton(student_dir, manifest, store)
-        weights = Path(student_dir) / WEIGHTS_FILE
-        if not weights.is_file():
-            raise StudentFormatError(f"{weights} is missing")
-        load_dense_state(model, torch.load(weights, map_location="cpu", weights_only=True))
-        tokenizer = AutoTokenizer.from_pretrained(student_dir, local_files_only=True)
+        load_dense_state(model, read_dense_weights(weights))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(student_dir, local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise StudentFormatError(
+                f"the tokenizer files in {student_dir} are missing or damaged ({_first_line(exc)})"
+            ) from None
     except BaseException:
         store.close()
         raise
@@ -240,9 +322,27 @@ def load_student(student_dir: str | os.PathLike, db: str | None = None) -> Loade
     return LoadedStudent(model, tokenizer, store, manifest, db_url)
 
 
+def read_dense_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``dense.pt`` as a state dict of tensors (plain data only: a file cannot run code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise StudentFormatError(
+            f"{path} is damaged or not a weights file ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise StudentFormatError(f"{path} is damaged: not a dictionary of named tensors")
+    return state
+
+
 def load_dense_state(model, state: dict[str, torch.Tensor]) -> None:
     """load_state_dict that tolerates only the absence of keys a memory layer keeps in the store."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise StudentFormatError(f"weights do not fit the model: {_first_line(exc)}") from None
     if result.unexpected_keys:
         raise StudentFormatError(f"weights have unexpected keys: {result.unexpected_keys[:5]}")
     missing = [k for k in result.missing_keys if not is_memory_row_key(k, model)]
@@ -263,11 +363,24 @@ def _relative_sqlite_path(db_url: str, out: Path) -> str | None:
 
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -4,9 +4,11 @@ loss = alpha * T^2 * KL(p_T || p_S) + (1 - alpha) * CE  (Hinton et al.; the T^2 
 gradients on the same scale as the hard-target ones when T changes).
 
 Resumability is by construction rather than by luck: the batch of step s and the learning rate of
-step s are pure functions of (seed, s); a checkpoint stores the dense weights, the optimizer, the
-RNG state and the step, and the memory rows are flushed to the database at the same moment. A run
-resumed from step s therefore replays exactly what the uninterrupted run would have done.
+step s are pure functions of (seed, s); torch's RNG (dropout) is seeded from the seed when the run
+starts and saved in every checkpoint; a checkpoint stores the dense weights, the optimizer, the RNG
+state and the step, and its memory half -- every layer's rows -- is committed to the database with a
+stamp naming that checkpoint file (:mod:`memstore_gpt2.checkpoint`). A run resumed from step s
+therefore replays exactly what the uninterrupted run would have done, whenever it was stopped.
 """
 
 from __future__ import annotations
@@ -24,11 +26,22 @@ import torch
 import torch.nn.functional as F
 
 from memstore.errors import bad_parameter
-from memstore_gpt2.errors import StudentFormatError
+from memstore_gpt2.checkpoint import (
+    CHECKPOINT_FILE,
+    FORMAT_VERSION,
+    commit_memory,
+    consistent_checkpoint,
+    memory_store,
+    new_run_id,
+    new_token,
+    write_checkpoint_file,
+)
+from memstore_gpt2.errors import RunInterrupted, StudentFormatError
+from memstore_gpt2.interrupts import StopRequests
 from memstore_gpt2.lm_training import batch_for_step, lm_logits, perplexity, warmup_cosine
-from memstore_torch.model_memory import flush_memory, split_parameters
+from memstore_torch.model_memory import split_parameters
 
-CHECKPOINT_FILE = "checkpoint.pt"
+__all__ = ["CHECKPOINT_FILE", "DistillConfig", "Distiller", "TrainState", "kd_loss"]
 
 
 @dataclass
@@ -101,7 +114,14 @@ class Distiller:
     """Trains ``student`` towards ``teacher``; checkpoints into ``out_dir``.
 
     The student may be anything GPT-2-shaped; its memory layers (if any) get a separate optimizer
-    group and are flushed to their collections at every checkpoint.
+    group and are committed to their collections, all in one transaction, at every checkpoint.
+
+    Constructing a Distiller seeds torch's global RNG from ``config.seed`` (dropout draws from it),
+    so two runs with the same seed are identical; :meth:`load_checkpoint` restores the saved state.
+    ``run_id`` names the run in the database's checkpoint stamps (a new one by default);
+    ``run_info`` is plain data stored in every checkpoint (the CLI keeps the options and data
+    fingerprints there to check a resume against). ``handle_signals`` makes SIGINT/SIGTERM save a
+    checkpoint and raise :class:`RunInterrupted` (main thread only).
     """
 
     def __init__(
@@ -114,6 +134,9 @@ class Distiller:
         out_dir: str | os.PathLike | None = None,
         progress: bool = False,
         tensorboard: bool = True,
+        run_id: str | None = None,
+        run_info: dict[str, Any] | None = None,
+        handle_signals: bool = True,
     ) -> None:
         config.validate()
         if len(train_blocks) == 0:
@@ -129,7 +152,12 @@ class Distiller:
             param.requires_grad_(False)
         self.optimizer = self._build_optimizer()
         self.state = TrainState()
+        self.run_id = run_id or new_run_id()
+        self.run_info = dict(run_info or {})
+        self.handle_signals = handle_signals
+        self._saved_step: int | None = None  # step of the checkpoint on disk, if any
         self._writer = None
+        torch.manual_seed(config.seed)
 
     # -- setup ---------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -160,41 +188,52 @@ class Distiller:
         return None if self.out_dir is None else self.out_dir / CHECKPOINT_FILE
 
     def save_checkpoint(self) -> None:
-        """Flush memory rows, then atomically write dense weights + optimizer + step + RNG."""
-        if self.checkpoint_path is None:
+        """Write the checkpoint file, then commit every memory layer with its stamp (see
+        :mod:`memstore_gpt2.checkpoint` for why this order survives a kill at any moment)."""
+        if self.out_dir is None:
             return
-        flush_memory(self.student)
+        store = memory_store(self.student)
+        token = new_token()
         payload = {
+            "format": FORMAT_VERSION,
+            "run_id": self.run_id,
+            "token": token,
             "step": self.state.step,
             "dense": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
             "state": {k: v for k, v in asdict(self.state).items() if k != "step"},
             "config": asdict(self.config),
+            "run": self.run_info,
         }
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_name(CHECKPOINT_FILE + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        write_checkpoint_file(self.out_dir, payload)
+        if store is not None:
+            commit_memory(self.student, store, self.run_id, self.state.step, token)
+        self._saved_step = self.state.step
 
     def load_checkpoint(self) -> None:
-        """Restore a run saved by :meth:`save_checkpoint` (memory rows come from the database)."""
+        """Restore the checkpoint whose memory the database holds (the student's memory layers
+        were loaded from that database); the dense state, optimizer, RNG and step come from it."""
         from memstore_gpt2.student import load_dense_state
 
-        path = self.checkpoint_path
-        if path is None or not path.is_file():
-            raise StudentFormatError(f"--resume: no checkpoint at {path}")
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if self.out_dir is None:
+            raise StudentFormatError("resuming needs the run directory (out_dir)")
+        path, payload = consistent_checkpoint(self.out_dir, memory_store(self.student))
         load_dense_state(self.student, payload["dense"])
         try:
             self.optimizer.load_state_dict(payload["optimizer"])
-        except ValueError as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise StudentFormatError(
-                f"--resume: the checkpoint's optimizer does not match this student ({exc})"
+                f"{path}: the checkpoint's optimizer does not match this student ({exc})"
             ) from None
-        torch.set_rng_state(payload["rng"])
-        saved = payload["state"]
-        self.state = TrainState(step=payload["step"], **saved)
+        try:
+            torch.set_rng_state(payload["rng"].clone())
+            self.state = TrainState(step=payload["step"], **payload["state"])
+        except (RuntimeError, TypeError) as exc:
+            raise StudentFormatError(f"{path} is damaged: {exc}") from None
+        self.run_id = payload["run_id"]
+        self.run_info = payload["run"]
+        self._saved_step = self.state.step
 
     # -- training ------------------------------------------------------------------------------
     def evaluate_student(self) -> float:
@@ -227,22 +266,68 @@ class Distiller:
         }
 
     def run(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train from the current step to ``config.steps`` (or ``stop_at``); returns a summary."""
-        from tqdm.auto import tqdm
+        """Train from the current step to ``config.steps`` (or ``stop_at``); returns a summary.
 
-        cfg = self.config
-        has_eval = self.eval_blocks is not None and len(self.eval_blocks) > 0
-        if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        A run with a directory checkpoints once before its first step (after the initial
+        evaluation), every ``checkpoint_every`` steps and at the end. On SIGINT/SIGTERM (when
+        ``handle_signals``) it checkpoints after the step in flight and raises RunInterrupted.
+        """
+        stop = StopRequests() if self.handle_signals else StopRequests(signals=())
+        try:
+            with stop:
+                self._open_writer()
+                self._initial_evaluation()
+                if self.out_dir is not None and self._saved_step is None:
+                    self.save_checkpoint()  # from now on the run is resumable
+                elapsed, steps_done = self._train(stop_at, stop)
+                if stop.requested and self._saved_step != self.state.step:
+                    self.save_checkpoint()
+            if stop.requested:
+                raise RunInterrupted(stop.name, stop.signum, self.state.step, self.config.steps)
+            return self._finish(elapsed, steps_done)
+        finally:
+            self._close_writer()
 
-            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
-        if has_eval and self.state.teacher_ppl is None:
+    def _open_writer(self) -> None:
+        """TensorBoard writer that drops what an earlier process logged at or after this step
+        (a run killed after its last checkpoint logged steps that the resumed run logs again)."""
+        if not self.tensorboard:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        start = self.state.step
+        self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start)
+        # what the checkpoint already holds at the purge step is logged again
+        if start == 0 and self.state.teacher_ppl is not None:
+            self._log_scalar("eval/teacher_ppl", self.state.teacher_ppl, 0)
+            self._log_scalar("eval/student_ppl", self.state.student_init_ppl, 0)
+        for entry in self.state.evals:
+            if entry["step"] >= start:
+                self._log_scalar("eval/student_ppl", entry["student_ppl"], entry["step"])
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    def _has_eval(self) -> bool:
+        return self.eval_blocks is not None and len(self.eval_blocks) > 0
+
+    def _initial_evaluation(self) -> None:
+        if self._has_eval() and self.state.teacher_ppl is None:
+            cfg = self.config
             self.state.teacher_ppl = perplexity(
                 self.teacher, self.eval_blocks, max_blocks=cfg.eval_blocks
             )
             self.state.student_init_ppl = self.evaluate_student()
             self._log_scalar("eval/teacher_ppl", self.state.teacher_ppl, 0)
             self._log_scalar("eval/student_ppl", self.state.student_init_ppl, 0)
+
+    def _train(self, stop_at: int | None, stop: StopRequests) -> tuple[float, int]:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         self.student.train()
         bar = tqdm(
@@ -255,7 +340,7 @@ class Distiller:
         started = time.perf_counter()
         first_step = self.state.step
         try:
-            while self.state.step < end:
+            while self.state.step < end and not stop.requested:
                 step = self.state.step
                 metrics = self.train_step(step)
                 self.state.history.append({"step": step, **metrics})
@@ -265,7 +350,7 @@ class Distiller:
                 if step % cfg.log_every == 0:
                     bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
                 bar.update(1)
-                if has_eval and cfg.eval_every and self.state.step % cfg.eval_every == 0:
+                if self._has_eval() and cfg.eval_every and self.state.step % cfg.eval_every == 0:
                     self._record_eval()
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -273,19 +358,17 @@ class Distiller:
             bar.close()
         elapsed = time.perf_counter() - started
         self.state.seconds += elapsed
-        steps_done = self.state.step - first_step
+        return elapsed, self.state.step - first_step
+
+    def _finish(self, elapsed: float, steps_done: int) -> dict[str, Any]:
         student_ppl = None
-        if has_eval:
+        if self._has_eval():
             last = self.state.evals[-1] if self.state.evals else None
             if last is not None and last["step"] == self.state.step:
                 student_ppl = last["student_ppl"]
             else:
                 student_ppl = self._record_eval()
         self.save_checkpoint()
-        if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
-            self._writer = None
         return {
             "teacher_ppl": self.state.teacher_ppl,
             "student_init_ppl": self.state.student_init_ppl,

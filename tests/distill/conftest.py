@@ -63,3 +63,18 @@ def blocks(teacher_dir, corpus_dir):
 
     _, tokenizer = load_teacher(teacher_dir)
     return holdout_split(load_blocks(tokenizer, corpus_dir, 32))
+
+
+@pytest.fixture(scope="session")
+def dropout_teacher_dir(tmp_path_factory, teacher_dir) -> Path:
+    """The tiny teacher with dropout 0.1 in its config: students cloned from it draw from torch's
+    RNG every training step, which is what makes reproducibility and RNG restore testable."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("dropout_teacher") / "teacher"
+    shutil.copytree(teacher_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(attn_pdrop=0.1, embd_pdrop=0.1, resid_pdrop=0.1)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
