@@ -27,8 +27,6 @@ from memstore.types import CollectionOptions
 from .resident import ResidentHits, ResidentIndex
 from .rows_source import CollectionStore, LayerCollection
 
-#: ``factory(store, name)``: the layer's collection in ``store``, created with the layer's options.
-
 
 class MemoryLayer(nn.Module):
     """Base of every memory layer: owns ``self.index``, the two row Parameters and ``self.config``.
