@@ -143,15 +143,21 @@ class Store:
         return f"Store({self._text!r})"
 
     # ------------------------------------------------------------ transactions
+    @contextmanager
+    def _driver_errors(self) -> Iterator[None]:
+        """Driver errors raised inside become one-line :class:`DatabaseError` s (memstore's own
+        errors pass through): the one place a DBAPI exception is translated."""
+        try:
+            yield
+        except MemstoreError:
+            raise
+        except sa.exc.DBAPIError as exc:
+            raise self._database_error(exc) from exc
+
     def _translate(self, fn, *args, **kwargs):
         self._check_open()
-        with self._serial:
-            try:
-                return fn(*args, **kwargs)
-            except MemstoreError:
-                raise
-            except sa.exc.DBAPIError as exc:
-                raise self._database_error(exc) from exc
+        with self._serial, self._driver_errors():
+            return fn(*args, **kwargs)
 
     def maintenance(self, fn, *args):
         """Run ``fn(*args)``, a job that commits several transactions of its own (upgrade,
@@ -178,16 +184,11 @@ class Store:
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[Connection]:
-        try:
-            with self.engine.connect() as conn:
-                if write:
-                    mark_write_transaction(conn)
-                with conn.begin():
-                    yield conn
-        except MemstoreError:
-            raise
-        except sa.exc.DBAPIError as exc:
-            raise self._database_error(exc) from exc
+        with self._driver_errors(), self.engine.connect() as conn:
+            if write:
+                mark_write_transaction(conn)
+            with conn.begin():
+                yield conn
 
     @contextmanager
     def _enter(self, write: bool) -> Iterator[Connection]:
@@ -214,13 +215,8 @@ class Store:
         if not writing:
             yield conn
             return
-        try:
-            with conn.begin_nested():
-                yield conn
-        except MemstoreError:
-            raise
-        except sa.exc.DBAPIError as exc:
-            raise self._database_error(exc) from exc
+        with self._driver_errors(), conn.begin_nested():
+            yield conn
 
     def transaction(self):
         """One write transaction around several calls (a context manager yielding the connection).

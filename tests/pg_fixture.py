@@ -6,6 +6,8 @@ ask for a PostgreSQL database the same way it asks for a temporary SQLite file:
 * ``postgres_server`` (session) - the running server; ``create_database()`` hands out empty databases.
 * ``postgres_url`` (session) - one database for the whole session (tests that share state on purpose).
 * ``fresh_postgres_url`` (function) - a new, empty database for one test, dropped afterwards.
+* ``shared_store`` (module, per backend in ``STORE_BACKENDS``) - one memstore Store on SQLite and
+  one on PostgreSQL for a whole test module, for property tests that make their own collections.
 
 Where the server comes from, in order:
 
@@ -36,6 +38,10 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 URL_ENV = "MEMSTORE_TEST_POSTGRES_URL"
+#: The SQL backends the store's contract is tested on (``MEMSTORE_STORE_TESTS_PG=0``: SQLite only).
+STORE_BACKENDS = ["sqlite"] + (
+    [] if os.environ.get("MEMSTORE_STORE_TESTS_PG") == "0" else ["postgresql"]
+)
 _FALSE_VALUES = {"", "0", "false", "no", "off"}
 
 
@@ -183,3 +189,16 @@ def fresh_postgres_url(postgres_server: PostgresTestServer) -> Iterator[str]:
     url = postgres_server.create_database()
     yield url
     postgres_server.drop_database(url)
+
+
+@pytest.fixture(scope="module", params=STORE_BACKENDS)
+def shared_store(request, tmp_path_factory):
+    """One store per backend for a whole test module; each example makes its own collections."""
+    from memstore import Store
+
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path_factory.mktemp('shared') / 'store.db'}"
+    with Store(url) as store:
+        yield store

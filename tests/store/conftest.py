@@ -8,14 +8,11 @@ backends (about a minute more). ``MEMSTORE_STORE_TESTS_PG=0`` runs SQLite only.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+from pg_fixture import STORE_BACKENDS as BACKENDS  # tests/ is on sys.path (tests/conftest.py)
 
 from memstore import Store
-
-BACKENDS = ["sqlite"] + ([] if os.environ.get("MEMSTORE_STORE_TESTS_PG") == "0" else ["postgresql"])
 
 
 @pytest.fixture(params=BACKENDS)

@@ -32,19 +32,7 @@ from memstore.distances import distances, pairwise_distances
 from memstore.recombine import merged_rows, plan_merges
 from memstore.types import SearchResult
 
-BACKENDS = ["sqlite"] + ([] if os.environ.get("MEMSTORE_STORE_TESTS_PG") == "0" else ["postgresql"])
 _names = itertools.count()
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def shared_store(request, tmp_path_factory):
-    """One store per backend for the whole module; every example makes its own collection."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-    else:
-        url = f"sqlite:///{tmp_path_factory.mktemp('semantics') / 'store.db'}"
-    with Store(url) as store:
-        yield store
 
 
 class _Collection:

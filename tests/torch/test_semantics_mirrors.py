@@ -13,18 +13,16 @@ import itertools
 import os
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from memstore import RowBlock, Store, lrfu
+from memstore import RowBlock, lrfu
 from memstore.distances import distances, pairwise_distances
 from memstore.recombine import merged_rows, plan_merges
 from memstore.types import SearchResult
 from memstore_torch import ResidentIndex, knn
 
-BACKENDS = ["sqlite"] + ([] if os.environ.get("MEMSTORE_STORE_TESTS_PG") == "0" else ["postgresql"])
 KNN_BACKENDS = ["torch"] + (["faiss"] if knn.faiss_available() else [])
 _names = itertools.count()
 
@@ -224,17 +222,6 @@ def test_resident_recombine_mirrors_plan_merges(metric, seed, lam, k, pick):
     np.testing.assert_allclose(got["crf"], expected.crf, rtol=1e-12)
     for name in ("last_tick", "hits", "created_tick"):
         assert got[name].tolist() == getattr(expected, name).tolist(), name
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def shared_store(request, tmp_path_factory):
-    """One store per backend for the module; each example makes (and drops) its collections."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-    else:
-        url = f"sqlite:///{tmp_path_factory.mktemp('mirrors') / 'store.db'}"
-    with Store(url) as store:
-        yield store
 
 
 @settings(
