@@ -51,6 +51,7 @@ def prepare_data(tokenizer, job: DistillJob, context: int):
 def run_distill(job: DistillJob) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the summary that ``--json`` prints."""
     from memstore import Store
+    from memstore_gpt2.db_lock import hold_database
     from memstore_gpt2.student import (
         build_student_skeleton,
         default_db_url,
@@ -95,7 +96,12 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     info = {"teacher": job.teacher, "kind": job.kind, "k": job.k, "init": job.init}
     if job.resume:  # what the run was started with wins over this invocation's defaults
         info = {**info, **{k: v for k, v in manifest.get("info", {}).items() if k in info}}
-    store = Store(db_url)
+    writer = hold_database(db_url, out, "training")  # an edit meanwhile would be overwritten
+    try:
+        store = Store(db_url)
+    except BaseException:
+        writer.release()
+        raise
     try:
         if job.resume:
             student = build_student_skeleton(out, manifest, store)
@@ -104,6 +110,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
             save_student(student, tokenizer, out, db_url, info=info)
     except BaseException:
         store.close()
+        writer.release()
         raise
 
     try:
@@ -125,6 +132,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         db_bytes = store.size_bytes()
     finally:
         store.close()
+        writer.release()
     summary = {
         **result,
         "db": db_url,

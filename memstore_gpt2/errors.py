@@ -6,7 +6,7 @@ line like every store error; they live here because the store knows nothing of t
 
 from __future__ import annotations
 
-from memstore.errors import MemstoreError
+from memstore.errors import DatabaseError, MemstoreError
 
 
 class TeacherNotFoundError(MemstoreError, LookupError):
@@ -15,3 +15,7 @@ class TeacherNotFoundError(MemstoreError, LookupError):
 
 class StudentFormatError(MemstoreError):
     """A student directory or training checkpoint is missing files or was written differently."""
+
+
+class DatabaseInUseError(DatabaseError):
+    """Another process is writing the student's memory database (a training run, or an edit)."""
