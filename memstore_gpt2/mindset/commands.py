@@ -31,16 +31,31 @@ def _tok(text: str) -> str:
 
 
 student_argument = click.argument("student", type=click.Path(file_okay=False))
-db_option = click.option("--db", default=None, help="Use this memory database instead of the saved one.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Last line of output: one JSON object.")
+db_option = click.option(
+    "--db", default=None, help="Use this memory database instead of the saved one."
+)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Last line of output: one JSON object."
+)
 
 
 # -- trace -----------------------------------------------------------------------------------------
 @click.command("trace")
 @student_argument
 @click.option("--prompt", required=True, help="Text to trace.")
-@click.option("--layers", default="all", show_default=True, help="Memory layers: all, or names/blocks like layer0,layer1 or 0,1.")
-@click.option("--top", default=8, show_default=True, type=int, help="Rows shown per token and layer, largest contribution first (0: every row read).")
+@click.option(
+    "--layers",
+    default="all",
+    show_default=True,
+    help="Memory layers: all, or names/blocks like layer0,layer1 or 0,1.",
+)
+@click.option(
+    "--top",
+    default=8,
+    show_default=True,
+    type=int,
+    help="Rows shown per token and layer, largest contribution first (0: every row read).",
+)
 @db_option
 @json_option
 def trace_command(student, prompt, layers, top, db, as_json) -> None:
@@ -71,7 +86,9 @@ def trace_command(student, prompt, layers, top, db, as_json) -> None:
             head = f"{i:>3} {_tok(token):<{width}}" if j == 0 else " " * (4 + width)
             cells = "  ".join(
                 f"{rid} {w:+.2f} {c:.2f}"
-                for rid, w, c in zip(layer.ids[i], layer.weights[i], layer.contributions[i], strict=True)
+                for rid, w, c in zip(
+                    layer.ids[i], layer.weights[i], layer.contributions[i], strict=True
+                )
             )
             click.echo(f"{head}  {name}: {cells}")
     for name, layer in trace.layers.items():
@@ -86,10 +103,29 @@ def trace_command(student, prompt, layers, top, db, as_json) -> None:
 @student_argument
 @click.argument("layer")
 @click.argument("row_ids", nargs=-1, required=True)
-@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Text file: show the contexts that fire each row most.")
-@click.option("--top", default=10, show_default=True, type=int, help="Promoted / suppressed tokens shown.")
-@click.option("--contexts", default=5, show_default=True, type=int, help="Contexts shown per row (with --data).")
-@click.option("--max-tokens", default=20_000, show_default=True, type=int, help="Tokens of --data read at most.")
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Text file: show the contexts that fire each row most.",
+)
+@click.option(
+    "--top", default=10, show_default=True, type=int, help="Promoted / suppressed tokens shown."
+)
+@click.option(
+    "--contexts",
+    default=5,
+    show_default=True,
+    type=int,
+    help="Contexts shown per row (with --data).",
+)
+@click.option(
+    "--max-tokens",
+    default=20_000,
+    show_default=True,
+    type=int,
+    help="Tokens of --data read at most.",
+)
 @db_option
 @json_option
 def explain_command(student, layer, row_ids, data, top, contexts, max_tokens, db, as_json) -> None:
@@ -109,7 +145,9 @@ def explain_command(student, layer, row_ids, data, top, contexts, max_tokens, db
     if contexts < 1:
         raise bad_parameter("contexts", f"must be >= 1, got {contexts}")
     with Mindset.open(student, db) as mindset:
-        result = explain_rows(mindset, layer, ids, data=data, top=top, contexts=contexts, max_tokens=max_tokens)
+        result = explain_rows(
+            mindset, layer, ids, data=data, top=top, contexts=contexts, max_tokens=max_tokens
+        )
     if as_json:
         _emit_json(result)
         return
@@ -127,7 +165,8 @@ def explain_command(student, layer, row_ids, data, top, contexts, max_tokens, db
                 f"{data}; largest weights at:"
             )
             for ctx in row["contexts"]:
-                click.echo(f"    {ctx['weight']:+.3f}  ...{ctx['text']}[{ctx['token']}]")
+                text = f"...{ctx['text']}[{ctx['token']}]".replace("\n", "\\n")
+                click.echo(f"    {ctx['weight']:+.3f}  {text}")
 
 
 def _tokens(items: list[dict]) -> str:
@@ -138,11 +177,22 @@ def _tokens(items: list[dict]) -> str:
 @click.command("rows")
 @student_argument
 @click.argument("layer")
-@click.option("--promotes", default=None, help="Only rows with this token among their 10 most promoted (mind the leading space: ' for').")
-@click.option("--sort", type=click.Choice(["hits", "score", "age"]), default=None, help="[default: hits; with --promotes: that token's logit]")
+@click.option(
+    "--promotes",
+    default=None,
+    help="Only rows with this token among their 10 most promoted (mind the leading space: ' for').",
+)
+@click.option(
+    "--sort",
+    type=click.Choice(["hits", "score", "age"]),
+    default=None,
+    help="[default: hits; with --promotes: that token's logit]",
+)
 @click.option("--ascending", is_flag=True, help="Smallest first.")
 @click.option("--limit", default=20, show_default=True, type=int, help="Rows shown (0: all).")
-@click.option("--top", default=5, show_default=True, type=int, help="Promoted / suppressed tokens per row.")
+@click.option(
+    "--top", default=5, show_default=True, type=int, help="Promoted / suppressed tokens per row."
+)
 @db_option
 @json_option
 def rows_command(student, layer, promotes, sort, ascending, limit, top, db, as_json) -> None:
@@ -157,7 +207,9 @@ def rows_command(student, layer, promotes, sort, ascending, limit, top, db, as_j
     from memstore_gpt2.mindset.session import Mindset
 
     with Mindset.open(student, db) as mindset:
-        result = list_rows(mindset, layer, promotes=promotes, sort=sort, limit=limit, ascending=ascending, top=top)
+        result = list_rows(
+            mindset, layer, promotes=promotes, sort=sort, limit=limit, ascending=ascending, top=top
+        )
     if as_json:
         _emit_json(result)
         return
@@ -166,11 +218,15 @@ def rows_command(student, layer, promotes, sort, ascending, limit, top, db, as_j
         f"{result['layer']}: {result['matched']} of {result['total']} rows {what}"
         f"(clock {result['clock']}); showing {len(result['rows'])}"
     )
-    click.echo(f"{'id':>7} {'hits':>9} {'score':>8} {'age':>6}  promotes")
+    ranked = "promotes" in result  # the token's rank among each row's promoted tokens
+    click.echo(
+        f"{'id':>7} {'hits':>9} {'score':>8} {'age':>6}{' rank' if ranked else ''}  promotes"
+    )
     for row in result["rows"]:
         score = "n/a" if row["score"] is None else f"{row['score']:.2f}"
+        rank = f" {row['token_rank']:>4}" if ranked else ""
         click.echo(
-            f"{row['id']:>7} {row['hits']:>9} {score:>8} {row['age']:>6}  "
+            f"{row['id']:>7} {row['hits']:>9} {score:>8} {row['age']:>6}{rank}  "
             + " ".join(_tok(t["token"]) for t in row["promotes"])
         )
 
@@ -179,15 +235,35 @@ def rows_command(student, layer, promotes, sort, ascending, limit, top, db, as_j
 @click.command("edit")
 @student_argument
 @click.argument("layer")
-@click.option("--delete", "delete", default=None, metavar="IDS", help="Delete these rows (e.g. 102,162 or 5-9).")
+@click.option(
+    "--delete",
+    "delete",
+    default=None,
+    metavar="IDS",
+    help="Delete these rows (e.g. 102,162 or 5-9).",
+)
 @click.option("--zero", "zero", default=None, metavar="IDS", help="Set these rows' values to 0.")
-@click.option("--scale", "scale", nargs=2, type=(str, float), default=None, metavar="IDS FACTOR", help="Multiply these rows' values by FACTOR.")
-@click.option("--prompt", default=None, help="Generate from this text (greedy) before and after the edit.")
+@click.option(
+    "--scale",
+    "scale",
+    nargs=2,
+    type=(str, float),
+    default=None,
+    metavar="IDS FACTOR",
+    help="Multiply these rows' values by FACTOR.",
+)
+@click.option(
+    "--prompt", default=None, help="Generate from this text (greedy) before and after the edit."
+)
 @click.option("--max-new-tokens", default=30, show_default=True, type=int)
-@click.option("--dry-run", is_flag=True, help="Show the edit's effect on a loaded copy; write nothing.")
+@click.option(
+    "--dry-run", is_flag=True, help="Show the edit's effect on a loaded copy; write nothing."
+)
 @db_option
 @json_option
-def edit_command(student, layer, delete, zero, scale, prompt, max_new_tokens, dry_run, db, as_json) -> None:
+def edit_command(
+    student, layer, delete, zero, scale, prompt, max_new_tokens, dry_run, db, as_json
+) -> None:
     """Delete, zero or scale rows of LAYER, in one transaction.
 
     \b
@@ -196,9 +272,15 @@ def edit_command(student, layer, delete, zero, scale, prompt, max_new_tokens, dr
       memstore edit student/ layer0 --delete 102 --prompt "The for statement" --dry-run
       memstore edit student/ layer0 --scale 102,162 0.5
     """
-    given = [(name, value) for name, value in (("delete", delete), ("zero", zero), ("scale", scale)) if value is not None]
+    given = [
+        (name, value)
+        for name, value in (("delete", delete), ("zero", zero), ("scale", scale))
+        if value is not None
+    ]
     if len(given) != 1:
-        raise InvalidInputError("give exactly one of --delete IDS, --zero IDS or --scale IDS FACTOR")
+        raise InvalidInputError(
+            "give exactly one of --delete IDS, --zero IDS or --scale IDS FACTOR"
+        )
     action, value = given[0]
     ids, factor = (value[0], value[1]) if action == "scale" else (value, None)
     if max_new_tokens < 1:
@@ -207,7 +289,17 @@ def edit_command(student, layer, delete, zero, scale, prompt, max_new_tokens, dr
     from memstore_gpt2.mindset.edit import run_edit
 
     try:
-        result = run_edit(student, layer, action, ids, factor, prompt=prompt, dry_run=dry_run, db=db, max_new_tokens=max_new_tokens)
+        result = run_edit(
+            student,
+            layer,
+            action,
+            ids,
+            factor,
+            prompt=prompt,
+            dry_run=dry_run,
+            db=db,
+            max_new_tokens=max_new_tokens,
+        )
     except InvalidInputError as exc:
         if exc.parameter in ("ids", "factor"):  # the library's names for what this flag gave
             raise bad_parameter(action, str(exc).split(" ", 1)[1]) from None
@@ -230,8 +322,14 @@ def edit_command(student, layer, delete, zero, scale, prompt, max_new_tokens, dr
 # -- mindset ---------------------------------------------------------------------------------------
 @click.command("mindset")
 @student_argument
-@click.option("--port", default=8765, show_default=True, type=int, help="Port on 127.0.0.1 (0: any free one).")
-@click.option("--allow-edits", is_flag=True, help="Let the UI write edits to the database (read-only otherwise).")
+@click.option(
+    "--port", default=8765, show_default=True, type=int, help="Port on 127.0.0.1 (0: any free one)."
+)
+@click.option(
+    "--allow-edits",
+    is_flag=True,
+    help="Let the UI write edits to the database (read-only otherwise).",
+)
 @db_option
 def mindset_command(student, port, allow_edits, db) -> None:
     """A local web UI: trace a prompt, see the rows that fire, switch them off, edit them.

@@ -84,7 +84,7 @@ class Mindset:
         self.close()
 
     # -------------------------------------------------------------------- layers
-    def layer(self, spec: str | int) -> MindsetLayer:
+    def layer(self, spec: str | int, *, parameter: str = "layer") -> MindsetLayer:
         """The layer named by collection (``layer0``), block index (``0``) or module path."""
         text = str(spec).strip()
         if text in self.layers:
@@ -93,15 +93,17 @@ class Mindset:
             if text == entry.module or text == str(entry.slot):
                 return entry
         known = ", ".join(self.layers) or "none"
-        raise bad_parameter("layer", f"{text!r} is not a memory layer of this student (known: {known})")
+        raise bad_parameter(
+            parameter, f"{text!r} is not a memory layer of this student (known: {known})"
+        )
 
-    def select(self, spec: str | None) -> list[MindsetLayer]:
+    def select(self, spec: str | None, *, parameter: str = "layers") -> list[MindsetLayer]:
         """``None``/``"all"`` -> every layer; else comma-separated names as :meth:`layer` takes."""
         if spec is None or spec.strip().lower() in ("", "all"):
             return list(self.layers.values())
         chosen: list[MindsetLayer] = []
         for part in spec.split(","):
-            entry = self.layer(part)
+            entry = self.layer(part, parameter=parameter)
             if entry not in chosen:
                 chosen.append(entry)
         return chosen
@@ -175,7 +177,9 @@ def check_student(student_dir: str | os.PathLike, db: str | None = None) -> str:
     try:
         store = Store(db_url, create=False, read_only=db_url.startswith("sqlite:///"))
     except DatabaseError as exc:
-        raise StudentFormatError(f"cannot open the memory database of {student_dir}: {exc}") from None
+        raise StudentFormatError(
+            f"cannot open the memory database of {student_dir}: {exc}"
+        ) from None
     try:
         for key, entry in manifest.get("layers", {}).items():
             name = entry.get("config", {}).get("collection")

@@ -102,7 +102,9 @@ def _layer_trace(layer, read, top: int | None) -> LayerTrace:
         w_sum = torch.zeros(unique.shape[0]).index_add_(0, inverse, row_w)
         if per_head_path:
             vec = contrib_vectors[t].reshape(heads * k, -1)[mask]
-            size = torch.zeros(unique.shape[0], vec.shape[1]).index_add_(0, inverse, vec).norm(dim=1)
+            size = (
+                torch.zeros(unique.shape[0], vec.shape[1]).index_add_(0, inverse, vec).norm(dim=1)
+            )
         else:
             size = w_sum.abs() * norms[index.slots_of(unique)]
         order = size.argsort(descending=True, stable=True)

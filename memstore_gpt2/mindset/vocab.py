@@ -50,7 +50,9 @@ def vocab_logits(model, residual: torch.Tensor) -> torch.Tensor:
     """(n, d_model) residual-stream vectors -> (n, vocabulary) logits, as steps 2-3 above."""
     ln = model.transformer.ln_f
     r = residual.float()
-    h = (r - r.mean(-1, keepdim=True)) / torch.sqrt(r.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    h = (r - r.mean(-1, keepdim=True)) / torch.sqrt(
+        r.var(-1, unbiased=False, keepdim=True) + ln.eps
+    )
     h = h * ln.weight.detach().float()
     return h @ model.get_output_embeddings().weight.detach().float().T
 
@@ -71,7 +73,10 @@ class Projection:
         """The rows at ``positions`` (a sequence or array of row positions)."""
         index = torch.as_tensor(positions, dtype=torch.long)
         return Projection(
-            *(None if t is None else t[index] for t in (getattr(self, f.name) for f in fields(self)))
+            *(
+                None if t is None else t[index]
+                for t in (getattr(self, f.name) for f in fields(self))
+            )
         )
 
 

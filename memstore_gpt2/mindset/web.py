@@ -82,7 +82,9 @@ class MindsetService:
                 ids = sorted({i for row in layer.ids for i in row})
                 entry = self.mindset.layer(name)
                 block, clock, lam = row_facts(entry, ids) if ids else (None, 0, 0.0)
-                rows = describe_rows(self.mindset, entry, block, clock, lam, promotes) if ids else []
+                rows = (
+                    describe_rows(self.mindset, entry, block, clock, lam, promotes) if ids else []
+                )
                 out["labels"][name] = {str(r["id"]): r for r in rows}
             return out
 
@@ -252,7 +254,9 @@ class MindsetServer:
         try:
             self._server = make_server("127.0.0.1", port, create_app(service), threaded=True)
         except OSError as exc:
-            raise bad_parameter("port", f"{port} cannot be used on 127.0.0.1 ({exc.strerror})") from None
+            raise bad_parameter(
+                "port", f"{port} cannot be used on 127.0.0.1 ({exc.strerror})"
+            ) from None
         self.port = self._server.server_port
         self.url = f"http://127.0.0.1:{self.port}/"
         self._thread: threading.Thread | None = None

@@ -3,6 +3,7 @@ tests/distill/conftest.py, one featural and one associative, plus a fresh copy p
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -26,19 +27,29 @@ def _distill(out: Path, teacher_dir: Path, corpus_dir: Path, kind: str) -> Path:
 @pytest.fixture(scope="session")
 def featural_student_dir(tmp_path_factory, teacher_dir, corpus_dir) -> Path:
     """A featural student (k 16 of 128 rows per layer, 2 layers) saved with its SQLite memory."""
-    return _distill(tmp_path_factory.mktemp("mindset") / "student", teacher_dir, corpus_dir, "featural")
+    return _distill(
+        tmp_path_factory.mktemp("mindset") / "student", teacher_dir, corpus_dir, "featural"
+    )
 
 
 @pytest.fixture(scope="session")
 def associative_student_dir(tmp_path_factory, teacher_dir, corpus_dir) -> Path:
-    return _distill(tmp_path_factory.mktemp("mindset") / "assoc", teacher_dir, corpus_dir, "associative")
+    return _distill(
+        tmp_path_factory.mktemp("mindset") / "assoc", teacher_dir, corpus_dir, "associative"
+    )
 
 
 @pytest.fixture
 def student(tmp_path, featural_student_dir) -> Path:
     """A private copy of the featural student (its database travels with it): free to edit."""
+    from memstore_gpt2.student import STUDENT_FILE, default_db_url
+
     out = tmp_path / "student"
     shutil.copytree(featural_student_dir, out)
+    manifest_path = out / STUDENT_FILE  # as if trained here: nothing may lead to the original
+    manifest = json.loads(manifest_path.read_text())
+    manifest["db"] = default_db_url(out)
+    manifest_path.write_text(json.dumps(manifest, indent=2))
     return out
 
 

@@ -17,7 +17,9 @@ def _layer_io(mindset, prompt):
     for name, entry in mindset.layers.items():
         hooks.append(
             entry.layer.register_forward_hook(
-                lambda m, i, o, name=name: caught.__setitem__(name, (i[0].detach()[0], o.detach()[0]))
+                lambda m, i, o, name=name: caught.__setitem__(
+                    name, (i[0].detach()[0], o.detach()[0])
+                )
             )
         )
     try:
@@ -85,7 +87,7 @@ def test_json_shape_and_rows_read_at_every_token(mindset):
         ({"prompt": ""}, "prompt"),
         ({"prompt": "   "}, "prompt"),
         ({"prompt": "word " * 40}, "prompt"),  # more tokens than the tiny model's 32 positions
-        ({"prompt": "x", "layers": "layer7"}, "layer"),
+        ({"prompt": "x", "layers": "layer7"}, "layers"),
         ({"prompt": "x", "top": -1}, "top"),
     ],
 )
