@@ -93,6 +93,8 @@ def _layer_trace(layer, read, top: int | None) -> LayerTrace:
         contrib_vectors = _associative_contributions(layer, slots, weights, present)
     else:  # every head shares the out path: |sum of weights| x ||out path(value)||
         norms = out_path(layer, index.values[: index.n]).norm(dim=1)  # (n,)
+        if heads == 1:  # one top-k per token: every row at most once, no merging needed
+            return _single_head_trace(index, ids[:, 0], slots[:, 0], weights[:, 0], norms, top)
     out_ids, out_w, out_c, sets = [], [], [], []
     for t in range(n_tok):
         mask = present[t].reshape(-1)
@@ -111,11 +113,31 @@ def _layer_trace(layer, read, top: int | None) -> LayerTrace:
         if top is not None:
             order = order[:top]
         out_ids.append(unique[order].tolist())
-        out_w.append([round(float(x), 5) for x in w_sum[order]])
-        out_c.append([round(float(x), 5) for x in size[order]])
+        out_w.append(_rounded(w_sum[order][None])[0])
+        out_c.append(_rounded(size[order][None])[0])
         sets.append(set(unique.tolist()))
     every = sorted(set.intersection(*sets)) if sets else []
     return LayerTrace(out_ids, out_w, out_c, heads * k, every)
+
+
+def _single_head_trace(index, ids, slots, weights, norms, top: int | None) -> LayerTrace:
+    """The common case (featural, one head), vectorised: ids, slots, weights are (T, k)."""
+    n_tok, k = ids.shape
+    size = weights.abs() * norms[slots]
+    order = size.argsort(dim=1, descending=True, stable=True)[:, : top or k]
+    counts = torch.bincount(slots.reshape(-1), minlength=index.n)
+    every = index.ids[counts == n_tok].sort().values.tolist() if n_tok else []
+    return LayerTrace(
+        ids.gather(1, order).tolist(),
+        _rounded(weights.gather(1, order)),
+        _rounded(size.gather(1, order)),
+        k,
+        every,
+    )
+
+
+def _rounded(values: torch.Tensor) -> list[list[float]]:
+    return values.double().round(decimals=5).tolist()
 
 
 def _is_associative(layer) -> bool:
