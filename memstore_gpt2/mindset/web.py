@@ -169,12 +169,18 @@ def _truthy(value) -> bool:
     return str(value).lower() in ("1", "true", "yes", "on")
 
 
-def create_app(service: MindsetService):
-    """The Flask application over ``service`` (its static page and JSON API)."""
+def require_flask() -> None:
+    """One clear line when the ``mindset`` extra (Flask) is not installed."""
     try:
-        from flask import Flask, jsonify, request
+        import flask  # noqa: F401
     except ImportError:
         raise MissingDependencyError(f"memstore mindset needs flask: {FLASK_HINT}") from None
+
+
+def create_app(service: MindsetService):
+    """The Flask application over ``service`` (its static page and JSON API)."""
+    require_flask()
+    from flask import Flask, jsonify, request
 
     static = Path(str(resources.files("memstore_gpt2.mindset") / "static"))
     app = Flask("memstore_mindset", static_folder=str(static), static_url_path="/static")
@@ -279,6 +285,7 @@ class MindsetServer:
 
 def serve(student_dir: str, *, port: int = 8765, allow_edits: bool = False, db=None, log=print):
     """Run the UI until Ctrl-C (``memstore mindset``)."""
+    require_flask()  # before the student loads: a missing extra is the first thing said
     service = MindsetService(student_dir, db=db, allow_edits=allow_edits)
     try:
         server = MindsetServer(service, port)

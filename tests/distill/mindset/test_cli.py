@@ -132,3 +132,11 @@ def test_edit_while_training_holds_the_database(student):
         assert "held by a training run" in line and "wait until the run has finished" in line
         # reading goes on meanwhile
         assert _run(["rows", student, "layer0", "--limit", 1]).exit_code == 0
+
+
+def test_the_ui_without_flask_says_which_extra(student, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "flask", None)  # as if the mindset extra were not installed
+    line = _error(_run(["mindset", student, "--port", 0]))
+    assert "needs flask" in line and "memstore[mindset]" in line

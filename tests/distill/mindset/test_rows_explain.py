@@ -135,3 +135,21 @@ def test_explain_data_errors(mindset, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(InvalidInputError, match="no text"):
         explain_rows(mindset, "layer0", [1], data=str(tmp_path / "empty.txt"))
+
+
+def test_associative_rows_are_projected_per_head_and_listed(associative_student_dir):
+    from memstore_gpt2.mindset.session import Mindset
+    from memstore_gpt2.mindset.vocab import out_path
+
+    with Mindset.open(associative_student_dir) as mindset:
+        entry = mindset.layer("layer0")
+        layer = entry.layer
+        values = layer.index.values.detach()[:3]
+        w = layer.out_proj.weight.detach()
+        dv = layer.value_dim
+        by_hand = sum(values @ w[:, h * dv : (h + 1) * dv].T for h in range(layer.heads))
+        torch.testing.assert_close(out_path(layer, values), by_hand)
+        listed = list_rows(mindset, "layer0", sort="hits", limit=3)
+        assert len(listed["rows"]) == 3 and listed["total"] == len(entry.collection)
+        explained = explain_rows(mindset, "layer0", [listed["rows"][0]["id"]], top=3)
+        assert explained["rows"][0]["promotes"] == listed["rows"][0]["promotes"][:3]
