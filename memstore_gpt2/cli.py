@@ -3,7 +3,8 @@
 Store commands (``init``, ``import``, ``query``, ``inspect``, ``prune``, ``upgrade``) live in
 :mod:`memstore.cli_store` and never import torch, so they start fast and work without the ``torch``
 extra. Model commands (``teacher``, ``distill``, ``generate``, ``demo``) live in
-:mod:`memstore_gpt2.commands` and import torch only when they run.
+:mod:`memstore_gpt2.commands`, Mindset's (``trace``, ``explain``, ``rows``, ``edit``, ``mindset``)
+in :mod:`memstore_gpt2.mindset.commands`; both import torch only when they run.
 
 This module is the console script's entry point (``memstore_gpt2.cli:main``). It lives in a package
 rather than in a top-level ``cli`` module so that a user's own ``cli.py`` on ``sys.path`` can never
@@ -17,6 +18,7 @@ import click
 from memstore.cli_group import MemstoreGroup
 from memstore.cli_store import add_store_commands
 from memstore_gpt2.commands import add_train_commands
+from memstore_gpt2.mindset.commands import add_mindset_commands
 
 
 @click.group(cls=MemstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,3 +29,4 @@ def main() -> None:
 
 add_store_commands(main)
 add_train_commands(main)
+add_mindset_commands(main)

@@ -216,7 +216,6 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the summary that ``--json`` prints."""
     import torch
 
-    from memstore import Store
     from memstore_gpt2.student import (
         build_student_skeleton,
         collection_name,
@@ -260,7 +259,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     if job.resume:
         _check_same_run(job, record, current)
         db_url = resolve_db_url(out, manifest, job.db)
-        store = Store(db_url, create=False)
+        writer, store = _open_locked(db_url, out, create=False)
         try:
             if committed_stamp(store, run_id) is None:
                 raise StudentFormatError(
@@ -269,6 +268,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
                 )
         except BaseException:
             store.close()
+            writer.release()
             raise
         run = dict(manifest.get("run") or {}, id=run_id, finished=False)
     else:
@@ -277,7 +277,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         # validates --kind/--init/--k before the store is touched
         memory_factory(job.kind, None, k=job.k, init=job.init, heads=job.heads)
         out.mkdir(parents=True, exist_ok=True)
-        store = Store(db_url)
+        writer, store = _open_locked(db_url, out)
         run = {
             "id": new_run_id(),
             "finished": False,
@@ -315,6 +315,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         db_bytes = store.size_bytes()
     finally:
         store.close()
+        writer.release()
     summary = {
         **result,
         "db": db_url,
@@ -334,6 +335,20 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     }
     write_summary(out, summary)
     return summary
+
+
+def _open_locked(db_url: str, out: Path, **store_options):
+    """(writer lock, Store): the run holds the database's writer lock for its whole life, so a
+    ``memstore edit`` meanwhile is refused instead of being overwritten by the next flush."""
+    from memstore import Store
+    from memstore_gpt2.db_lock import hold_database
+
+    writer = hold_database(db_url, out, "training")
+    try:
+        return writer, Store(db_url, **store_options)
+    except BaseException:
+        writer.release()
+        raise
 
 
 def _check_no_clash(store, layers: list[int]) -> None:

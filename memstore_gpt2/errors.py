@@ -6,7 +6,7 @@ line like every store error; they live here because the store knows nothing of t
 
 from __future__ import annotations
 
-from memstore.errors import MemstoreError
+from memstore.errors import DatabaseError, MemstoreError
 
 
 class TeacherNotFoundError(MemstoreError, LookupError):
@@ -30,3 +30,7 @@ class RunInterrupted(MemstoreError):
         )
         self.signal_name, self.step, self.steps = signal_name, step, steps
         self.exit_code = 128 + signum
+
+
+class DatabaseInUseError(DatabaseError):
+    """Another process is writing the student's memory database (a training run, or an edit)."""

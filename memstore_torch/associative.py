@@ -27,7 +27,7 @@ from memstore.types import CollectionOptions
 from . import knn
 from .config import AssociativeConfig
 from .functions import straight_through_insert, straight_through_query
-from .memory_layer import MemoryLayer
+from .memory_layer import MemoryLayer, MemoryRead
 from .resident import ResidentHits, ResidentIndex
 from .rows_source import CollectionStore
 
@@ -109,6 +109,8 @@ class AssociativeMemory(MemoryLayer):
         all_scores = torch.cat([mem_scores, loc_scores], dim=1)  # (M, kk + kl)
         if all_scores.shape[1] == 0:
             out = val.new_zeros((M, dv))
+            if self.record_reads:
+                self.last_read = MemoryRead.empty(B * T, H, (B, T), x.device)
         else:
             kt = min(self.k, all_scores.shape[1])
             top_scores, pick = all_scores.topk(kt, dim=1)  # (M, kt)
@@ -142,6 +144,13 @@ class AssociativeMemory(MemoryLayer):
             attn = torch.softmax(logits, dim=1).nan_to_num(0.0)  # rows with no candidate -> 0
             out = torch.einsum("mk,mkd->md", attn, ret_v)  # (M, dv)
             hit_slots = torch.where(from_mem & valid, mem_slot, torch.full_like(pick, -1))
+            if self.record_reads:  # rows inserted in this forward have no stored id yet: -1
+                read_ids = torch.where(hit_slots >= 0, self.index.ids[hit_slots.clamp_min(0)], -1)
+                self.last_read = MemoryRead(
+                    read_ids.reshape(B * T, H, kt),
+                    attn.detach().reshape(B * T, H, kt).clone(),
+                    (B, T),
+                )
         if writing:
             # One LRFU tick per training forward, even when nothing stored was read.
             self.index.touch(hit_slots if kk and all_scores.shape[1] else q.new_zeros(0).long())

@@ -29,7 +29,7 @@ from memstore.types import CollectionOptions
 
 from .config import FeaturalConfig
 from .functions import make_weight_fn, topk_memory_read
-from .memory_layer import MemoryLayer
+from .memory_layer import MemoryLayer, MemoryRead
 from .resident import ResidentIndex
 from .rows_source import CollectionStore
 
@@ -205,16 +205,25 @@ class FeaturalMemory(MemoryLayer):
         n = self.index.n
         if n == 0:
             out = h.new_zeros((h.shape[0], self.row_value_dim))
+            if self.record_reads:
+                self.last_read = MemoryRead.empty(h.shape[0], self.heads, tuple(lead), h.device)
         else:
             rows = self.memory_keys[:n]  # (n, dh + 1): key and bias
-            out, idx = topk_memory_read(
+            out, idx, *weights = topk_memory_read(
                 q,
                 rows[:, : self.head_dim],
                 rows[:, self.head_dim],
                 self.memory_values[:n],
                 min(self.k, n),
                 self._weight_fn,
-            )  # (N * H, dv), (N * H, k)
+                return_weights=self.record_reads,
+            )  # (N * H, dv), (N * H, k), [(N * H, k)]
+            if self.record_reads:
+                self.last_read = MemoryRead(
+                    self.index.ids[idx].reshape(h.shape[0], self.heads, -1),
+                    weights[0].reshape(h.shape[0], self.heads, -1),
+                    tuple(lead),
+                )
             out = out.reshape(h.shape[0], self.heads, -1).sum(1).to(h.dtype)  # (N, dv)
             if self.training or self.update_in_eval:
                 self._after_read(q.detach(), idx)

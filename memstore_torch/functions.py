@@ -58,13 +58,17 @@ def _weights_backward(weight_fn: WeightFn, s: torch.Tensor, grad_w: torch.Tensor
 class TopKMemoryRead(torch.autograd.Function):
     """``out = scatter(topk(q K^T + b), weights) @ V`` with exact gradients for q, K, b and V.
 
-    Shapes: q (N, dk), keys (n, dk), bias (n,), values (n, dv) -> out (N, dv), idx (N, k).
-    ``idx`` is returned (non-differentiable) so the caller can count hits for LRFU.
+    Shapes: q (N, dk), keys (n, dk), bias (n,), values (n, dv) -> out (N, dv), idx (N, k),
+    weights (N, k) or None.
+    ``idx`` is returned (non-differentiable) so the caller can count hits for LRFU. With
+    ``return_weights`` the weights each selected row's value got are returned too (a copy,
+    non-differentiable), so a caller can record exactly what this read selected and how much each
+    row counted (memory tracing, ``memstore trace``) instead of re-computing it; else None.
     With ``k >= n`` no selection happens and this is exactly ``act(q K^T + b) @ V``.
     """
 
     @staticmethod
-    def forward(ctx, q, keys, bias, values, k: int, weight_fn: WeightFn):
+    def forward(ctx, q, keys, bias, values, k: int, weight_fn: WeightFn, return_weights=False):
         n = keys.shape[0]
         scores = torch.addmm(bias, q, keys.T)  # (N, n)
         if k >= n:
@@ -83,10 +87,14 @@ class TopKMemoryRead(torch.autograd.Function):
             idx = torch.arange(n, device=q.device).expand(q.shape[0], n)
         idx_out = idx.clone()
         ctx.mark_non_differentiable(idx_out)
-        return out, idx_out
+        if not return_weights:
+            return out, idx_out, None
+        weights_out = weights.detach().clone()
+        ctx.mark_non_differentiable(weights_out)
+        return out, idx_out, weights_out
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_idx):
+    def backward(ctx, grad_out, _grad_idx, _grad_weights=None):
         q, keys, values, s_sel, weights, idx = ctx.saved_tensors
         need_q, need_k, need_b, need_v = ctx.needs_input_grad[:4]
         grad_q = grad_k = grad_b = grad_v = None
@@ -111,7 +119,7 @@ class TopKMemoryRead(torch.autograd.Function):
                 grad_k = grad_s_full.T @ q  # (n, dk), nonzero only on selected rows
             if need_b:
                 grad_b = grad_s_full.sum(0)
-        return grad_q, grad_k, grad_b, grad_v, None, None
+        return grad_q, grad_k, grad_b, grad_v, None, None, None
 
 
 def topk_memory_read(
@@ -121,9 +129,13 @@ def topk_memory_read(
     values: torch.Tensor,
     k: int,
     weight_fn: WeightFn,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Functional form of :class:`TopKMemoryRead`; see there for shapes."""
-    return TopKMemoryRead.apply(q, keys, bias, values, k, weight_fn)
+    *,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Functional form of :class:`TopKMemoryRead`: ``(out, idx)``, or ``(out, idx, weights)``
+    with ``return_weights``; see there for shapes."""
+    out, idx, weights = TopKMemoryRead.apply(q, keys, bias, values, k, weight_fn, return_weights)
+    return (out, idx, weights) if return_weights else (out, idx)
 
 
 class StraightThroughQuery(torch.autograd.Function):

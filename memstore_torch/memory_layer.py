@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +27,34 @@ from memstore.types import CollectionOptions
 
 from .resident import ResidentHits, ResidentIndex
 from .rows_source import CollectionStore, LayerCollection
+
+
+@dataclass
+class MemoryRead:
+    """What one forward of a memory layer read, recorded when ``layer.record_reads`` is True.
+
+    It is the forward's own selection (the ids its top-k picked and the weights it gave them), not
+    a re-computation that could differ: ``memstore trace`` shows it. Shapes, for an input whose
+    leading shape is ``lead`` (``(B, T)`` in a language model) flattened to ``N`` positions:
+
+    * ``ids`` (N, heads, k) int64: the row ids each position and head read (-1: no stored row,
+      e.g. a pair inserted during this very forward, or padding);
+    * ``weights`` (N, heads, k): the weight each of those rows' values got in the output
+      (the activation of its score, or its attention weight).
+    """
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    lead: tuple[int, ...]
+
+    @classmethod
+    def empty(cls, n: int, heads: int, lead: tuple[int, ...], device=None) -> MemoryRead:
+        """The read of a layer that holds no rows: nothing selected at any position."""
+        return cls(
+            torch.zeros((n, heads, 0), dtype=torch.int64, device=device),
+            torch.zeros((n, heads, 0), device=device),
+            tuple(lead),
+        )
 
 
 class MemoryLayer(nn.Module):
@@ -49,6 +78,11 @@ class MemoryLayer(nn.Module):
 
     index: ResidentIndex
     config: Any
+    #: When True, each forward leaves what it read in :attr:`last_read` (a :class:`MemoryRead`);
+    #: off by default because it keeps a copy of the selection. See
+    #: :func:`memstore_torch.model_memory.recording_reads`.
+    record_reads: bool = False
+    last_read: MemoryRead | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -8,6 +8,9 @@ module alike, so every one of them is flushed, checkpointed and counted.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from .memory_layer import MemoryLayer
@@ -16,6 +19,25 @@ from .memory_layer import MemoryLayer
 def memory_layers(model: nn.Module) -> dict[str, MemoryLayer]:
     """``{qualified module name: layer}`` for every memory layer in ``model``, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MemoryLayer)}
+
+
+@contextmanager
+def recording_reads(model: nn.Module) -> Iterator[dict[str, MemoryLayer]]:
+    """Within the block, every memory layer of ``model`` records what each forward reads.
+
+    Yields ``{qualified module name: layer}``; after a forward, ``layer.last_read`` is a
+    :class:`~memstore_torch.memory_layer.MemoryRead` (the ids and weights the forward itself
+    selected). Each layer's previous setting is restored, and its record cleared, on exit.
+    """
+    layers = memory_layers(model)
+    before = {name: layer.record_reads for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.record_reads, layer.last_read = True, None
+    try:
+        yield layers
+    finally:
+        for name, layer in layers.items():
+            layer.record_reads, layer.last_read = before[name], None
 
 
 def flush_memory(model: nn.Module) -> dict[str, dict[str, int]]:

@@ -63,6 +63,8 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
         "memstore/migrations/script.py.mako",
         "memstore/backends/sqlite.py",
         "memstore_gpt2/cli.py",
+        "memstore_gpt2/mindset/static/index.html",  # the Mindset UI's page ships in the wheel
+        "memstore_gpt2/mindset/static/mindset.js",
     ):
         assert needed in names
     assert "cli.py" not in names  # no top-level `cli` module to collide with a user's own

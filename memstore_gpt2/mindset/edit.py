@@ -1,0 +1,192 @@
+"""Changing what the memory knows: delete, zero or scale rows, in one transaction.
+
+* **delete** removes rows from the collection: the layer's top-k then picks other rows instead.
+* **zero** sets rows' values to 0: they are still selected (and take a place in the top-k) but
+  add nothing -- what LM-Debugger's "switch off" does to an MLP sub-update.
+* **scale** multiplies rows' values by a factor (``--scale 102 2`` doubles row 102's push).
+
+An edit checks every id first and writes in one transaction (``Store.transaction()``: the check
+and the write cannot be separated by another writer), so it happens whole or not at all. It takes
+effect when the student is next loaded. A **dry run** applies the same edit to a loaded copy only,
+exactly as the next load would see it (the edited rows are loaded in place of the stored ones),
+and writes nothing. An edit refuses to run while a training run holds the database
+(:mod:`memstore_gpt2.db_lock`): the run's next checkpoint would silently undo it.
+
+:func:`switched_off` is the in-memory, always-undone variant the web UI uses to compare
+generations with some rows off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from memstore.errors import bad_parameter
+from memstore_gpt2.mindset.session import parse_ids
+
+ACTIONS = ("delete", "zero", "scale")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One edit of one layer: ``action`` on rows ``ids`` (``factor`` for scale)."""
+
+    layer: str
+    action: str
+    ids: tuple[int, ...]
+    factor: float | None = None
+
+    @property
+    def multiplier(self) -> float:
+        return 0.0 if self.action == "zero" else float(self.factor)
+
+    def describe(self) -> str:
+        rows = ", ".join(map(str, self.ids))
+        if self.action == "scale":
+            return f"scale the values of {self.layer} row(s) {rows} by {self.factor:g}"
+        verb = "delete" if self.action == "delete" else "zero the values of"
+        return f"{verb} {self.layer} row(s) {rows}"
+
+
+def make_edit(mindset, layer: str, action: str, ids, factor: float | None = None) -> Edit:
+    """Validate an edit against the student: the layer, the ids (all must exist) and the factor."""
+    if action not in ACTIONS:
+        raise bad_parameter("action", f"must be one of {', '.join(ACTIONS)}, got {action!r}")
+    entry = mindset.layer(layer)
+    id_list = parse_ids(ids)
+    if action == "scale":
+        if factor is None or isinstance(factor, bool):
+            raise bad_parameter("factor", "is needed to scale rows")
+        try:
+            factor = float(factor)
+        except (TypeError, ValueError):
+            raise bad_parameter("factor", f"must be a number, got {factor!r}") from None
+        if not math.isfinite(factor):
+            raise bad_parameter("factor", f"must be finite, got {factor}")
+    elif factor is not None:
+        raise bad_parameter("factor", f"applies to scale only, not to {action}")
+    entry.collection.get(np.asarray(id_list, np.int64))  # RowNotFoundError names missing ids
+    if action == "delete" and len(id_list) >= len(entry.collection):
+        raise bad_parameter(
+            "ids",
+            f"would delete every row of {entry.name}; a memory layer needs at least one row "
+            "(zero them instead)",
+        )
+    return Edit(entry.name, action, tuple(id_list), factor)
+
+
+def edited_rows(block, edit: Edit):
+    """The rows of ``block`` (a RowBlock) as they are after ``edit``."""
+    mask = np.isin(block.ids, np.asarray(edit.ids, np.int64))
+    if edit.action == "delete":
+        return block.take(~mask)
+    values = block.values.copy()
+    values[mask] *= np.float32(edit.multiplier)
+    return type(block)(
+        block.ids, block.keys, values, block.crf, block.last_tick, block.hits, block.created_tick
+    )
+
+
+def preview(mindset, edit: Edit) -> None:
+    """Apply ``edit`` to the loaded student only, as the next load would see it; nothing is
+    written (the store is not touched)."""
+    entry = mindset.layer(edit.layer)
+    coll = entry.collection
+    stats = coll.stats()
+    block = edited_rows(coll.export_rows(), edit)
+    entry.layer.index.load_block(block, clock=int(stats["clock"]), next_id=stats.get("next_id"))
+
+
+def write(mindset, edit: Edit) -> int:
+    """Write ``edit`` to the database in one transaction; returns the number of rows changed."""
+    coll = mindset.layer(edit.layer).collection
+    ids = np.asarray(edit.ids, np.int64)
+    with mindset.store.transaction():
+        rows = coll.get(ids)  # inside the transaction: the rows cannot vanish before the write
+        if edit.action == "delete":
+            return coll.delete(ids)
+        coll.update(ids, values=rows.values * np.float32(edit.multiplier))
+        return len(ids)
+
+
+@contextmanager
+def switched_off(mindset, off: dict[str, list[int]]) -> Iterator[None]:
+    """Within the block the given rows (``{layer: ids}``) add nothing (their values are zeroed in
+    the loaded copy); their values are restored on exit, and nothing is ever written."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer, ids in off.items():
+                index = mindset.layer(layer).layer.index
+                slots = index.slots_of(parse_ids(ids))
+                saved.append((index, slots, index.value_storage[slots].clone()))
+                index.value_storage[slots] = 0.0
+        yield
+    finally:
+        with torch.no_grad():
+            for index, slots, values in reversed(saved):
+                index.value_storage[slots] = values
+
+
+def run_edit(
+    student_dir: str,
+    layer: str,
+    action: str,
+    ids,
+    factor: float | None = None,
+    *,
+    prompt: str | None = None,
+    dry_run: bool = False,
+    db: str | None = None,
+    max_new_tokens: int = 30,
+) -> dict:
+    """The ``memstore edit`` command: validate, (dry-)apply, and generate before and after."""
+    from memstore_gpt2.db_lock import hold_database
+    from memstore_gpt2.mindset.session import Mindset, check_student
+
+    db_url = check_student(student_dir, db)
+    writer = None if dry_run else hold_database(db_url, student_dir, "edit")
+    try:
+        mindset = Mindset.open(student_dir, db_url)
+        try:
+            if prompt is not None:
+                mindset.encode(prompt)  # an empty prompt fails before anything is written
+            edit = make_edit(mindset, layer, action, ids, factor)
+            rows_before = len(mindset.layer(edit.layer).collection)
+            before = mindset.greedy(prompt, max_new_tokens) if prompt is not None else None
+            if dry_run:
+                preview(mindset, edit)
+                changed = len(edit.ids)
+                rows_after = rows_before - changed if edit.action == "delete" else rows_before
+            else:
+                changed = write(mindset, edit)
+                rows_after = len(mindset.layer(edit.layer).collection)
+                # The edit takes effect on the next load: load again, and generate from that.
+                mindset.close()
+                mindset = Mindset.open(student_dir, db_url)
+            after = mindset.greedy(prompt, max_new_tokens) if prompt is not None else None
+        finally:
+            mindset.close()
+    finally:
+        if writer is not None:
+            writer.release()
+    return {
+        "layer": edit.layer,
+        "action": edit.action,
+        "ids": list(edit.ids),
+        "factor": edit.factor,
+        "dry_run": dry_run,
+        "rows_changed": changed,
+        "rows_before": rows_before,
+        "rows_after": rows_after,
+        "description": edit.describe(),
+        "prompt": prompt,
+        "before": before,
+        "after": after,
+        "text_changed": None if prompt is None else before != after,
+    }

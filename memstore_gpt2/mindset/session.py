@@ -1,0 +1,222 @@
+"""A memory student opened for Mindset: checked, loaded, its memory layers named by collection.
+
+Everything in Mindset names a memory layer by its collection (``layer0``), the name the database
+and ``memstore inspect`` use too; a block index (``0``) or the module path is accepted as well.
+The checks run before anything is loaded, so that a directory without its database, or a
+database without the student's collections, is one clear line instead of a new empty database
+left behind.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from memstore.errors import bad_parameter
+from memstore_gpt2.errors import StudentFormatError
+
+#: Greedy continuations in Mindset (edit before/after, the UI) are this long unless asked.
+DEFAULT_NEW_TOKENS = 30
+
+
+@dataclass
+class MindsetLayer:
+    """One memory layer of the student: ``name`` is its collection, ``module`` where it sits."""
+
+    name: str
+    module: str
+    slot: int | str
+    layer: object  # a memstore_torch MemoryLayer
+
+    @property
+    def kind(self) -> str:
+        return type(self.layer).__name__
+
+    @property
+    def collection(self):
+        return self.layer.collection
+
+    def describe(self) -> dict:
+        cfg = self.layer.config
+        return {
+            "name": self.name,
+            "module": self.module,
+            "block": self.slot,
+            "kind": self.kind,
+            "rows": int(self.layer.index.n),
+            "k": int(cfg.k),
+            "heads": int(cfg.heads),
+        }
+
+
+class Mindset:
+    """A loaded student (model in eval mode, tokenizer, store) with its memory layers by name."""
+
+    def __init__(self, student_dir: str | os.PathLike, loaded) -> None:
+        from memstore_gpt2.student import slot_key
+        from memstore_torch.model_memory import memory_layers
+
+        self.student_dir = Path(student_dir)
+        self.loaded = loaded
+        self.model, self.tokenizer, self.store = loaded.model, loaded.tokenizer, loaded.store
+        self.db_url = loaded.db_url
+        self.layers: dict[str, MindsetLayer] = {}
+        for module, layer in memory_layers(self.model).items():
+            name = layer.collection_name or module
+            self.layers[name] = MindsetLayer(name, module, slot_key(module), layer)
+
+    @classmethod
+    def open(cls, student_dir: str | os.PathLike, db: str | None = None) -> Mindset:
+        """Check and load a student directory (``db``: another database URL than the saved one)."""
+        from memstore_gpt2.student import load_student
+
+        db_url = check_student(student_dir, db)
+        return cls(student_dir, load_student(student_dir, db=db_url))
+
+    def close(self) -> None:
+        self.loaded.close()
+
+    def __enter__(self) -> Mindset:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------- layers
+    def layer(self, spec: str | int, *, parameter: str = "layer") -> MindsetLayer:
+        """The layer named by collection (``layer0``), block index (``0``) or module path."""
+        text = str(spec).strip()
+        if text in self.layers:
+            return self.layers[text]
+        for entry in self.layers.values():
+            if text == entry.module or text == str(entry.slot):
+                return entry
+        known = ", ".join(self.layers) or "none"
+        raise bad_parameter(
+            parameter, f"{text!r} is not a memory layer of this student (known: {known})"
+        )
+
+    def select(self, spec: str | None, *, parameter: str = "layers") -> list[MindsetLayer]:
+        """``None``/``"all"`` -> every layer; else comma-separated names as :meth:`layer` takes."""
+        if spec is None or spec.strip().lower() in ("", "all"):
+            return list(self.layers.values())
+        chosen: list[MindsetLayer] = []
+        for part in spec.split(","):
+            entry = self.layer(part, parameter=parameter)
+            if entry not in chosen:
+                chosen.append(entry)
+        return chosen
+
+    # -------------------------------------------------------------------- tokens
+    @property
+    def context(self) -> int:
+        return int(self.model.config.n_positions)
+
+    def encode(self, prompt: str, *, parameter: str = "prompt") -> list[int]:
+        """Token ids of a prompt; an empty one, or one longer than the model reads, is an error."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise bad_parameter(parameter, "is empty: give some text")
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise bad_parameter(parameter, "is empty after tokenization: give some text")
+        if len(ids) > self.context:
+            raise bad_parameter(
+                parameter, f"is {len(ids)} tokens long; this model reads at most {self.context}"
+            )
+        return ids
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([int(token_id)])
+
+    def token_id(self, text: str, *, parameter: str = "promotes") -> int:
+        """The one token ``text`` is (``" for"`` and ``"for"`` are different tokens)."""
+        if not text:
+            raise bad_parameter(parameter, "is empty: give a token")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = " + ".join(repr(self.token_text(i)) for i in ids)
+            raise bad_parameter(parameter, f"{text!r} is {len(ids)} tokens ({pieces}); give one")
+        return int(ids[0])
+
+    def greedy(self, prompt: str, max_new_tokens: int = DEFAULT_NEW_TOKENS) -> str:
+        """The prompt and its greedy continuation (the same text every time: no sampling)."""
+        from memstore_gpt2.generate import sample_tokens
+
+        ids = sample_tokens(
+            self.model,
+            self.encode(prompt),
+            max_new_tokens=max_new_tokens,
+            temperature=0,
+            eos_id=self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def check_student(student_dir: str | os.PathLike, db: str | None = None) -> str:
+    """The student's database URL, after checking that the database and its collections exist.
+
+    Raises :class:`StudentFormatError` for a directory that is not a student or has lost its
+    database, and a ``db`` parameter error for a ``db`` that does not hold this student.
+    """
+    from memstore import Store
+    from memstore.errors import DatabaseError
+    from memstore_gpt2.student import read_manifest, resolve_db_url
+
+    manifest = read_manifest(student_dir)
+    db_url = resolve_db_url(student_dir, manifest, db)
+    if db_url.startswith("sqlite:///"):
+        path = Path(db_url[len("sqlite:///") :].split("?", 1)[0])
+        if not path.is_file():
+            if db:
+                raise bad_parameter("db", f"{db!r}: no database file at {path}")
+            raise StudentFormatError(
+                f"the memory database of {str(student_dir)!r} is missing: no file at {path}; "
+                "pass --db URL if it was moved"
+            )
+    try:
+        store = Store(db_url, create=False, read_only=db_url.startswith("sqlite:///"))
+    except DatabaseError as exc:
+        raise StudentFormatError(
+            f"cannot open the memory database of {student_dir}: {exc}"
+        ) from None
+    try:
+        for key, entry in manifest.get("layers", {}).items():
+            name = entry.get("config", {}).get("collection")
+            if name and not store.has_collection(name):
+                raise StudentFormatError(
+                    f"database {store.url.render_as_string(hide_password=True)} has no collection "
+                    f"{name!r} (the memory of {'block ' + key if key.isdigit() else key}): is it "
+                    "this student's database?"
+                )
+    finally:
+        store.close()
+    return db_url
+
+
+def parse_ids(text: str | list, parameter: str = "ids") -> list[int]:
+    """``"102,162"``, ``"5-9"``, or a list of ints -> sorted unique ids (a clear error otherwise)."""
+    if isinstance(text, (list, tuple)):
+        parts = [str(p) for p in text]
+    else:
+        parts = [p for p in str(text).replace(" ", ",").split(",")]
+    out: set[int] = set()
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            if sep and lo:
+                a, b = int(lo), int(hi)
+                if a > b or b - a > 1_000_000:
+                    raise ValueError
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise bad_parameter(
+                parameter, f"{text!r}: expected row ids like '102,162' or '5-9'"
+            ) from None
+    if not out:
+        raise bad_parameter(parameter, "is empty: give at least one row id")
+    return sorted(out)

@@ -1,0 +1,259 @@
+// memstore Mindset: plain JavaScript over the server's JSON API (no build step).
+// Every text from the model or the database is put in the page with textContent, never as HTML.
+"use strict";
+
+const state = { info: null, trace: null, picked: null, off: {} };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "text") node.textContent = value;
+    else if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (value === true) node.setAttribute(key, "");
+    else if (value !== false && value !== null && value !== undefined) node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function api(path, body) {
+  const options = body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  };
+  const response = await fetch(path, options);
+  const data = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
+  if (!response.ok) {
+    showError(data.error || `request failed (${response.status})`);
+    throw new Error(data.error);
+  }
+  showError("");
+  return data;
+}
+
+function busy(button, on) { if (button) button.disabled = on; }
+
+// A token as shown: line breaks and tabs made visible, so every token stays one short chip.
+function shown(token) {
+  return token.replace(/\r?\n/g, "↵").replace(/\t/g, "→") || "∅";
+}
+
+function tokenChip(item, down = false) {
+  return el("span", { class: down ? "tok down" : "tok", title: `${JSON.stringify(item.token)} logit ${item.logit}`,
+    text: shown(item.token) });
+}
+
+function offCount() {
+  return Object.values(state.off).reduce((n, ids) => n + ids.size, 0);
+}
+
+function isOff(layer, id) { return Boolean(state.off[layer] && state.off[layer].has(id)); }
+
+function setOff(layer, id, on) {
+  state.off[layer] = state.off[layer] || new Set();
+  if (on) state.off[layer].add(id); else state.off[layer].delete(id);
+  renderOffList();
+  if (state.picked !== null) renderFired(state.picked);
+}
+
+function renderOffList() {
+  const box = $("off-list");
+  const parts = Object.entries(state.off).filter(([, ids]) => ids.size)
+    .map(([layer, ids]) => `${layer}: ${[...ids].sort((a, b) => a - b).join(", ")}`);
+  box.textContent = parts.length ? `Switched off (in memory only, never written): ${parts.join("; ")}`
+    : "No row switched off: tick “off” beside a row above.";
+  $("ablated-title").textContent = `with ${offCount()} row(s) off`;
+}
+
+// ------------------------------------------------------------------ 1. trace
+async function doTrace(event) {
+  if (event) event.preventDefault();
+  const button = $("trace-btn");
+  busy(button, true);
+  try {
+    state.trace = await api("/api/trace", { prompt: $("prompt").value, top: Number($("top").value) });
+    renderTokens();
+    pickToken(state.trace.tokens.length - 1);
+  } finally { busy(button, false); }
+}
+
+function renderTokens() {
+  const box = $("tokens");
+  box.replaceChildren(...state.trace.tokens.map((token, i) =>
+    el("button", { type: "button", class: "token", "data-index": i, title: `token ${i}: ${JSON.stringify(token)}`, text: shown(token),
+      onclick: () => pickToken(i) })));
+  const every = Object.entries(state.trace.layers).filter(([, l]) => l.every_token.length)
+    .map(([name, l]) => `${name}: ${l.every_token.join(", ")}`);
+  $("every").textContent = every.length && state.trace.tokens.length > 1
+    ? `Read at every token (a constant of the layer more than a memory): ${every.join("; ")}` : "";
+}
+
+function pickToken(i) {
+  state.picked = i;
+  for (const chip of document.querySelectorAll(".token")) {
+    chip.classList.toggle("picked", Number(chip.dataset.index) === i);
+  }
+  $("picked").textContent = `— token ${i} ${JSON.stringify(state.trace.tokens[i])}`;
+  renderFired(i);
+}
+
+function renderFired(i) {
+  const parts = [];
+  for (const [name, layer] of Object.entries(state.trace.layers)) {
+    const labels = state.trace.labels[name] || {};
+    const rows = layer.ids[i].map((id, j) => {
+      const label = labels[String(id)] || { promotes: [] };
+      const off = isOff(name, id);
+      return el("tr", { class: off ? "off" : "", "data-layer": name, "data-id": id },
+        el("td", {}, el("a", { class: "rid", text: String(id), onclick: () => explain(name, id) })),
+        el("td", { class: "num", text: layer.weights[i][j].toFixed(3) }),
+        el("td", { class: "num", text: layer.contributions[i][j].toFixed(3) }),
+        el("td", {}, ...label.promotes.map((t) => tokenChip(t))),
+        el("td", {}, el("label", {}, el("input", { type: "checkbox", class: "off-box", checked: off,
+          onchange: (e) => setOff(name, id, e.target.checked) }), " off")));
+    });
+    parts.push(el("div", { class: "layer-name", text: `${name} — ${layer.selected} rows read, largest ${layer.ids[i].length} shown` }),
+      el("table", { class: "fired", "data-layer": name },
+        el("thead", {}, el("tr", {}, ...["row", "weight", "size", "promotes", ""].map((h) => el("th", { text: h })))),
+        el("tbody", {}, ...rows)));
+  }
+  $("fired").replaceChildren(...parts);
+}
+
+// ------------------------------------------------------------------ 3. regenerate
+async function regenerate() {
+  const button = $("regen-btn");
+  busy(button, true);
+  try {
+    const off = {};
+    for (const [layer, ids] of Object.entries(state.off)) if (ids.size) off[layer] = [...ids];
+    const result = await api("/api/generate", {
+      prompt: $("prompt").value, off, max_new_tokens: Number($("new-tokens").value),
+    });
+    $("gen-normal").textContent = result.normal;
+    $("gen-ablated").textContent = result.ablated;
+  } finally { busy(button, false); }
+}
+
+// ------------------------------------------------------------------ 4. rows and explain
+async function browseRows(event) {
+  if (event) event.preventDefault();
+  const params = new URLSearchParams({
+    layer: $("rows-layer").value, sort: $("rows-sort").value, limit: $("rows-limit").value,
+    ascending: $("rows-asc").checked ? "1" : "0",
+  });
+  const promotes = $("rows-promotes").value;
+  if (promotes) params.set("promotes", promotes);
+  const button = $("rows-btn");
+  busy(button, true);
+  try {
+    const result = await api(`/api/rows?${params}`);
+    const what = result.promotes !== undefined ? ` promoting ${JSON.stringify(result.promotes)}` : "";
+    $("rows-summary").textContent = `${result.layer}: ${result.matched} of ${result.total} rows${what} · clock ${result.clock}`;
+    const head = ["row", "hits", "score", "age", "promotes", "suppresses"];
+    if (result.promotes !== undefined) head.splice(4, 0, "rank");
+    const body = result.rows.map((r) => {
+      const cells = [
+        el("td", {}, el("a", { class: "rid", text: String(r.id), onclick: () => explain(result.layer, r.id) })),
+        el("td", { class: "num", text: String(r.hits) }),
+        el("td", { class: "num", text: r.score === null ? "n/a" : r.score.toFixed(2) }),
+        el("td", { class: "num", text: String(r.age) }),
+        el("td", {}, ...r.promotes.map((t) => tokenChip(t))),
+        el("td", {}, ...r.suppresses.slice(0, 3).map((t) => tokenChip(t, true))),
+      ];
+      if (r.token_rank !== undefined) cells.splice(4, 0, el("td", { class: "num", text: String(r.token_rank) }));
+      return el("tr", { "data-id": r.id }, ...cells);
+    });
+    $("rows-table").replaceChildren(el("table", { id: "rows-result" },
+      el("thead", {}, el("tr", {}, ...head.map((h) => el("th", { text: h })))), el("tbody", {}, ...body)));
+  } finally { busy(button, false); }
+}
+
+async function explain(layer, id) {
+  const result = await api(`/api/explain?${new URLSearchParams({ layer, ids: String(id) })}`);
+  const r = result.rows[0];
+  $("explain-title").textContent = `— ${layer} row ${id}`;
+  $("explain").replaceChildren(
+    el("p", { text: `LRFU score ${r.score === null ? "n/a" : r.score.toFixed(2)} · ${r.hits} hits · age ${r.age} ticks · last hit ${r.idle} ticks ago · |value| ${r.value_norm.toFixed(3)}` }),
+    el("div", {}, el("h3", { text: "promotes" }), ...r.promotes.map((t) => tokenChip(t))),
+    el("div", {}, el("h3", { text: "suppresses" }), ...r.suppresses.map((t) => tokenChip(t, true))),
+    el("div", { class: "row" },
+      el("button", { type: "button", text: isOff(layer, id) ? "switch back on" : "switch off",
+        onclick: () => { setOff(layer, id, !isOff(layer, id)); explain(layer, id); } }),
+      el("button", { type: "button", id: "use-in-edit", text: "use in edit",
+        onclick: () => { $("edit-layer").value = layer; $("edit-ids").value = String(id); } })));
+}
+
+// ------------------------------------------------------------------ 5. edit
+function editRequest(confirm) {
+  return {
+    layer: $("edit-layer").value, action: $("edit-action").value, ids: $("edit-ids").value,
+    factor: $("edit-action").value === "scale" ? Number($("edit-factor").value) : null,
+    prompt: $("prompt").value, confirm, max_new_tokens: Number($("new-tokens").value),
+  };
+}
+
+async function previewEdit(event) {
+  event.preventDefault();
+  $("edit-result").hidden = true;
+  const button = $("edit-preview");
+  busy(button, true);
+  try {
+    const plan = await api("/api/edit", editRequest(false));
+    $("edit-description").textContent = `Would ${plan.description} (${plan.layer}: ${plan.rows_before} → ${plan.rows_after} rows). Nothing is written until you confirm.`;
+    $("edit-before").textContent = plan.before || "";
+    $("edit-after").textContent = plan.after || "";
+    $("edit-after-title").textContent = "after (preview)";
+    $("edit-plan").hidden = false;
+  } finally { busy(button, false); }
+}
+
+async function confirmEdit() {
+  const button = $("edit-confirm");
+  busy(button, true);
+  try {
+    const done = await api("/api/edit", editRequest(true));
+    $("edit-plan").hidden = true;
+    const box = $("edit-result");
+    box.textContent = `Done: ${done.description} — written in one transaction; the student was loaded again (${done.layer}: ${done.rows_before} → ${done.rows_after} rows).`;
+    box.hidden = false;
+    if (done.action === "delete" && state.off[done.layer]) for (const id of done.ids) state.off[done.layer].delete(id);
+    renderOffList();
+    await doTrace();
+  } finally { busy(button, false); }
+}
+
+// ------------------------------------------------------------------ start
+async function init() {
+  state.info = await api("/api/info");
+  $("student").textContent = `${state.info.student} · ${state.info.layers.map((l) => `${l.name}: ${l.rows} rows, k ${l.k}`).join(" · ")}`;
+  const mode = $("mode");
+  mode.textContent = state.info.allow_edits ? "edits allowed" : "read-only";
+  mode.classList.toggle("edits", state.info.allow_edits);
+  for (const select of [$("rows-layer"), $("edit-layer")]) {
+    select.replaceChildren(...state.info.layers.map((l) => el("option", { value: l.name, text: l.name })));
+  }
+  if (!state.info.allow_edits) {
+    $("edit-readonly").hidden = false;
+    for (const field of $("edit-form").elements) field.disabled = true;
+  }
+  $("trace-form").addEventListener("submit", doTrace);
+  $("regen-btn").addEventListener("click", regenerate);
+  $("rows-form").addEventListener("submit", browseRows);
+  $("edit-form").addEventListener("submit", previewEdit);
+  $("edit-confirm").addEventListener("click", confirmEdit);
+  $("edit-cancel").addEventListener("click", () => { $("edit-plan").hidden = true; });
+  $("edit-action").addEventListener("change", () => { $("factor-label").hidden = $("edit-action").value !== "scale"; });
+  renderOffList();
+  await Promise.all([doTrace(), browseRows()]);
+  document.body.dataset.ready = "1";
+}
+
+document.addEventListener("DOMContentLoaded", () => { init().catch((e) => showError(String(e.message || e))); });
