@@ -192,17 +192,24 @@ class ProductKeyMemory(MemoryLayer):
         self.index.count("inserts", rows.numel())
 
     # -------------------------------------------------------------- forward
-    def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token and head, the ``k`` best rows: ``(scores (T, heads, k), rows (T, heads, k))``
-        for inputs ``x`` (T, d_model), best first. Differentiable in the scores."""
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head queries ``norm(W_q x)`` (T, heads, key_dim) for inputs ``x`` (T, d_model)."""
         cfg = self.config
-        t, heads, dk = x.shape[0], cfg.heads, cfg.key_dim
+        t = x.shape[0]
         q = self.query_proj(x)  # (T, H * dk)
         if cfg.query_norm == "batchnorm":
             q = self.query_norm(q)
         elif cfg.query_norm == "layernorm":
-            q = self.query_norm(q.view(t, heads, dk))
-        q = q.reshape(t, heads, 2, dk // 2).permute(1, 2, 0, 3)  # (H, 2, T, dk / 2)
+            q = self.query_norm(q.view(t, cfg.heads, cfg.key_dim))
+        return q.reshape(t, cfg.heads, cfg.key_dim)
+
+    def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token and head, the ``k`` best rows: ``(scores (T, heads, k), rows (T, heads, k))``
+        for inputs ``x`` (T, d_model), best first (ties: lower row). Differentiable in the
+        scores."""
+        cfg = self.config
+        t, heads, dk = x.shape[0], cfg.heads, cfg.key_dim
+        q = self.queries(x).reshape(t, heads, 2, dk // 2).permute(1, 2, 0, 3)  # (H, 2, T, dk/2)
         sub = self.sub_keys.to(q.dtype)
         s = torch.matmul(q, sub.transpose(-1, -2))  # (H, 2, T, n_keys)
         k = min(self.k, self.n_rows)
