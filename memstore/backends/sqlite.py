@@ -462,10 +462,12 @@ class SqliteBackend(VectorBackend):
         return int(len(present))
 
     def _existing(self, conn: Connection, spec: CollectionSpec, ids: np.ndarray) -> np.ndarray:
-        result = conn.exec_driver_sql(
-            f"SELECT id FROM {_rows(spec)} WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
-            (json.dumps(np.unique(ids).tolist()),),
-        ).fetchall()
+        result = _fetch_all(
+            conn,
+            f"SELECT id FROM {_rows(spec)} WHERE id IN (SELECT value FROM json_each(:ids)) "
+            "ORDER BY id",
+            {"ids": json.dumps(np.unique(ids).tolist())},
+        )
         return np.fromiter((r[0] for r in result), np.int64, len(result))
 
     def fetch_rows(
