@@ -214,7 +214,7 @@ class ProductKeyMemory(MemoryLayer):
         s = torch.matmul(q, sub.transpose(-1, -2))  # (H, 2, T, n_keys)
         k = min(self.k, self.n_rows)
         scores, rows = product_topk(
-            s[:, 0].reshape(heads * t, -1), s[:, 1].reshape(heads * t, -1), k
+            s[:, 0].reshape(heads * t, cfg.n_keys), s[:, 1].reshape(heads * t, cfg.n_keys), k
         )  # (H * T, k)
         return scores.view(heads, t, k).transpose(0, 1), rows.view(heads, t, k).transpose(0, 1)
 
@@ -231,8 +231,9 @@ class ProductKeyMemory(MemoryLayer):
         )
         weights = weights.to(values.dtype)
         t = h.shape[0]
-        rows = rows.reshape(t, -1)
-        out = sparse_row_read(weights.reshape(t, -1), rows, values)  # (T, dv)
+        reads = self.config.heads * scores.shape[-1]
+        rows = rows.reshape(t, reads)
+        out = sparse_row_read(weights.reshape(t, reads), rows, values)  # (T, dv)
         may_train = values.requires_grad and torch.is_grad_enabled()
         with torch.no_grad():
             if may_train:

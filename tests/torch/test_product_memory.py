@@ -73,6 +73,9 @@ def test_shapes_any_leading_dims_and_batchnorm():
     x = torch.randn(2, 3, 4, 12)
     assert layer(x).shape == x.shape
     assert isinstance(layer.query_norm, nn.BatchNorm1d)
+    empty = torch.randn(0, 12, requires_grad=True)
+    small()(empty).sum().backward()  # no tokens: an empty output and gradient
+    assert empty.grad.shape == (0, 12)
 
 
 def test_zero_values_add_nothing_to_a_model():
