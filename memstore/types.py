@@ -18,7 +18,9 @@ from memstore.validation import check_lrfu_lambda, check_positive_int
 METRICS = ("l2", "cosine", "ip")
 #: Index kinds a collection may ask for. sqlite-vec serves the ``rescore-*`` kinds; PostgreSQL serves
 #: ``hnsw`` / ``ivfflat`` (pgvector) and maps the ``rescore-*`` kinds to HNSW so SQLite code runs there.
-SQLITE_INDEX_KINDS = ("exact", "rescore-bit", "rescore-int8")
+#: ``none`` keeps no kNN index at all (searches scan the rows exactly): for memories searched
+#: elsewhere, such as a product-key layer's, whose bulk writes need not maintain one.
+SQLITE_INDEX_KINDS = ("exact", "rescore-bit", "rescore-int8", "none")
 INDEX_KINDS = (*SQLITE_INDEX_KINDS, "hnsw", "ivfflat")
 
 

@@ -216,3 +216,79 @@ class AssociativeConfig(_LayerConfig):
             st_query=_flag(self.st_query, "st_query"),
             st_insert=_flag(self.st_insert, "st_insert"),
         )
+
+
+#: How a product-key memory normalises its queries (see :class:`ProductKeyConfig`).
+QUERY_NORMS = ("layernorm", "batchnorm", "none")
+
+
+@dataclass(frozen=True)
+class ProductKeyConfig(_LayerConfig):
+    """Options of :class:`~memstore_torch.ProductKeyMemory` (see docs/layers.md, Large memory).
+
+    The table has ``n_keys ** 2`` value rows; each head scores ``2 * n_keys`` sub-keys per token
+    and reads its ``k`` best rows.
+    """
+
+    d_model: int
+    #: Sub-keys per half and head: the table holds n_keys ** 2 rows.
+    n_keys: int = 1024
+    heads: int = 4
+    #: Rows read per token and head.
+    k: int = 32
+    #: Query width per head, split into two halves of key_dim // 2 (even).
+    key_dim: int = 256
+    #: Width of a value row (None: d_model, and no output projection).
+    value_dim: int | None = None
+    #: "layernorm" (per head, default), "batchnorm" (Lample et al.) or "none".
+    query_norm: str = "layernorm"
+    #: Standard deviation of the initial values; 0 (default): every row starts at zero, so the
+    #: layer adds nothing to a model until it is trained.
+    value_init_std: float = 0.0
+    #: Values are a Parameter trained by sparse gradients (else read-only).
+    trainable_rows: bool = True
+    lrfu_lambda: float = 0.5
+    #: Touch rows (LRFU) in eval mode too.
+    update_in_eval: bool = False
+
+    LIVE: ClassVar[frozenset[str]] = frozenset({"k", "update_in_eval"})
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_keys", "heads", "k", "key_dim"):
+            check_positive_int(getattr(self, name), name)
+        if self.key_dim % 2:
+            raise bad_parameter("key_dim", f"must be even (two halves), got {self.key_dim}")
+        if self.k > self.n_keys**2:
+            raise bad_parameter(
+                "k", f"must be at most n_keys ** 2 = {self.n_keys**2}, got {self.k}"
+            )
+        if self.query_norm not in QUERY_NORMS:
+            raise bad_parameter(
+                "query_norm",
+                f"must be one of {', '.join(QUERY_NORMS)}, got {self.query_norm!r}",
+            )
+        std = _number(self.value_init_std, "value_init_std")
+        if not 0.0 <= std < math.inf:
+            raise bad_parameter("value_init_std", f"must be >= 0 and finite, got {std}")
+        self._set(
+            d_model=int(self.d_model),
+            n_keys=int(self.n_keys),
+            heads=int(self.heads),
+            k=int(self.k),
+            key_dim=int(self.key_dim),
+            value_dim=_optional_positive_int(self.value_dim, "value_dim"),
+            value_init_std=std,
+            trainable_rows=_flag(self.trainable_rows, "trainable_rows"),
+            lrfu_lambda=check_lrfu_lambda(self.lrfu_lambda),
+            update_in_eval=_flag(self.update_in_eval, "update_in_eval"),
+        )
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the value table: ``n_keys ** 2``."""
+        return self.n_keys**2
+
+    @property
+    def row_value_dim(self) -> int:
+        """Width of a row's value."""
+        return self.d_model if self.value_dim is None else self.value_dim

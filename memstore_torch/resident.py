@@ -375,6 +375,16 @@ class ResidentIndex:
         self._hits[hit] += counts[hit].to(torch.int64)
         self._dirty[hit] = True
 
+    def reset_lrfu(self, slots: torch.Tensor) -> None:
+        """Give ``slots`` the LRFU state of a row inserted now (crf 1, no hits, created and last
+        touched at the clock), as when a layer hands a cold row new content."""
+        slots = slots.reshape(-1).to(self.device)
+        self._crf[slots] = 1.0
+        self._hits[slots] = 0
+        self._last_tick[slots] = self.clock
+        self._created_tick[slots] = self.clock
+        self._dirty[slots] = True
+
     def lrfu_scores(self, now: int | None = None) -> torch.Tensor:
         """``log2(crf) - lambda * (now - last_tick)``: higher = keep. Mirror of
         memstore.lrfu.order_key (tested in tests/torch/test_semantics_mirrors.py)."""
@@ -416,6 +426,20 @@ class ResidentIndex:
         ``max_rows`` is an error.
         """
         keys, values = self._check_rows(keys, values)
+        return self._append(keys, values)
+
+    def insert_blank(self, keys: torch.Tensor) -> torch.Tensor:
+        """:meth:`insert` rows whose values are all zero, without building or checking a values
+        tensor: how a table of millions of rows starts (a product-key memory's)."""
+        if keys.dim() != 2 or keys.shape[1] != self.key_dim:
+            raise DimensionMismatchError(
+                f"keys must be (n, {self.key_dim}), got {tuple(keys.shape)}"
+            )
+        if not bool(torch.isfinite(keys).all()):
+            raise InvalidInputError("keys contain NaN or inf")
+        return self._append(keys.detach().to(self.device, torch.float32), None)
+
+    def _append(self, keys: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
         m = keys.shape[0]
         if self.max_rows is not None:
             if m > self.max_rows:
@@ -428,7 +452,10 @@ class ResidentIndex:
         new_ids = torch.arange(self._next_id, self._next_id + m, device=self.device)
         with torch.no_grad():
             self.key_storage[start:end] = keys
-            self.value_storage[start:end] = values
+            if values is None:
+                self.value_storage[start:end].zero_()
+            else:
+                self.value_storage[start:end] = values
         self._ids[start:end] = new_ids
         self._crf[start:end] = 1.0
         self._last_tick[start:end] = self.clock

@@ -30,6 +30,7 @@ OPERATOR_CLASSES = {"l2": "vector_l2_ops", "cosine": "vector_cosine_ops", "ip": 
 #: (nothing to rescore); ``oversample`` keeps its meaning, candidates examined per result.
 PHYSICAL_INDEX = {
     "exact": None,
+    "none": None,  # no index: the exact scan, as "exact" on PostgreSQL
     "hnsw": "hnsw",
     "ivfflat": "ivfflat",
     "rescore-bit": "hnsw",

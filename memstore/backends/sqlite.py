@@ -7,6 +7,9 @@ Layout per collection (``<id>`` is the catalog's integer id; user names never re
   only this ordinary table (a full scan of a vec0 table costs ~10 us a row; this is ~40x cheaper).
 * ``vec_<id>`` is a sqlite-vec ``vec0`` table used only as the kNN index; it is derived from
   ``rows_<id>`` and can be rebuilt from it at any time (prune does, to give emptied chunks back).
+  ``index="none"`` collections have no ``vec_<id>``: their searches scan the row table exactly
+  in numpy (:meth:`SqliteBackend._scan_knn`). For memories searched elsewhere (a product-key
+  layer searches in torch), whose bulk flushes would otherwise pay for an index nobody queries.
 * ``touches_<id>`` logs LRFU hits, folded into ``rows_<id>`` lazily (see :mod:`sqlite_lrfu`).
 
 Inner product: sqlite-vec has no ip metric, so ``ip`` collections index keys augmented to
@@ -20,7 +23,9 @@ dimensions, so indexed vectors are zero-padded (zeros change no distance).
 
 Bulk inserts bind the whole batch as one blob and split it in SQL with ``substr`` over a recursive
 counter, so no per-row Python work is done (measured: ~0.9x raw sqlite-vec ``executemany`` while
-also storing values and LRFU state; binding a tuple per row reached 0.57-0.7x).
+also storing values and LRFU state; binding a tuple per row reached 0.57-0.7x). Rows with
+differing LRFU state (a layer's flush) bind one tuple per row, and an upsert of existing rows is
+one ``UPDATE`` per row for all columns (benchmarks/bulk_rows.py measures both against raw SQLite).
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from memstore.types import SQLITE_INDEX_KINDS, CollectionSpec, RowBlock, SearchR
 
 #: Rows per bulk statement (keeps every bound blob far below SQLite's 1 GB limit).
 BULK_ROWS = 65_536
+#: Distances computed at once by an ``index="none"`` scan (float64 elements: 128 MiB).
+SCAN_ELEMENTS = 1 << 24
 #: sqlite-vec refuses kNN queries with k above this; larger k falls back to an exact scan.
 MAX_KNN_K = 4096
 #: Norm-bound headroom for ``ip``: fewer index rebuilds as keys grow, little precision lost.
@@ -65,9 +72,11 @@ def _index_dim(spec: CollectionSpec) -> int:
 
 
 def _decode(blobs: list[bytes], dim: int) -> np.ndarray:
+    """float32 rows from their blobs: one copy (a ``bytearray`` is writable, so numpy can use it
+    as it is)."""
     if not blobs:
         return np.empty((0, dim), np.float32)
-    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim).copy()
+    return np.frombuffer(bytearray().join(blobs), dtype=np.float32).reshape(len(blobs), dim)
 
 
 def exact_distances(metric: str, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -196,6 +205,8 @@ class SqliteBackend(VectorBackend):
         self._create_index(conn, spec)
 
     def _create_index(self, conn: Connection, spec: CollectionSpec) -> None:
+        if not _indexed(spec):
+            return
         metric = "cosine" if spec.metric == "cosine" else "l2"
         column = f"key float[{_index_dim(spec)}] distance_metric={metric}"
         if spec.index != "exact":
@@ -234,6 +245,8 @@ class SqliteBackend(VectorBackend):
         from memstore import catalog
 
         bound = self._norm_bound(conn, spec)
+        if not _indexed(spec):  # no index, no augmented coordinate to bound
+            return bound
         longest = float(np.sqrt((keys.astype(np.float64) ** 2).sum(1).max())) if len(keys) else 0.0
         if longest <= bound:
             return bound
@@ -270,6 +283,8 @@ class SqliteBackend(VectorBackend):
         self, conn: Connection, spec: CollectionSpec, bound: float | None = None
     ) -> None:
         """Drop and recreate ``vec_<id>`` from ``rows_<id>`` inside the caller's transaction."""
+        if not _indexed(spec):
+            return
         if bound is None and spec.metric == "ip":
             bound = self._norm_bound(conn, spec)
         conn.exec_driver_sql(f"DROP TABLE {_vec(spec)}")
@@ -290,6 +305,8 @@ class SqliteBackend(VectorBackend):
         keys: np.ndarray,
         bound: float,
     ) -> None:
+        if not _indexed(spec):
+            return
         vectors = self._index_vectors(spec, keys, bound)
         width = vectors.shape[1] * 4
         for start, stop, consecutive in _runs(ids):
@@ -362,20 +379,20 @@ class SqliteBackend(VectorBackend):
         self._insert_index(conn, spec, rows.ids, rows.keys, bound)
 
     def upsert_rows(self, conn: Connection, spec: CollectionSpec, rows: RowBlock) -> None:
-        """Existing ids are updated in place (row and vec0 slot), new ids inserted: two UPDATEs
-        per existing row instead of two DELETEs and two INSERTs (memstore_torch flushes mostly
-        rewrite rows that exist)."""
+        """Existing ids are updated in place (one ``UPDATE`` of every column per row, then the
+        vec0 slot), new ids inserted: memstore_torch flushes mostly rewrite rows that exist."""
         if len(rows) == 0:
             return
         self.fold_touches(conn, spec)  # replaced rows take the given LRFU state, not pending hits
         exists = np.isin(rows.ids, self._existing(conn, spec, rows.ids))
         if exists.any():
-            old = rows.take(exists)
+            old = rows if exists.all() else rows.take(exists)
             conn.exec_driver_sql(
-                f"UPDATE {_rows(spec)} SET value = ?, crf = ?, last_tick = ?, hits = ?, "
+                f"UPDATE {_rows(spec)} SET key = ?, value = ?, crf = ?, last_tick = ?, hits = ?, "
                 "created_tick = ? WHERE id = ?",
                 list(
                     zip(
+                        [k.tobytes() for k in old.keys],
                         [v.tobytes() for v in old.values],
                         old.crf.tolist(),
                         old.last_tick.tolist(),
@@ -386,9 +403,9 @@ class SqliteBackend(VectorBackend):
                     )
                 ),
             )
-            self.update_rows(conn, spec, old.ids, old.keys, None)
+            self._update_index(conn, spec, old.ids, old.keys)
         if not exists.all():
-            self.insert_rows(conn, spec, rows.take(~exists))
+            self.insert_rows(conn, spec, rows if not exists.any() else rows.take(~exists))
 
     def update_rows(
         self,
@@ -410,6 +427,14 @@ class SqliteBackend(VectorBackend):
             f"UPDATE {_rows(spec)} SET key = ? WHERE id = ?",
             [(k.tobytes(), i) for k, i in zip(keys, id_list, strict=True)],
         )
+        self._update_index(conn, spec, ids, keys)
+
+    def _update_index(
+        self, conn: Connection, spec: CollectionSpec, ids: np.ndarray, keys: np.ndarray
+    ) -> None:
+        """Bring the vec0 slots of ``ids`` to ``keys`` (their rows already hold them)."""
+        if not _indexed(spec):
+            return
         if spec.metric == "ip":
             old = self._norm_bound(conn, spec)
             bound = self._ensure_norm_bound(conn, spec, keys)
@@ -420,7 +445,7 @@ class SqliteBackend(VectorBackend):
         vectors = self._index_vectors(spec, keys, bound)
         conn.exec_driver_sql(
             f"UPDATE {_vec(spec)} SET key = ? WHERE id = ?",
-            [(v.tobytes(), i) for v, i in zip(vectors, id_list, strict=True)],
+            [(v.tobytes(), i) for v, i in zip(vectors, ids.tolist(), strict=True)],
         )
 
     def delete_rows(self, conn: Connection, spec: CollectionSpec, ids: np.ndarray) -> int:
@@ -432,14 +457,17 @@ class SqliteBackend(VectorBackend):
             return 0
         params = [(i,) for i in present.tolist()]
         conn.exec_driver_sql(f"DELETE FROM {_rows(spec)} WHERE id = ?", params)
-        conn.exec_driver_sql(f"DELETE FROM {_vec(spec)} WHERE id = ?", params)
+        if _indexed(spec):
+            conn.exec_driver_sql(f"DELETE FROM {_vec(spec)} WHERE id = ?", params)
         return int(len(present))
 
     def _existing(self, conn: Connection, spec: CollectionSpec, ids: np.ndarray) -> np.ndarray:
-        result = conn.exec_driver_sql(
-            f"SELECT id FROM {_rows(spec)} WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
-            (json.dumps(np.unique(ids).tolist()),),
-        ).fetchall()
+        result = _fetch_all(
+            conn,
+            f"SELECT id FROM {_rows(spec)} WHERE id IN (SELECT value FROM json_each(:ids)) "
+            "ORDER BY id",
+            {"ids": json.dumps(np.unique(ids).tolist())},
+        )
         return np.fromiter((r[0] for r in result), np.int64, len(result))
 
     def fetch_rows(
@@ -454,12 +482,11 @@ class SqliteBackend(VectorBackend):
         )
         params: dict = {"lam": float(spec.lrfu_lambda)}
         if ids is None:
-            result = conn.exec_driver_sql(select + "ORDER BY r.id", params).fetchall()
+            select += "ORDER BY r.id"
         else:
             params["ids"] = json.dumps(np.unique(ids).tolist())
-            result = conn.exec_driver_sql(
-                select + "WHERE r.id IN (SELECT value FROM json_each(:ids)) ORDER BY r.id", params
-            ).fetchall()
+            select += "WHERE r.id IN (SELECT value FROM json_each(:ids)) ORDER BY r.id"
+        result = _fetch_all(conn, select, params)
         n = len(result)
         return RowBlock(
             ids=np.fromiter((r[0] for r in result), np.int64, n),
@@ -479,13 +506,18 @@ class SqliteBackend(VectorBackend):
         return None if value is None else int(value)
 
     def index_ids(self, conn: Connection, spec: CollectionSpec) -> np.ndarray:
-        result = conn.exec_driver_sql(f"SELECT id FROM {_vec(spec)}").fetchall()
+        """Ids the kNN search can return: the vec0 table's, or every row's for ``none`` (the
+        scan reads the row table itself)."""
+        table = _vec(spec) if _indexed(spec) else _rows(spec)
+        result = conn.exec_driver_sql(f"SELECT id FROM {table}").fetchall()
         return np.sort(np.fromiter((r[0] for r in result), np.int64, len(result)))
 
     # ---------------------------------------------------------------- search
     def knn(
         self, conn: Connection, spec: CollectionSpec, queries: np.ndarray, k: int
     ) -> SearchResult:
+        if not _indexed(spec):
+            return self._scan_knn(conn, spec, queries, k)
         out = SearchResult.padded(len(queries), k, spec.key_dim, spec.value_dim)
         sql = (
             f"WITH knn AS (SELECT id, distance FROM {_vec(spec)} WHERE key MATCH ?1 AND k = ?2) "
@@ -515,6 +547,52 @@ class SqliteBackend(VectorBackend):
                 self._fill(out, row, spec, query, found, k)
         finally:
             cursor.close()
+        return out
+
+    def _scan_knn(
+        self, conn: Connection, spec: CollectionSpec, queries: np.ndarray, k: int
+    ) -> SearchResult:
+        """Exact kNN of an ``index="none"`` collection: every key read once from the row table,
+        distances by :func:`memstore.distances.pairwise_distances` (the reference itself) for a
+        block of queries at a time, the k nearest by distance then lower id, and only their
+        values read back."""
+        out = SearchResult.padded(len(queries), k, spec.key_dim, spec.value_dim)
+        result = _fetch_all(conn, f"SELECT id, key FROM {_rows(spec)} ORDER BY id", {})
+        if not result:
+            return out
+        ids = np.fromiter((r[0] for r in result), np.int64, len(result))
+        keys = _decode([r[1] for r in result], spec.key_dim)
+        del result
+        take = min(k, len(ids))
+        block = max(1, SCAN_ELEMENTS // len(ids))
+        for start in range(0, len(queries), block):
+            dist = distances.pairwise_distances(
+                spec.metric, queries[start : start + block], keys
+            )  # (b, n), rows ordered by id
+            for row, d in enumerate(dist, start):
+                if take < len(ids):
+                    kth = np.partition(d, take - 1)[take - 1]
+                    near = np.flatnonzero(d < kth)
+                    ties = np.flatnonzero(d == kth)[: take - len(near)]
+                    chosen = np.concatenate([near, ties])
+                else:
+                    chosen = np.arange(len(ids))
+                chosen = chosen[np.lexsort((ids[chosen], d[chosen]))]
+                out.ids[row, :take] = ids[chosen]
+                with np.errstate(over="ignore"):  # beyond float32: refused by Collection._knn
+                    out.distances[row, :take] = d[chosen]
+                out.keys[row, :take] = keys[chosen]
+        hit = np.unique(out.ids[out.ids >= 0])
+        if len(hit):
+            found = _fetch_all(
+                conn,
+                f"SELECT id, value FROM {_rows(spec)} "
+                "WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY id",
+                {"ids": json.dumps(hit.tolist())},
+            )
+            values = _decode([r[1] for r in found], spec.value_dim)
+            where = out.ids >= 0
+            out.values[where] = values[np.searchsorted(hit, out.ids[where])]
         return out
 
     def _complete(self, spec, query, found, fetch, k, bound) -> bool:
@@ -644,6 +722,21 @@ class SqliteBackend(VectorBackend):
             with suppress(OSError):
                 total += os.path.getsize(path + suffix)
         return total
+
+
+def _fetch_all(conn: Connection, sql: str, params: dict) -> list[tuple]:
+    """Every row of a query as plain tuples, through the driver's own cursor: SQLAlchemy's Row
+    objects cost about as much again as SQLite itself on a bulk read (export_rows)."""
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        return cursor.execute(sql, params).fetchall()
+    finally:
+        cursor.close()
+
+
+def _indexed(spec: CollectionSpec) -> bool:
+    """Whether the collection keeps a ``vec_<id>`` kNN index (every kind but ``none``)."""
+    return spec.index != "none"
 
 
 def _runs(ids: np.ndarray):

@@ -1,0 +1,100 @@
+"""Exact top-k over a product set of keys, at the cost of two searches over sqrt(N) sub-keys.
+
+Product keys (Lample et al., 2019, "Large Memory Layers with Product Keys"): two sub-key tables
+``C1`` (n1 rows) and ``C2`` (n2 rows) define ``N = n1 * n2`` implicit keys ``[C1[i], C2[j]]``, and
+a query split in halves ``[q1, q2]`` scores key ``(i, j)`` as ``q1 . C1[i] + q2 . C2[j]``. So the
+caller scores the halves (``s1 = q1 C1^T``, ``s2 = q2 C2^T``: O(sqrt(N) d) per query) and
+:func:`product_topk` finds the best k of the N sums from them: the best pairs can only combine a
+best-k ``i`` with a best-k ``j``, and of those k x k pairs only the ~k ln k with rank product
+``(a + 1)(b + 1) <= k`` can make the top k (:func:`candidate_pairs`). Row ``(i, j)`` is numbered
+``i * n2 + j``.
+
+**Exact, ties included.** The answer equals brute force over all N sums under one total order:
+higher score first, then lower row number. Each half keeps its k best under "higher score, then
+lower index": if ``(i, j)`` is among the k best pairs and ``i`` were not among the k best of
+``s1``, the k halves ahead of ``i`` would each give a pair ``(i', j)`` at least as good and with a
+lower row number, so ``(i, j)`` would not be among the k best -- the same for ``j``. The final
+choice orders candidates by score, then row number. ``torch.topk`` leaves the order of equal
+values unspecified, hence :func:`best_first`. Scores must be finite.
+
+Gradients flow to ``s1`` and ``s2`` through the selected entries (each returned score is
+``s1[i] + s2[j]``): the selection itself is piecewise constant.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memstore.errors import InvalidInputError
+
+
+def best_first(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions (m, k) of the k best entries of each row of ``scores`` (m, c), ordered best
+    first under "higher score, then lower id" (``ids`` (m, c), distinct within a row; default:
+    the positions themselves) -- the same answer for equal inputs on any device.
+
+    ``torch.topk`` of k + 1, sorted, is already that answer wherever its k + 1 values are strictly
+    decreasing; only rows with two equal values there (almost none, for real-valued scores; the
+    ``k``-th equal to the ``k+1``-th makes the chosen set itself ambiguous) are ordered in full.
+    """
+    m, c = scores.shape
+    if not 0 < k <= c:
+        raise InvalidInputError(f"k must be in [1, {c}], got {k}")
+    values, chosen = scores.topk(min(k + 1, c), dim=1)  # best first; equal values in any order
+    chosen = chosen[:, :k]
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
+    if bool(tied.any()):
+        rows = tied.nonzero().reshape(-1)
+        row_ids = (
+            torch.arange(c, device=scores.device).expand(rows.numel(), c)
+            if ids is None
+            else ids[rows]
+        )
+        chosen = chosen.clone()
+        chosen[rows] = _lexsorted(scores[rows], row_ids)[:, :k]
+    return chosen
+
+
+def _lexsorted(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Positions ordering each row by higher score, then lower id (a stable sort by score of the
+    positions sorted by id)."""
+    by_id = ids.argsort(dim=1)
+    by_score = scores.gather(1, by_id).argsort(dim=1, descending=True, stable=True)
+    return by_id.gather(1, by_score)
+
+
+def candidate_pairs(k1: int, k2: int, k: int, device: torch.device | str = "cpu"):
+    """Rank pairs ``(a, b)`` of two best-first lists that can hold one of the k best sums:
+    those with ``(a + 1) * (b + 1) <= k``. Every other pair is beaten by the ``(a+1)(b+1) - 1``
+    pairs of ranks ``a' <= a, b' <= b``, all at least as good and with lower row numbers (both
+    lists are ordered by higher score, then lower index), so it can never be among the k best.
+    About ``k ln k`` pairs instead of ``k^2`` (119 instead of 1,024 for k = 32)."""
+    a = torch.arange(k1, device=device)[:, None]
+    b = torch.arange(k2, device=device)[None, :]
+    keep = (a + 1) * (b + 1) <= k
+    pa, pb = keep.nonzero(as_tuple=True)
+    return pa, pb
+
+
+def product_topk(s1: torch.Tensor, s2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of the ``n1 * n2`` sums ``s1[:, i] + s2[:, j]`` for each row of ``s1`` (m, n1)
+    and ``s2`` (m, n2): ``(scores (m, k), rows (m, k))``, best first, ties by lower row number
+    ``i * n2 + j`` (the module docstring says why this equals brute force). Differentiable in
+    ``s1`` and ``s2``; ``rows`` is int64."""
+    if s1.dim() != 2 or s2.dim() != 2 or s1.shape[0] != s2.shape[0]:
+        raise InvalidInputError(
+            f"s1 and s2 must be (m, n1) and (m, n2), got {tuple(s1.shape)} and {tuple(s2.shape)}"
+        )
+    m, n1 = s1.shape
+    n2 = s2.shape[1]
+    if not 0 < k <= n1 * n2:
+        raise InvalidInputError(f"k must be in [1, {n1 * n2}], got {k}")
+    k1, k2 = min(k, n1), min(k, n2)
+    i1 = best_first(s1.detach(), k1)  # (m, k1): sub-key indices, best first
+    i2 = best_first(s2.detach(), k2)
+    a, b = candidate_pairs(k1, k2, k, s1.device)  # (c,) rank pairs, c ~ k ln k
+    v1, v2 = s1.gather(1, i1), s2.gather(1, i2)  # (m, k1), (m, k2): differentiable
+    candidates = v1[:, a] + v2[:, b]  # (m, c)
+    ids = i1[:, a] * n2 + i2[:, b]  # (m, c) row numbers, distinct within a row
+    pos = best_first(candidates.detach(), k, ids)
+    return candidates.gather(1, pos), ids.gather(1, pos)
