@@ -25,7 +25,7 @@ def test_two_writers_and_a_reader_lose_nothing(pg_url, tmp_path):
     )
     writers = [
         subprocess.Popen(
-            run + ["writer", pg_url, "shared", str(tag), str(BATCHES), str(ROWS)],
+            run + ["writer", pg_url, "shared", str(tag), str(BATCHES), str(ROWS), str(stop)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -42,7 +42,9 @@ def test_two_writers_and_a_reader_lose_nothing(pg_url, tmp_path):
     assert reader.returncode == 0, reader_out
     observed = json.loads(reader_out.strip().splitlines()[-1])
     assert observed["reads"] > 0
-    assert observed["distinct_counts"] >= 2  # it did read while the writers were writing
+    assert (
+        observed["distinct_counts"] >= 2
+    )  # it did read while the writers were writing (hand-shake)
 
     total = 2 * BATCHES * ROWS
     with Store(pg_url) as store:
