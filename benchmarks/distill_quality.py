@@ -92,6 +92,7 @@ def _same_spec(saved: dict, spec: TeacherSpec) -> bool:
     have = dict(saved)
     for d in (want, have):
         d["inner"] = d.get("inner") or 4 * d["width"]
+        d.setdefault("precision", "fp32")  # teachers cached before the option existed
         d.pop("warmup", None)
     return have == want
 
