@@ -220,13 +220,19 @@ def distill_group() -> None:
               help="Product-key heads of the extra rows.")  # fmt: skip
 @click.option("--memory-rows-k", default=32, show_default=True, type=int,
               help="Extra rows read per token and head.")  # fmt: skip
+@click.option("--memory-rows-reuse-every", default=0, show_default=True, type=int,
+              help="Every N steps, the coldest trained extra rows (LRFU) become blank again "
+                   "(0: never).")  # fmt: skip
+@click.option("--memory-rows-reuse-fraction", default=0.01, show_default=True, type=float,
+              help="Share of each layer's extra rows considered at each reuse.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Last line of output: one JSON summary.")
 def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers, resume, context,
                  batch_size, lr, memory_lr, alpha, temperature, warmup, eval_every, eval_blocks,
                  checkpoint_every, heads, capacity, memory_rows, memory_rows_lr, memory_rows_heads,
-                 memory_rows_k, seed, device, precision, as_json) -> None:  # fmt: skip
+                 memory_rows_k, memory_rows_reuse_every, memory_rows_reuse_fraction, seed, device,
+                 precision, as_json) -> None:  # fmt: skip
     """Distil GPT-2 TEACHER into a memory student saved in --out.
 
     \b
@@ -244,6 +250,8 @@ def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers
         temperature=temperature, warmup=warmup, eval_every=eval_every,
         eval_blocks=eval_blocks or None, checkpoint_every=checkpoint_every, seed=seed,
         memory_rows_lr=memory_rows_lr, precision=precision,
+        memory_rows_reuse_every=memory_rows_reuse_every,
+        memory_rows_reuse_fraction=memory_rows_reuse_fraction,
     )  # fmt: skip
     job = DistillJob(
         teacher=teacher, data=list(data), eval_data=list(eval_data) or None, db=db, out=out,

@@ -63,6 +63,11 @@ class DistillConfig:
     memory_lr: float | None = None  # memory rows' own rate; None -> same as lr
     #: Row-wise Adagrad's rate for product-key value rows (extra rows; sparse gradients).
     memory_rows_lr: float = 1e-2
+    #: Every this many steps (0: never), each product-key memory hands its coldest trained rows
+    #: (LRFU) back as blank rows: values zero, a new row's LRFU state, Adagrad state reset.
+    memory_rows_reuse_every: int = 0
+    #: Share of each product-key memory's rows considered at each reuse (the coldest ones).
+    memory_rows_reuse_fraction: float = 0.01
     #: "fp32", or "bf16": forwards under torch.autocast on the run's device.
     precision: str = "fp32"
     weight_decay: float = 0.01
@@ -92,6 +97,15 @@ class DistillConfig:
         if not self.memory_rows_lr > 0:
             raise bad_parameter("memory_rows_lr", f"must be positive, got {self.memory_rows_lr}")
         check_precision(self.precision)
+        if self.memory_rows_reuse_every < 0:
+            raise bad_parameter(
+                "memory_rows_reuse_every", f"must be >= 0, got {self.memory_rows_reuse_every}"
+            )
+        if not 0.0 < self.memory_rows_reuse_fraction <= 1.0:
+            raise bad_parameter(
+                "memory_rows_reuse_fraction",
+                f"must be in (0, 1], got {self.memory_rows_reuse_fraction}",
+            )
 
 
 def kd_loss(
@@ -321,13 +335,40 @@ class Distiller:
         )
         for optimizer in self.optimizers:
             optimizer.step()
+        reused = {}
+        every = cfg.memory_rows_reuse_every
+        if every and self.row_optimizer is not None and (step + 1) % every == 0:
+            reused = {"memory_rows_reused": float(self._reuse_cold_rows())}
         return {
+            **reused,
             "train_loss": float(loss.detach()),
             "kd_kl": float(kl.detach()),
             "ce": float(ce.detach()),
             "lr": lr,
             "grad_norm": float(grad_norm),
         }
+
+    @torch.no_grad()
+    def _reuse_cold_rows(self) -> int:
+        """LRFU eviction for product-key memories, whose table is always full: of each layer's
+        coldest ``memory_rows_reuse_fraction`` rows, those holding trained content (a non-zero
+        value) become blank rows again (``ProductKeyMemory.reuse_rows``: counted as evictions and
+        inserts) and their Adagrad accumulators restart, so whatever reads them next writes new
+        content at a full learning rate. Returns the rows reused."""
+        from memstore_torch import ProductKeyMemory
+
+        total = 0
+        for layer in memory_layers(self.student).values():
+            if not isinstance(layer, ProductKeyMemory) or not layer.memory_parameters():
+                continue
+            m = math.ceil(self.config.memory_rows_reuse_fraction * layer.n_rows)
+            cold = layer.coldest_rows(m)
+            cold = cold[layer.memory_values[cold].abs().amax(dim=1) > 0]
+            if cold.numel():
+                layer.reuse_rows(cold)
+                self.row_optimizer.reset_rows(layer.memory_values, cold)
+                total += cold.numel()
+        return total
 
     def run(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train from the current step to ``config.steps`` (or ``stop_at``); returns a summary.

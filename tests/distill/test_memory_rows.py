@@ -127,6 +127,26 @@ def test_cli_memory_rows_saves_reloads_and_generates(tmp_path, teacher_dir, corp
     assert "--memory-rows" in changed.output.strip().splitlines()[-1]
 
 
+def test_cold_trained_rows_are_reused_and_counted(teacher, blocks, store, tmp_path):
+    model, _ = teacher
+    grown = student(model, blocks[0], store, 64, extra_heads=2, extra_k=4)
+    config = DistillConfig(steps=4, batch_size=4, eval_blocks=2, memory_rows_reuse_every=2,
+                           memory_rows_reuse_fraction=0.5)  # fmt: skip
+    distiller = Distiller(grown, model, blocks[0], blocks[1], config, tmp_path / "run",
+                          tensorboard=False)  # fmt: skip
+    distiller.run()
+    reused = [h["memory_rows_reused"] for h in distiller.state.history if "memory_rows_reused" in h]
+    assert len(reused) == 2 and sum(reused) > 0
+    stats = [store.collection(f"layer{i}.extra").stats() for i in (0, 1)]
+    assert sum(s["evictions"] for s in stats) == sum(reused)
+    assert all(s["inserts"] == 64 + s["evictions"] for s in stats)
+    # the rows reused last are blank: zero values, a restarted Adagrad accumulator
+    layer = next(m for m in grown.modules() if isinstance(m, ProductKeyMemory))
+    accumulator = distiller.row_optimizer.state[layer.memory_values]["sum"]
+    blank = layer.memory_values.detach().abs().amax(dim=1) == 0
+    assert bool((accumulator[blank] == 0).all())
+
+
 def test_bf16_precision_trains_on_cpu(teacher, blocks, store, tmp_path):
     model, _ = teacher
     grown = student(model, blocks[0], store, 16, extra_heads=1, extra_k=4)

@@ -55,7 +55,8 @@ KIND_ARGS = {
     "featural": ["--k", "16"],
     "associative": ["--kind", "associative", "--k", "4", "--heads", "2", "--capacity", "64"],
     "memory_rows": ["--k", "16", "--memory-rows", "64", "--memory-rows-heads", "2",
-                    "--memory-rows-k", "4"],
+                    "--memory-rows-k", "4", "--memory-rows-reuse-every", "2",
+                    "--memory-rows-reuse-fraction", "0.5"],
 }  # fmt: skip
 
 
