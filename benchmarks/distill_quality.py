@@ -36,6 +36,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+#: CPU settings (as benchmarks/layer.py), unless already set: huge pages for the extra rows' sparse
+#: gradients (fresh memory every step) and sleeping OpenMP threads on a shared machine. Every
+#: student and the dense control run under them; the machine line says which were in effect.
+CPU_ENV = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+for _name, _value in CPU_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -76,6 +82,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "sqlite": sqlite_mod.sqlite_version,
         "sqlite_vec": getattr(sqlite_vec, "__version__", "?"),
+        "env": ", ".join(f"{name}={os.environ.get(name, '')}" for name in CPU_ENV),
     }
 
 
@@ -331,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {args.batch_size}x{context}, teacher {teacher_info['steps']} steps")  # fmt: skip
     print(f"# machine: {info['cores']} cores ({info['cpu']}), torch {info['torch']} "
           f"({info['torch_threads']} threads), SQLite {info['sqlite']}, "
-          f"sqlite-vec {info['sqlite_vec']}, Python {info['python']}")  # fmt: skip
+          f"sqlite-vec {info['sqlite_vec']}, Python {info['python']}, {info['env']}")  # fmt: skip
     print(f"# test tokens: {test_blocks.size:,}; train tokens: {train_blocks.size:,}; "
           f"wall time {time.perf_counter() - started:.0f} s")  # fmt: skip
     print(format_table(bench.rows, teacher_ppl, control_time))
