@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-rows", default="",
                         help="comma list of extra rows per layer for the memory-scaling students "
                              "(e.g. 0,4096,16384,65536; each rounded up to a square)")  # fmt: skip
-    parser.add_argument("--memory-rows-lr", type=float, default=1e-2)
-    parser.add_argument("--memory-rows-heads", type=int, default=4)
+    parser.add_argument("--memory-rows-lr", type=float, default=0.1)
+    parser.add_argument("--memory-rows-heads", type=int, default=1)
     parser.add_argument("--memory-rows-k", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = parser.parse_args(argv)

@@ -214,9 +214,9 @@ def distill_group() -> None:
 @click.option("--memory-rows", default=0, show_default=True, type=int,
               help="Extra rows per memory layer: a product-key memory beside each layer, values "
                    "zero at the start; rounded up to a square (n_keys**2).")  # fmt: skip
-@click.option("--memory-rows-lr", default=1e-2, show_default=True, type=float,
+@click.option("--memory-rows-lr", default=0.1, show_default=True, type=float,
               help="Row-wise Adagrad rate of the extra rows.")  # fmt: skip
-@click.option("--memory-rows-heads", default=4, show_default=True, type=int,
+@click.option("--memory-rows-heads", default=1, show_default=True, type=int,
               help="Product-key heads of the extra rows.")  # fmt: skip
 @click.option("--memory-rows-k", default=32, show_default=True, type=int,
               help="Extra rows read per token and head.")  # fmt: skip

@@ -46,7 +46,7 @@ TRAJECTORY_CONFIG_OPTIONS = (
 )  # fmt: skip
 #: What a run recorded before an option existed meant this value (older runs still resume).
 OPTION_DEFAULTS = {
-    "memory_rows": 0, "memory_rows_heads": 4, "memory_rows_k": 32, "memory_rows_lr": 1e-2,
+    "memory_rows": 0, "memory_rows_heads": 1, "memory_rows_k": 32, "memory_rows_lr": 0.1,
     "precision": "fp32", "memory_rows_reuse_every": 0, "memory_rows_reuse_fraction": 0.01,
 }  # fmt: skip
 #: DistillConfig fields a resume may change (``steps`` may grow; the rest do not change results).
@@ -76,7 +76,7 @@ class DistillJob:
     capacity: int | None = None  # associative memory rows per layer
     calibration_batches: int = 4
     memory_rows: int = 0  # extra product-key rows per memory layer (rounded up to a square)
-    memory_rows_heads: int = 4
+    memory_rows_heads: int = 1
     memory_rows_k: int = 32
     device: str = "auto"  # where the run trains; a resume may change it
     config: DistillConfig = field(default_factory=DistillConfig)

@@ -62,7 +62,7 @@ class DistillConfig:
     lr: float = 3e-4
     memory_lr: float | None = None  # memory rows' own rate; None -> same as lr
     #: Row-wise Adagrad's rate for product-key value rows (extra rows; sparse gradients).
-    memory_rows_lr: float = 1e-2
+    memory_rows_lr: float = 0.1
     #: Every this many steps (0: never), each product-key memory hands its coldest trained rows
     #: (LRFU) back as blank rows: values zero, a new row's LRFU state, Adagrad state reset.
     memory_rows_reuse_every: int = 0
