@@ -180,3 +180,26 @@ def test_cuda_without_cuda_is_a_one_line_error_naming_device(
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "--device" in lines[0] and "CUDA" in lines[0], result.output
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_a_run_recorded_before_the_new_options_still_resumes(tmp_path, teacher_dir, corpus_dir):
+    """Checkpoints of runs started before --memory-rows/--precision existed lack those options;
+    they meant the defaults, so such a run resumes (and a changed value is still refused)."""
+    from memstore_gpt2.distill import OPTION_DEFAULTS
+
+    out = tmp_path / "student"
+    args = ["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+            "--out", str(out), "--k", "16", "--batch-size", "4", "--eval-blocks", "4"]  # fmt: skip
+    first = CliRunner().invoke(main, [*args, "--steps", "2"], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        payload = torch.load(out / name, weights_only=True)
+        for option in OPTION_DEFAULTS:
+            del payload["run"]["options"][option]
+        torch.save(payload, out / name)
+    changed = CliRunner().invoke(main, [*args, "--steps", "3", "--resume", "--precision", "bf16"])
+    assert changed.exit_code == 1 and "--precision" in changed.output
+    resumed = CliRunner().invoke(main, [*args, "--steps", "3", "--resume", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.output.strip().splitlines()[-1])["steps"] == 3
