@@ -14,6 +14,13 @@ trained model gets exactly the same batches (same seed), so differences are the 
 Prints a table (perplexity, ratio to the teacher, parameters in the model, rows and bytes in the
 database, step time relative to the dense control) and the machine; ``--json`` prints one JSON
 object with the issue's keys as the last line.
+
+``--memory-rows 0,4096,16384,65536`` adds the memory-scaling students: the FF-initialised featural
+student at k = n_inner/8 grown by that many extra product-key rows per layer (``memstore distill
+gpt2 --memory-rows``: values zero at the start, row-wise Adagrad), trained like the dense control;
+JSON ``memory_scaling``: one object per size (``memory_rows``, ``student_ppl``,
+``dense_control_ppl``, ``step_time_ratio``, ...). ``--skip featural,associative,reinit`` leaves
+out the other students (the memory-scaling run in docs/distill.md does).
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+#: CPU settings (as benchmarks/layer.py), unless already set: huge pages for the extra rows' sparse
+#: gradients (fresh memory every step) and sleeping OpenMP threads on a shared machine. Every
+#: student and the dense control run under them; the machine line says which were in effect.
+CPU_ENV = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+for _name, _value in CPU_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -69,6 +82,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "sqlite": sqlite_mod.sqlite_version,
         "sqlite_vec": getattr(sqlite_vec, "__version__", "?"),
+        "env": ", ".join(f"{name}={os.environ.get(name, '')}" for name in CPU_ENV),
     }
 
 
@@ -92,6 +106,7 @@ def _same_spec(saved: dict, spec: TeacherSpec) -> bool:
     have = dict(saved)
     for d in (want, have):
         d["inner"] = d.get("inner") or 4 * d["width"]
+        d.setdefault("precision", "fp32")  # teachers cached before the option existed
         d.pop("warmup", None)
     return have == want
 
@@ -141,6 +156,7 @@ class Bench:
         config = DistillConfig(
             steps=self.args.steps, batch_size=self.args.batch_size, lr=self.args.lr,
             memory_lr=self.args.memory_lr, warmup=min(20, self.args.steps // 5 + 1),
+            memory_rows_lr=self.args.memory_rows_lr,
             eval_blocks=None, checkpoint_every=0, seed=self.args.seed,
         )  # fmt: skip
         distiller = Distiller(student, self.teacher, self.train_blocks, None, config,
@@ -193,6 +209,30 @@ class Bench:
         finally:
             store.close()
 
+    def grown(self, memory_rows: int) -> dict:
+        """The featural k = n_inner/8 student with ``memory_rows`` extra rows per layer, trained."""
+        k = self.n_inner // 8
+        store, _ = self.open_store(f"grown_{memory_rows}")
+        try:
+            factory = memory_factory("featural", store, k=k, init="mlp",
+                                     calibration=self.calibration(), memory_rows=memory_rows,
+                                     extra_heads=self.args.memory_rows_heads,
+                                     extra_k=self.args.memory_rows_k)  # fmt: skip
+            torch.manual_seed(self.args.seed)
+            student = clone_with_mlps(self.teacher, self.layers, factory)
+            extra = sum(
+                len(layer.collection) for layer in memory_layers(student).values()
+                if layer.collection.name.endswith(".extra")
+            ) // len(self.layers)  # fmt: skip
+            result = self.train(student, f"grown_{memory_rows}")
+            flush_memory(student)
+            row = self.add(f"featural k={k} + {extra:,} extra rows/layer", student, store,
+                           step_time=result["step_time_s"])  # fmt: skip
+            row["memory_rows"] = extra
+            return row
+        finally:
+            store.close()
+
     def dense(self, factory, label: str, key: str) -> dict:
         student = clone_with_mlps(self.teacher, self.layers, factory)
         result = self.train(student, key)
@@ -216,6 +256,21 @@ def format_table(rows: list[dict], teacher_ppl: float, control_time: float | Non
     return "\n".join(lines)
 
 
+def format_scaling(scaling: list[dict]) -> str:
+    header = (f"| {'extra rows/layer':>16} | {'test ppl':>9} | {'x teacher':>9} | "
+              f"{'x dense control':>15} | {'step time x control':>19} | {'db rows':>9} | "
+              f"{'db MB':>7} |")  # fmt: skip
+    lines = [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
+    for s in scaling:
+        ratio = "-" if s["step_time_ratio"] is None else f"{s['step_time_ratio']:.2f}x"
+        lines.append(
+            f"| {s['memory_rows']:16,} | {s['student_ppl']:9.2f} | {s['x_teacher']:9.3f} | "
+            f"{s['x_dense_control']:15.3f} | {ratio:>19} | {s['db_rows']:9,} | "
+            f"{s['db_bytes'] / 2**20:7.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", required=True, help="training text (teacher and students)")
@@ -233,7 +288,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="n_inner divisors whose featural students are also distilled")  # fmt: skip
     parser.add_argument("--assoc-k", type=int, default=32)
     parser.add_argument("--assoc-capacity", type=int, default=4096)
-    parser.add_argument("--skip", default="", help="comma list of: associative,reinit")
+    parser.add_argument("--skip", default="",
+                        help="comma list of: featural,associative,reinit")  # fmt: skip
+    parser.add_argument("--memory-rows", default="",
+                        help="comma list of extra rows per layer for the memory-scaling students "
+                             "(e.g. 0,4096,16384,65536; each rounded up to a square)")  # fmt: skip
+    parser.add_argument("--memory-rows-lr", type=float, default=0.1)
+    parser.add_argument("--memory-rows-heads", type=int, default=1)
+    parser.add_argument("--memory-rows-k", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
@@ -255,8 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add("MLPs removed (lower bound)", clone_with_mlps(teacher, bench.layers, remove_mlps),
               key="no_mlp_ppl")  # fmt: skip
     control = bench.dense(keep_mlps, f"dense control, {args.steps} steps", "dense_control_ppl")
-    for divisor in (16, 8, 4):
-        bench.featural(divisor, train=divisor in trained)
+    if "featural" not in skip:
+        for divisor in (16, 8, 4):
+            bench.featural(divisor, train=divisor in trained)
+    sizes = [int(n) for n in args.memory_rows.split(",") if n.strip()]
+    grown = [bench.grown(n) for n in sizes]
     if "associative" not in skip:
         bench.associative()
     if "reinit" not in skip:
@@ -273,12 +338,30 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {args.batch_size}x{context}, teacher {teacher_info['steps']} steps")  # fmt: skip
     print(f"# machine: {info['cores']} cores ({info['cpu']}), torch {info['torch']} "
           f"({info['torch_threads']} threads), SQLite {info['sqlite']}, "
-          f"sqlite-vec {info['sqlite_vec']}, Python {info['python']}")  # fmt: skip
+          f"sqlite-vec {info['sqlite_vec']}, Python {info['python']}, {info['env']}")  # fmt: skip
     print(f"# test tokens: {test_blocks.size:,}; train tokens: {train_blocks.size:,}; "
           f"wall time {time.perf_counter() - started:.0f} s")  # fmt: skip
     print(format_table(bench.rows, teacher_ppl, control_time))
+    control_ppl = control["ppl"]
+    scaling = [
+        {
+            "memory_rows": row["memory_rows"],
+            "memory_rows_requested": n,
+            "student_ppl": row["ppl"],
+            "dense_control_ppl": control_ppl,
+            "x_teacher": row["ppl"] / teacher_ppl,
+            "x_dense_control": row["ppl"] / control_ppl,
+            "step_time_ratio": row["step_time_s"] / control_time if control_time else None,
+            "db_rows": row["db_rows"],
+            "db_bytes": row["db_bytes"],
+        }
+        for n, row in zip(sizes, grown, strict=True)
+    ]
+    if scaling:
+        print(format_scaling(scaling))
     results = {
         **bench.results,
+        "memory_scaling": scaling,
         "step_time_ratio": ratio,
         "steps": args.steps,
         "rows": bench.rows,

@@ -21,8 +21,15 @@ TORCH_HINT = "pip install 'memstore[torch]'"
 
 
 def require_torch() -> None:
-    """Fail with one clear line when the ``torch`` extra is not installed."""
+    """Fail with one clear line when the ``torch`` extra is not installed.
+
+    Sets ``THP_MEM_ALLOC_ENABLE=1`` unless the environment says otherwise, before torch is first
+    imported: torch then backs large CPU allocations with transparent huge pages, and the sparse
+    gradient of a product-key memory (fresh memory every step) otherwise spends most of the
+    backward pass in page faults (docs/layers.md, Large memory).
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     missing = []
     for module in ("torch", "transformers", "tokenizers"):
         try:
@@ -54,6 +61,24 @@ def _finite(value):
     return value
 
 
+def device_options(command):
+    """``--device`` and ``--precision``, shared by the model commands."""
+    command = click.option(
+        "--precision",
+        type=click.Choice(["fp32", "bf16"]),
+        default="fp32",
+        show_default=True,
+        help="bf16: forwards under torch.autocast (CPU too); weights stay fp32.",
+    )(command)
+    return click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default="auto",
+        show_default=True,
+        help="auto: CUDA when available, else CPU.",
+    )(command)
+
+
 def _fmt(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -66,7 +91,14 @@ def _print_distill_result(summary: dict) -> None:
     click.echo(f"student perplexity:          {_fmt(student)}  ({_fmt(ratio, 3)}x the teacher)")
     click.echo(f"steps:                       {summary.get('steps')}")
     rows = summary.get("memory_rows") or {}
-    click.echo(f"memory rows in the database: {sum(rows.values())} in {len(rows)} collection(s)")
+    extra = summary.get("memory_extra_rows") or {}
+    click.echo(f"memory rows in the database: {sum(rows.values())} in {len(rows)} slot(s)")
+    if sum(extra.values()):
+        per_layer = max(extra.values())
+        click.echo(
+            f"  of which extra rows:        {sum(extra.values())} ({per_layer} per layer: "
+            f"--memory-rows {summary.get('memory_rows_requested')} rounded up to a square)"
+        )
     click.echo(f"student saved to {summary['out']}, memory in {summary['db']}")
 
 
@@ -94,9 +126,10 @@ def teacher_group() -> None:
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
+@device_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary as the last line.")
 def teacher_train(data, out, eval_data, steps, layers, width, heads, context, inner, vocab,
-                  batch_size, lr, seed, as_json) -> None:  # fmt: skip
+                  batch_size, lr, seed, device, precision, as_json) -> None:  # fmt: skip
     """Train a byte-level BPE tokenizer and a GPT-2 teacher; save them as a HF directory.
 
     \b
@@ -109,11 +142,16 @@ def teacher_train(data, out, eval_data, steps, layers, width, heads, context, in
 
     spec = TeacherSpec(layers=layers, width=width, heads=heads, context=context, inner=inner,
                        vocab=vocab, steps=steps, batch_size=batch_size, lr=lr,
-                       warmup=min(100, max(1, steps // 10)), seed=seed)  # fmt: skip
+                       warmup=min(100, max(1, steps // 10)), seed=seed,
+                       precision=precision)  # fmt: skip
     spec.validate()
+    from memstore_gpt2.lm_training import resolve_device
+
+    resolved = resolve_device(device)
     texts = read_texts(list(data))
     eval_texts = read_texts(list(eval_data)) if eval_data else None
-    summary = train_teacher(texts, out, spec, eval_texts=eval_texts, progress=not as_json)
+    summary = train_teacher(texts, out, spec, eval_texts=eval_texts, progress=not as_json,
+                            device=resolved)  # fmt: skip
     if as_json:
         _emit_json(summary)
     else:
@@ -173,11 +211,28 @@ def distill_group() -> None:
 @click.option("--checkpoint-every", default=100, show_default=True, type=int)
 @click.option("--heads", default=4, show_default=True, type=int, help="Associative memory heads.")
 @click.option("--capacity", default=None, type=int, help="Associative memory rows per layer.")
+@click.option("--memory-rows", default=0, show_default=True, type=int,
+              help="Extra rows per memory layer: a product-key memory beside each layer, values "
+                   "zero at the start; rounded up to a square (n_keys**2).")  # fmt: skip
+@click.option("--memory-rows-lr", default=0.1, show_default=True, type=float,
+              help="Row-wise Adagrad rate of the extra rows.")  # fmt: skip
+@click.option("--memory-rows-heads", default=1, show_default=True, type=int,
+              help="Product-key heads of the extra rows.")  # fmt: skip
+@click.option("--memory-rows-k", default=32, show_default=True, type=int,
+              help="Extra rows read per token and head.")  # fmt: skip
+@click.option("--memory-rows-reuse-every", default=0, show_default=True, type=int,
+              help="Every N steps, the coldest trained extra rows (LRFU) become blank again "
+                   "(0: never).")  # fmt: skip
+@click.option("--memory-rows-reuse-fraction", default=0.01, show_default=True, type=float,
+              help="Share of each layer's extra rows considered at each reuse.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, type=int)
+@device_options
 @click.option("--json", "as_json", is_flag=True, help="Last line of output: one JSON summary.")
 def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers, resume, context,
                  batch_size, lr, memory_lr, alpha, temperature, warmup, eval_every, eval_blocks,
-                 checkpoint_every, heads, capacity, seed, as_json) -> None:  # fmt: skip
+                 checkpoint_every, heads, capacity, memory_rows, memory_rows_lr, memory_rows_heads,
+                 memory_rows_k, memory_rows_reuse_every, memory_rows_reuse_fraction, seed, device,
+                 precision, as_json) -> None:  # fmt: skip
     """Distil GPT-2 TEACHER into a memory student saved in --out.
 
     \b
@@ -194,12 +249,17 @@ def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers
         steps=steps, batch_size=batch_size, lr=lr, memory_lr=memory_lr, alpha=alpha,
         temperature=temperature, warmup=warmup, eval_every=eval_every,
         eval_blocks=eval_blocks or None, checkpoint_every=checkpoint_every, seed=seed,
+        memory_rows_lr=memory_rows_lr, precision=precision,
+        memory_rows_reuse_every=memory_rows_reuse_every,
+        memory_rows_reuse_fraction=memory_rows_reuse_fraction,
     )  # fmt: skip
     job = DistillJob(
         teacher=teacher, data=list(data), eval_data=list(eval_data) or None, db=db, out=out,
         kind=kind, k=k, init=init or ("mlp" if kind == "featural" else "random"), layers=layers,
         resume=resume, context=context, heads=heads, capacity=capacity, config=config,
-        progress=not as_json, explicit=_explicit_options(click.get_current_context()),
+        memory_rows=memory_rows, memory_rows_heads=memory_rows_heads, memory_rows_k=memory_rows_k,
+        device=device, progress=not as_json,
+        explicit=_explicit_options(click.get_current_context()),
     )  # fmt: skip
     try:
         summary = run_distill(job)
@@ -238,7 +298,9 @@ class _Interrupted(click.ClickException):
 @click.option("--top-k", default=40, show_default=True, type=int)
 @click.option("--seed", default=None, type=int)
 @click.option("--db", default=None, help="Use this memory database instead of the saved one.")
-def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, seed, db) -> None:
+@device_options
+def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, seed, db, device,
+                     precision) -> None:  # fmt: skip
     """Sample text from a student (or any GPT-2 directory) with its database memory.
 
     \b
@@ -248,8 +310,10 @@ def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, se
     require_torch()
     from memstore_gpt2.errors import StudentFormatError, TeacherNotFoundError
     from memstore_gpt2.generate import generate_text
+    from memstore_gpt2.lm_training import resolve_device
     from memstore_gpt2.student import STUDENT_FILE, load_student
 
+    resolved = resolve_device(device)
     if not Path(student_dir).is_dir():
         raise StudentFormatError(f"no directory {student_dir!r}: give a student or model directory")
     if (Path(student_dir) / STUDENT_FILE).is_file():
@@ -267,8 +331,10 @@ def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, se
                 "nor a GPT-2 model directory"
             ) from None
     try:
+        model.to(resolved)
         text = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k or None, seed=seed)  # fmt: skip
+                             temperature=temperature, top_k=top_k or None, seed=seed,
+                             precision=precision)  # fmt: skip
     finally:
         if loaded is not None:
             loaded.close()

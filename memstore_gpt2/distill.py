@@ -36,12 +36,19 @@ from memstore_gpt2.trainer import DistillConfig, Distiller, write_summary
 #: Job options that shape a run's trajectory: a resume must keep them.
 TRAJECTORY_JOB_OPTIONS = (
     "kind", "k", "init", "layers", "context", "heads", "capacity", "calibration_batches",
+    "memory_rows", "memory_rows_heads", "memory_rows_k",
 )  # fmt: skip
 #: DistillConfig fields that shape the trajectory (or the reported perplexities).
 TRAJECTORY_CONFIG_OPTIONS = (
     "batch_size", "lr", "memory_lr", "weight_decay", "warmup", "alpha", "temperature", "clip",
-    "eval_blocks", "seed",
+    "eval_blocks", "seed", "memory_rows_lr", "precision", "memory_rows_reuse_every",
+    "memory_rows_reuse_fraction",
 )  # fmt: skip
+#: What a run recorded before an option existed meant this value (older runs still resume).
+OPTION_DEFAULTS = {
+    "memory_rows": 0, "memory_rows_heads": 1, "memory_rows_k": 32, "memory_rows_lr": 0.1,
+    "precision": "fp32", "memory_rows_reuse_every": 0, "memory_rows_reuse_fraction": 0.01,
+}  # fmt: skip
 #: DistillConfig fields a resume may change (``steps`` may grow; the rest do not change results).
 FREE_CONFIG_OPTIONS = ("steps", "eval_every", "checkpoint_every", "log_every")
 
@@ -68,6 +75,10 @@ class DistillJob:
     heads: int = 4  # associative memory heads
     capacity: int | None = None  # associative memory rows per layer
     calibration_batches: int = 4
+    memory_rows: int = 0  # extra product-key rows per memory layer (rounded up to a square)
+    memory_rows_heads: int = 1
+    memory_rows_k: int = 32
+    device: str = "auto"  # where the run trains; a resume may change it
     config: DistillConfig = field(default_factory=DistillConfig)
     progress: bool = True
     explicit: frozenset[str] | None = None
@@ -145,7 +156,7 @@ def _check_same_run(job: DistillJob, record: dict[str, Any], current: dict[str, 
             )
     recorded = record.get("options", {})
     for name in TRAJECTORY_JOB_OPTIONS + TRAJECTORY_CONFIG_OPTIONS:
-        was, now = recorded.get(name), current["options"][name]
+        was, now = recorded.get(name, OPTION_DEFAULTS.get(name)), current["options"][name]
         if was != now:
             raise bad_parameter(
                 name,
@@ -216,15 +227,15 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the summary that ``--json`` prints."""
     import torch
 
+    from memstore_gpt2.lm_training import resolve_device
     from memstore_gpt2.student import (
         build_student_skeleton,
-        collection_name,
         default_db_url,
-        memory_factory,
         memory_slots,
         read_manifest,
         resolve_db_url,
         save_student,
+        slot_rows,
         write_manifest,
     )
     from memstore_gpt2.surgery import parse_layers
@@ -233,6 +244,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
 
     started = time.perf_counter()
     job.config.validate()  # before any work: a bad option must not fail deep inside calibration
+    device = resolve_device(job.device)
     out = Path(job.out)
     if job.resume:
         manifest = read_manifest(out)
@@ -255,6 +267,8 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         "options": _run_options(job, layers, context),
     }
     info = {"teacher": job.teacher, "kind": job.kind, "k": job.k, "init": job.init}
+    if job.memory_rows:
+        info["memory_rows"] = job.memory_rows
 
     if job.resume:
         _check_same_run(job, record, current)
@@ -274,21 +288,21 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     else:
         _prepare_fresh_directory(out)
         db_url = job.db or default_db_url(out)
-        # validates --kind/--init/--k before the store is touched
-        memory_factory(job.kind, None, k=job.k, init=job.init, heads=job.heads)
+        # validates --kind/--init/--k/--memory-rows... before the store is touched
+        _factory(job, None)
         out.mkdir(parents=True, exist_ok=True)
         writer, store = _open_locked(db_url, out)
         run = {
             "id": new_run_id(),
             "finished": False,
-            "collections": [collection_name(i) for i in layers],
+            "collections": run_collections(job, layers),
         }
     try:
         if job.resume:
             student = build_student_skeleton(out, manifest, store)
             write_manifest(out, db_url, manifest["layers"], manifest.get("info"), run)
         else:
-            _check_no_clash(store, layers)
+            _check_no_clash(store, run_collections(job, layers))
             # Said before any collection exists, so a run killed during surgery can be cleared.
             write_manifest(out, db_url, {}, info, run)
             torch.manual_seed(job.config.seed)  # layers drawn at random start the same each run
@@ -304,6 +318,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
             progress=job.progress,
             run_id=run.get("id"),
             run_info=current,
+            device=device,
         )
         if job.resume:
             distiller.load_checkpoint()
@@ -311,7 +326,9 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         run = {**run, "id": distiller.run_id, "finished": True}
         save_student(student, tokenizer, out, db_url, info=info, run=run)
         slots = memory_slots(student)
-        rows = {str(key): len(layer.collection) for key, layer in slots.items()}
+        counts = {str(key): slot_rows(module) for key, module in slots.items()}
+        rows = {key: total for key, (total, _) in counts.items()}
+        extra_rows = {key: extra for key, (_, extra) in counts.items()}
         db_bytes = store.size_bytes()
     finally:
         store.close()
@@ -324,7 +341,11 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         "k": info["k"],
         "init": info["init"],
         "layers": list(slots),
-        "memory_rows": rows,
+        "memory_rows": rows,  # every collection of each slot (extra rows included)
+        "memory_extra_rows": extra_rows,  # of which product-key rows added by --memory-rows
+        "memory_rows_requested": job.memory_rows,  # per layer, before rounding up to a square
+        "device": str(device),
+        "precision": job.config.precision,
         "db_bytes": db_bytes,
         "parameters": sum(p.numel() for p in student.parameters())
         - sum(p.numel() for p in memory_parameters(student)),
@@ -351,11 +372,36 @@ def _open_locked(db_url: str, out: Path, **store_options):
         raise
 
 
-def _check_no_clash(store, layers: list[int]) -> None:
-    from memstore_gpt2.student import collection_name
+def run_collections(job: DistillJob, layers: list[int]) -> list[str]:
+    """The collections a fresh run creates: ``layer<i>``, and ``layer<i>.extra`` with extra rows."""
+    from memstore_gpt2.student import collection_name, extra_collection_name
 
+    names = [collection_name(i) for i in layers]
+    if job.memory_rows:
+        names += [extra_collection_name(i) for i in layers]
+    return names
+
+
+def _factory(job: DistillJob, store, calibration=None):
+    from memstore_gpt2.student import memory_factory
+
+    return memory_factory(
+        job.kind,
+        store,
+        k=job.k,
+        init=job.init,
+        calibration=calibration,
+        heads=job.heads,
+        capacity=job.capacity,
+        memory_rows=job.memory_rows,
+        extra_heads=job.memory_rows_heads,
+        extra_k=job.memory_rows_k,
+    )
+
+
+def _check_no_clash(store, names: list[str]) -> None:
     existing = {c.name for c in store.list_collections()}
-    clash = sorted(existing & {collection_name(i) for i in layers})
+    clash = sorted(existing & set(names))
     if clash:
         raise InvalidInputError(
             f"database {store.url} already holds collection(s) {', '.join(clash)}; "
@@ -366,7 +412,6 @@ def _check_no_clash(store, layers: list[int]) -> None:
 def _new_student(job: DistillJob, teacher, layers: list[int], train_blocks, store):
     """Surgery for a fresh run: memory layers bound to ``layer<i>`` collections of ``store``."""
     from memstore_gpt2.lm_training import batch_for_step
-    from memstore_gpt2.student import memory_factory
     from memstore_gpt2.surgery import capture_mlp_inputs, clone_with_mlps
 
     calibration = None
@@ -376,13 +421,4 @@ def _new_student(job: DistillJob, teacher, layers: list[int], train_blocks, stor
             for s in range(job.calibration_batches)
         ]
         calibration = capture_mlp_inputs(teacher, layers, batches)
-    factory = memory_factory(
-        job.kind,
-        store,
-        k=job.k,
-        init=job.init,
-        calibration=calibration,
-        heads=job.heads,
-        capacity=job.capacity,
-    )
-    return clone_with_mlps(teacher, layers, factory)
+    return clone_with_mlps(teacher, layers, _factory(job, store, calibration))

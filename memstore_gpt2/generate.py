@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from memstore.errors import bad_parameter
+from memstore_gpt2.lm_training import autocast, model_device
 
 
 @torch.no_grad()
@@ -22,8 +23,13 @@ def sample_tokens(
     seed: int | None = None,
     context: int | None = None,
     eos_id: int | None = None,
+    precision: str = "fp32",
 ) -> list[int]:
-    """Extend ``prompt_ids`` by up to ``max_new_tokens`` sampled tokens (greedy if temperature 0)."""
+    """Extend ``prompt_ids`` by up to ``max_new_tokens`` sampled tokens (greedy if temperature 0).
+
+    Runs where the model's weights are; ``precision="bf16"`` under ``torch.autocast``. Sampling
+    itself draws on the CPU, so a seed gives the same tokens for the same logits on any device.
+    """
     if max_new_tokens < 0:
         raise bad_parameter("max_new_tokens", f"must be >= 0, got {max_new_tokens}")
     if temperature < 0:
@@ -35,10 +41,13 @@ def sample_tokens(
     was_training = model.training
     model.eval()
     ids = list(prompt_ids)
+    device = model_device(model)
     try:
         for _ in range(max_new_tokens):
-            window = torch.tensor([ids[-context:]], dtype=torch.long)  # (1, T)
-            logits = model(input_ids=window, use_cache=False).logits[0, -1].float()  # (V,)
+            window = torch.tensor([ids[-context:]], dtype=torch.long, device=device)  # (1, T)
+            with autocast(device, precision):
+                logits = model(input_ids=window, use_cache=False).logits[0, -1]
+            logits = logits.float().cpu()  # (V,)
             if temperature == 0:
                 next_id = int(torch.argmax(logits))
             else:

@@ -6,11 +6,54 @@ seed and ``s``), which is what makes a resumed run follow the uninterrupted one 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from memstore.errors import bad_parameter
+
+#: Training precisions: "bf16" runs forwards under ``torch.autocast`` (weights stay fp32).
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is refused."""
+    if isinstance(device, torch.device):
+        return device
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        raise bad_parameter("device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise bad_parameter(
+            "device", f"{device!r} was requested but CUDA is not available here; use cpu or auto"
+        )
+    return torch.device(device)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise bad_parameter(
+            "precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """``torch.autocast`` to bfloat16 on ``device`` for "bf16" (CPU included); nothing for fp32."""
+    if check_precision(precision) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def model_device(model) -> torch.device:
+    """Where a model's weights are (CPU for a model without any)."""
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def batch_for_step(blocks: np.ndarray, step: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -63,10 +106,12 @@ def perplexity(model, blocks: np.ndarray, batch_size: int = 16, max_blocks: int 
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
+    device = model_device(model)
     data = blocks if max_blocks is None else blocks[:max_blocks]
     try:
         for start in range(0, len(data), batch_size):
             ids = torch.from_numpy(np.ascontiguousarray(data[start : start + batch_size]))
+            ids = ids.to(device)
             nll = next_token_ce(lm_logits(model, ids), ids, reduction="sum")
             total_nll += float(nll)
             total_tokens += ids.shape[0] * (ids.shape[1] - 1)

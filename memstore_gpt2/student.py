@@ -13,6 +13,7 @@ is refused (resume the run to finish it). Manifests without a ``run`` entry are 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -32,7 +33,14 @@ STUDENT_FILE = "memstore_student.json"
 WEIGHTS_FILE = "dense.pt"
 DEFAULT_DB_FILE = "memory.db"
 FORMAT_VERSION = 1
-MEMORY_CLASSES = ("FeaturalMemory", "AssociativeMemory")
+MEMORY_CLASSES = ("FeaturalMemory", "AssociativeMemory", "ProductKeyMemory")
+#: Manifest class of a slot holding a base memory layer plus extra rows (``parts``: base first).
+GROWN_CLASS = "GrownMemory"
+#: Defaults of the extra rows' product-key memory (``--memory-rows``): one head of 32 reads kept
+#: the step within 1.25x the dense control at d=256 (four heads: 1.8x); see docs/distill.md.
+EXTRA_HEADS = 1
+EXTRA_K = 32
+EXTRA_KEY_DIM = 128
 _BLOCK_MLP = re.compile(r"(?:transformer\.)?h\.(\d+)\.mlp")
 
 
@@ -53,8 +61,39 @@ def slot_key(module_name: str) -> int | str:
 
 
 def memory_slots(model) -> dict[int | str, nn.Module]:
-    """``{slot key: memory layer}`` of a student, found by type (see :func:`slot_key`)."""
-    return {slot_key(name): layer for name, layer in memory_layers(model).items()}
+    """``{slot key: memory layer}`` of a student, found by type (see :func:`slot_key`); a slot
+    holding a :class:`~memstore_torch.GrownMemory` (base + extra rows) maps to that module."""
+    grown = grown_modules(model)
+    slots: dict[int | str, nn.Module] = {slot_key(name): module for name, module in grown.items()}
+    for name, layer in memory_layers(model).items():
+        if not any(name.startswith(f"{g}.") for g in grown):
+            slots[slot_key(name)] = layer
+    return slots
+
+
+def grown_modules(model) -> dict[str, nn.Module]:
+    """``{qualified name: GrownMemory}`` of a model (none unless it has extra rows)."""
+    from memstore_torch import GrownMemory
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, GrownMemory)}
+
+
+def slot_rows(module: nn.Module) -> tuple[int, int]:
+    """(rows in every collection of a slot, of which extra rows) for a slot's module."""
+    layers = list(memory_layers(module).values())
+    total = sum(len(layer.collection) for layer in layers)
+    extra = 0
+    if type(module).__name__ == GROWN_CLASS:
+        extra = sum(len(m.collection) for e in module.extras for m in memory_layers(e).values())
+    return total, extra
+
+
+def extra_rows_shape(memory_rows: int) -> int:
+    """``n_keys`` of the product-key memory holding ``memory_rows`` extra rows: the rows are
+    rounded up to the square ``n_keys ** 2`` (product keys address rows as pairs)."""
+    if memory_rows < 0:
+        raise bad_parameter("memory_rows", f"must be >= 0, got {memory_rows}")
+    return math.isqrt(memory_rows - 1) + 1 if memory_rows > 0 else 0
 
 
 def default_db_url(out_dir: str | os.PathLike) -> str:
@@ -64,6 +103,11 @@ def default_db_url(out_dir: str | os.PathLike) -> str:
 
 def collection_name(layer_index: int) -> str:
     return f"layer{layer_index}"
+
+
+def extra_collection_name(layer_index: int) -> str:
+    """The collection of block ``layer_index``'s extra rows (``--memory-rows``)."""
+    return f"layer{layer_index}.extra"
 
 
 def memory_factory(
@@ -76,11 +120,22 @@ def memory_factory(
     heads: int = 4,
     capacity: int | None = None,
     layer_options: dict[str, Any] | None = None,
+    memory_rows: int = 0,
+    extra_heads: int = EXTRA_HEADS,
+    extra_k: int = EXTRA_K,
+    extra_key_dim: int = EXTRA_KEY_DIM,
 ):
     """A surgery factory that turns teacher MLP ``i`` into a memory layer bound to ``layer{i}``.
 
     ``init='mlp'`` (featural only) copies the MLP into memory rows with tail correction, which is
-    what makes the student start close to the teacher (docs/design.md, The tail correction); ``'random'`` starts from scratch.
+    what makes the student start close to the teacher (docs/design.md, The tail correction);
+    ``'random'`` starts from scratch.
+
+    ``memory_rows`` > 0 grows each layer: ``GrownMemory(layer, ProductKeyMemory(...))`` whose
+    product-key memory (``n_keys = ceil(sqrt(memory_rows))``, so ``n_keys ** 2`` rows;
+    ``extra_heads`` heads reading ``extra_k`` rows each, queries of ``extra_key_dim``) lives in
+    ``layer{i}.extra``. Its values start at zero, so the grown student computes exactly what the
+    student without them computes until it trains.
     """
     options = dict(layer_options or {})
     if kind not in ("featural", "associative"):
@@ -93,8 +148,31 @@ def memory_factory(
         )
     if k <= 0:
         raise bad_parameter("k", f"must be positive, got {k}")
+    n_keys = extra_rows_shape(memory_rows)
+    for name, value in (("extra_heads", extra_heads), ("extra_k", extra_k)):
+        if value <= 0:
+            raise bad_parameter(name, f"must be positive, got {value}")
+    if extra_key_dim <= 0 or extra_key_dim % 2:
+        raise bad_parameter("extra_key_dim", f"must be positive and even, got {extra_key_dim}")
 
     def factory(index: int, mlp: nn.Module) -> nn.Module:
+        layer = base_factory(index, mlp)
+        if not n_keys:
+            return layer
+        from memstore_torch import GrownMemory, ProductKeyMemory
+
+        extra = ProductKeyMemory(
+            mlp.c_fc.weight.shape[0],
+            n_keys=n_keys,
+            heads=extra_heads,
+            k=min(extra_k, n_keys**2),
+            key_dim=extra_key_dim,
+            store=store,
+            collection=extra_collection_name(index),
+        )
+        return GrownMemory(layer, extra)
+
+    def base_factory(index: int, mlp: nn.Module) -> nn.Module:
         d_model = mlp.c_fc.weight.shape[0]  # GPT-2 Conv1D: weight (d_in, d_out)
         n_inner = mlp.c_fc.weight.shape[1]
         name = collection_name(index)
@@ -131,14 +209,25 @@ def memory_factory(
 
 
 def layer_manifest(model) -> dict[str, dict[str, Any]]:
-    """{slot key: {"class", "config"}} for every memory layer and removed MLP of a student."""
+    """{slot key: {"class", "config"}} for every memory layer and removed MLP of a student; a
+    grown slot is ``{"class": "GrownMemory", "parts": [base entry, extra entry, ...]}``."""
     out: dict[str, dict[str, Any]] = {}
     for key, layer in memory_slots(model).items():
-        out[str(key)] = {"class": type(layer).__name__, "config": layer.extra_config()}
+        if type(layer).__name__ == GROWN_CLASS:
+            parts = [layer.base, *layer.extras]
+            out[str(key)] = {"class": GROWN_CLASS, "parts": [_layer_entry(p) for p in parts]}
+        else:
+            out[str(key)] = _layer_entry(layer)
     for index, block in enumerate(gpt2_blocks(model)):
         if isinstance(block.mlp, ZeroMlp):
             out[str(index)] = {"class": "ZeroMlp", "config": {}}
     return out
+
+
+def _layer_entry(layer: nn.Module) -> dict[str, Any]:
+    if type(layer).__name__ not in MEMORY_CLASSES:
+        raise bad_parameter("model", f"cannot save a {type(layer).__name__} inside a grown slot")
+    return {"class": type(layer).__name__, "config": layer.extra_config()}
 
 
 def save_student(
@@ -215,14 +304,28 @@ def read_manifest(student_dir: str | os.PathLike) -> dict:
     if not isinstance(manifest.get("db"), str) or not isinstance(layers, dict):
         raise StudentFormatError(f"{path} is damaged: 'db' or 'layers' is missing")
     for key, entry in layers.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
-            raise StudentFormatError(f"{path} is damaged: layer {key!r} has no class")
-        if entry["class"] != "ZeroMlp" and not isinstance(entry.get("config"), dict):
-            raise StudentFormatError(f"{path} is damaged: layer {key!r} has no config")
+        _check_entry(path, key, entry)
+        if entry["class"] == GROWN_CLASS:
+            parts = entry.get("parts")
+            if not isinstance(parts, list) or len(parts) < 2:
+                raise StudentFormatError(f"{path} is damaged: layer {key!r} has no parts")
+            for part in parts:
+                _check_entry(path, key, part)
+                if part["class"] in ("ZeroMlp", GROWN_CLASS):
+                    raise StudentFormatError(
+                        f"{path} is damaged: layer {key!r} has a {part['class']} part"
+                    )
     for key in ("info", "run"):
         if key in manifest and not isinstance(manifest[key], dict):
             raise StudentFormatError(f"{path} is damaged: {key!r} is not an object")
     return manifest
+
+
+def _check_entry(path: Path, key: str, entry: Any) -> None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
+        raise StudentFormatError(f"{path} is damaged: layer {key!r} has no class")
+    if entry["class"] not in ("ZeroMlp", GROWN_CLASS) and not isinstance(entry.get("config"), dict):
+        raise StudentFormatError(f"{path} is damaged: layer {key!r} has no config")
 
 
 def resolve_db_url(student_dir: str | os.PathLike, manifest: dict, db: str | None = None) -> str:
@@ -253,13 +356,12 @@ def build_student_skeleton(student_dir: str | os.PathLike, manifest: dict, store
     for key, entry in manifest["layers"].items():
         if entry["class"] == "ZeroMlp":
             module = ZeroMlp()
+        elif entry["class"] == GROWN_CLASS:
+            from memstore_torch import GrownMemory
+
+            module = GrownMemory(*(_rebuild_layer(key, part, store) for part in entry["parts"]))
         else:
-            try:
-                module = memory_class(entry["class"]).from_config(entry["config"], store)
-            except (TypeError, KeyError) as exc:
-                raise StudentFormatError(
-                    f"{STUDENT_FILE}: the config of layer {key!r} is damaged ({exc})"
-                ) from None
+            module = _rebuild_layer(key, entry, store)
         try:
             if key.isdigit():
                 blocks[int(key)].mlp = module
@@ -270,6 +372,15 @@ def build_student_skeleton(student_dir: str | os.PathLike, manifest: dict, store
                 f"{STUDENT_FILE}: layer {key!r} is not a place in this model ({exc})"
             ) from None
     return model
+
+
+def _rebuild_layer(key: str, entry: dict[str, Any], store) -> nn.Module:
+    try:
+        return memory_class(entry["class"]).from_config(entry["config"], store)
+    except (TypeError, KeyError) as exc:
+        raise StudentFormatError(
+            f"{STUDENT_FILE}: the config of layer {key!r} is damaged ({exc})"
+        ) from None
 
 
 @dataclass

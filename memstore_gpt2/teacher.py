@@ -19,7 +19,9 @@ import torch
 from memstore.errors import bad_parameter
 from memstore_gpt2.errors import TeacherNotFoundError
 from memstore_gpt2.lm_training import (
+    autocast,
     batch_for_step,
+    check_precision,
     lm_logits,
     next_token_ce,
     perplexity,
@@ -89,11 +91,13 @@ class TeacherSpec:
     warmup: int = 100
     dropout: float = 0.1
     seed: int = 0
+    precision: str = "fp32"  # "bf16": forwards under torch.autocast
 
     def validate(self) -> None:
         for name in ("layers", "width", "heads", "context", "vocab", "steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise bad_parameter(name, f"must be positive, got {getattr(self, name)}")
+        check_precision(self.precision)
         if self.width % self.heads:
             raise bad_parameter("width", f"{self.width} must be divisible by heads ({self.heads})")
 
@@ -126,6 +130,7 @@ def train_teacher(
     spec: TeacherSpec,
     eval_texts: list[str] | None = None,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Train tokenizer + GPT-2 teacher on ``texts`` and save both to ``out_dir`` (HF layout).
 
@@ -146,6 +151,8 @@ def train_teacher(
     else:
         train_blocks, eval_blocks = holdout_split(blocks)
     model = build_teacher_model(spec, tokenizer)
+    device = torch.device(device)
+    model.to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -154,8 +161,10 @@ def train_teacher(
     bar = tqdm(range(spec.steps), desc="teacher", disable=not progress, mininterval=1.0)
     loss_value = float("nan")
     for step in bar:
-        ids = batch_for_step(train_blocks, step, spec.batch_size, spec.seed)
-        loss = next_token_ce(lm_logits(model, ids), ids)
+        ids = batch_for_step(train_blocks, step, spec.batch_size, spec.seed).to(device)
+        with autocast(device, spec.precision):
+            logits = lm_logits(model, ids)
+        loss = next_token_ce(logits, ids)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -166,7 +175,9 @@ def train_teacher(
             bar.set_postfix(loss=f"{loss_value:.3f}")
     bar.close()
     model.eval()
-    ppl = perplexity(model, eval_blocks)
+    with autocast(device, spec.precision):
+        ppl = perplexity(model, eval_blocks)
+    model.cpu()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -38,8 +38,17 @@ from memstore_gpt2.checkpoint import (
 )
 from memstore_gpt2.errors import RunInterrupted, StudentFormatError
 from memstore_gpt2.interrupts import StopRequests
-from memstore_gpt2.lm_training import batch_for_step, lm_logits, perplexity, warmup_cosine
-from memstore_torch.model_memory import split_parameters
+from memstore_gpt2.lm_training import (
+    autocast,
+    batch_for_step,
+    check_precision,
+    lm_logits,
+    perplexity,
+    resolve_device,
+    warmup_cosine,
+)
+from memstore_torch.model_memory import memory_layers, split_parameters
+from memstore_torch.optim import RowwiseAdagrad
 
 __all__ = ["CHECKPOINT_FILE", "DistillConfig", "Distiller", "TrainState", "kd_loss"]
 
@@ -52,6 +61,15 @@ class DistillConfig:
     batch_size: int = 16
     lr: float = 3e-4
     memory_lr: float | None = None  # memory rows' own rate; None -> same as lr
+    #: Row-wise Adagrad's rate for product-key value rows (extra rows; sparse gradients).
+    memory_rows_lr: float = 0.1
+    #: Every this many steps (0: never), each product-key memory hands its coldest trained rows
+    #: (LRFU) back as blank rows: values zero, a new row's LRFU state, Adagrad state reset.
+    memory_rows_reuse_every: int = 0
+    #: Share of each product-key memory's rows considered at each reuse (the coldest ones).
+    memory_rows_reuse_fraction: float = 0.01
+    #: "fp32", or "bf16": forwards under torch.autocast on the run's device.
+    precision: str = "fp32"
     weight_decay: float = 0.01
     warmup: int = 20
     alpha: float = 0.5
@@ -76,6 +94,18 @@ class DistillConfig:
             raise bad_parameter("lr", f"must be positive, got {self.lr}")
         if self.memory_lr is not None and self.memory_lr < 0:
             raise bad_parameter("memory_lr", f"must be >= 0, got {self.memory_lr}")
+        if not self.memory_rows_lr > 0:
+            raise bad_parameter("memory_rows_lr", f"must be positive, got {self.memory_rows_lr}")
+        check_precision(self.precision)
+        if self.memory_rows_reuse_every < 0:
+            raise bad_parameter(
+                "memory_rows_reuse_every", f"must be >= 0, got {self.memory_rows_reuse_every}"
+            )
+        if not 0.0 < self.memory_rows_reuse_fraction <= 1.0:
+            raise bad_parameter(
+                "memory_rows_reuse_fraction",
+                f"must be in (0, 1], got {self.memory_rows_reuse_fraction}",
+            )
 
 
 def kd_loss(
@@ -122,6 +152,14 @@ class Distiller:
     ``run_info`` is plain data stored in every checkpoint (the CLI keeps the options and data
     fingerprints there to check a resume against). ``handle_signals`` makes SIGINT/SIGTERM save a
     checkpoint and raise :class:`RunInterrupted` (main thread only).
+
+    Optimizers: AdamW for the dense weights and the featural/associative memory rows (their own
+    group, ``memory_lr``); :class:`~memstore_torch.optim.RowwiseAdagrad` (``memory_rows_lr``) for
+    the value rows of product-key memories, whose gradients are sparse -- AdamW would read, write
+    and keep two moments of every row. Gradient clipping covers the AdamW parameters only (a
+    sparse gradient's norm would need a coalesce of ~every row read; Adagrad normalises each row's
+    step by its own history anyway). ``device`` ("auto", "cpu", "cuda") moves student and teacher
+    there; ``config.precision`` "bf16" runs the forwards under ``torch.autocast``.
     """
 
     def __init__(
@@ -137,8 +175,10 @@ class Distiller:
         run_id: str | None = None,
         run_info: dict[str, Any] | None = None,
         handle_signals: bool = True,
+        device: str | torch.device = "cpu",
     ) -> None:
         config.validate()
+        self.device = resolve_device(device)
         if len(train_blocks) == 0:
             raise bad_parameter("data", "holds too little text for one training block")
         self.student, self.teacher = student, teacher
@@ -150,6 +190,10 @@ class Distiller:
         self.teacher.eval()
         for param in self.teacher.parameters():
             param.requires_grad_(False)
+        if self.device.type != "cpu":
+            self.student.to(self.device)
+            self.teacher.to(self.device)
+        self.row_optimizer: RowwiseAdagrad | None = None
         self.optimizer = self._build_optimizer()
         self.state = TrainState()
         self.run_id = run_id or new_run_id()
@@ -163,6 +207,13 @@ class Distiller:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         dense, memory = split_parameters(self.student)
         cfg = self.config
+        sparse = {id(p) for p in sparse_row_parameters(self.student)}
+        rows = [p for p in memory if id(p) in sparse]
+        memory = [p for p in memory if id(p) not in sparse]
+        if rows:
+            self.row_optimizer = RowwiseAdagrad(rows, lr=cfg.memory_rows_lr)
+            for group in self.row_optimizer.param_groups:
+                group["name"], group["peak_lr"] = "memory_rows", group["lr"]
         groups: list[dict[str, Any]] = [
             {"params": dense, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "dense"}
         ]
@@ -176,10 +227,16 @@ class Distiller:
             group["peak_lr"] = group["lr"]
         return optimizer
 
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """AdamW, then the row-wise Adagrad of product-key value rows when the student has any."""
+        return [self.optimizer] + ([self.row_optimizer] if self.row_optimizer is not None else [])
+
     def _set_lr(self, step: int) -> float:
         factor = warmup_cosine(step, self.config.steps, self.config.warmup)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * factor
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * factor
         return self.optimizer.param_groups[0]["lr"]
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -202,14 +259,24 @@ class Distiller:
             "dense": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
+            **self._extra_payload(),
             "state": {k: v for k, v in asdict(self.state).items() if k != "step"},
             "config": asdict(self.config),
             "run": self.run_info,
         }
         write_checkpoint_file(self.out_dir, payload)
-        if store is not None:
+        if store is not None:  # product-key layers are MemoryLayers: flushed in this transaction
             commit_memory(self.student, store, self.run_id, self.state.step, token)
         self._saved_step = self.state.step
+
+    def _extra_payload(self) -> dict[str, Any]:
+        """Checkpoint entries only some runs have: the row optimizer, CUDA's RNG."""
+        extra: dict[str, Any] = {}
+        if self.row_optimizer is not None:
+            extra["row_optimizer"] = self.row_optimizer.state_dict()
+        if self.device.type == "cuda":
+            extra["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return extra
 
     def load_checkpoint(self) -> None:
         """Restore the checkpoint whose memory the database holds (the student's memory layers
@@ -222,12 +289,18 @@ class Distiller:
         load_dense_state(self.student, payload["dense"])
         try:
             self.optimizer.load_state_dict(payload["optimizer"])
+            if self.row_optimizer is not None:
+                self.row_optimizer.load_state_dict(payload["row_optimizer"])
+            elif "row_optimizer" in payload:
+                raise ValueError("it has a row optimizer and this student has no extra rows")
         except (ValueError, KeyError, TypeError) as exc:
             raise StudentFormatError(
                 f"{path}: the checkpoint's optimizer does not match this student ({exc})"
             ) from None
         try:
             torch.set_rng_state(payload["rng"].clone())
+            if self.device.type == "cuda" and isinstance(payload.get("cuda_rng"), torch.Tensor):
+                torch.cuda.set_rng_state(payload["cuda_rng"].clone(), self.device)
             self.state = TrainState(step=payload["step"], **payload["state"])
         except (RuntimeError, TypeError) as exc:
             raise StudentFormatError(f"{path} is damaged: {exc}") from None
@@ -237,7 +310,8 @@ class Distiller:
 
     # -- training ------------------------------------------------------------------------------
     def evaluate_student(self) -> float:
-        return perplexity(self.student, self.eval_blocks, max_blocks=self.config.eval_blocks)
+        with autocast(self.device, self.config.precision):
+            return perplexity(self.student, self.eval_blocks, max_blocks=self.config.eval_blocks)
 
     def _log_scalar(self, tag: str, value: float, step: int) -> None:
         if self._writer is not None:
@@ -246,24 +320,55 @@ class Distiller:
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         ids = batch_for_step(self.train_blocks, step, cfg.batch_size, cfg.seed)  # (B, T)
+        ids = ids.to(self.device)
         lr = self._set_lr(step)
-        with torch.no_grad():
-            teacher_logits = lm_logits(self.teacher, ids)  # (B, T, V)
-        student_logits = lm_logits(self.student, ids)  # (B, T, V)
+        with autocast(self.device, cfg.precision):
+            with torch.no_grad():
+                teacher_logits = lm_logits(self.teacher, ids)  # (B, T, V)
+            student_logits = lm_logits(self.student, ids)  # (B, T, V)
         loss, kl, ce = kd_loss(student_logits, teacher_logits, ids, cfg.alpha, cfg.temperature)
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
+        grad_norm = torch.nn.utils.clip_grad_norm_(  # dense gradients only (class docstring)
             [p for g in self.optimizer.param_groups for p in g["params"]], cfg.clip
         )
-        self.optimizer.step()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        reused = {}
+        every = cfg.memory_rows_reuse_every
+        if every and self.row_optimizer is not None and (step + 1) % every == 0:
+            reused = {"memory_rows_reused": float(self._reuse_cold_rows())}
         return {
+            **reused,
             "train_loss": float(loss.detach()),
             "kd_kl": float(kl.detach()),
             "ce": float(ce.detach()),
             "lr": lr,
             "grad_norm": float(grad_norm),
         }
+
+    @torch.no_grad()
+    def _reuse_cold_rows(self) -> int:
+        """LRFU eviction for product-key memories, whose table is always full: of each layer's
+        coldest ``memory_rows_reuse_fraction`` rows, those holding trained content (a non-zero
+        value) become blank rows again (``ProductKeyMemory.reuse_rows``: counted as evictions and
+        inserts) and their Adagrad accumulators restart, so whatever reads them next writes new
+        content at a full learning rate. Returns the rows reused."""
+        from memstore_torch import ProductKeyMemory
+
+        total = 0
+        for layer in memory_layers(self.student).values():
+            if not isinstance(layer, ProductKeyMemory) or not layer.memory_parameters():
+                continue
+            m = math.ceil(self.config.memory_rows_reuse_fraction * layer.n_rows)
+            cold = layer.coldest_rows(m)
+            cold = cold[layer.memory_values[cold].abs().amax(dim=1) > 0]
+            if cold.numel():
+                layer.reuse_rows(cold)
+                self.row_optimizer.reset_rows(layer.memory_values, cold)
+                total += cold.numel()
+        return total
 
     def run(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train from the current step to ``config.steps`` (or ``stop_at``); returns a summary.
@@ -317,9 +422,10 @@ class Distiller:
     def _initial_evaluation(self) -> None:
         if self._has_eval() and self.state.teacher_ppl is None:
             cfg = self.config
-            self.state.teacher_ppl = perplexity(
-                self.teacher, self.eval_blocks, max_blocks=cfg.eval_blocks
-            )
+            with autocast(self.device, cfg.precision):
+                self.state.teacher_ppl = perplexity(
+                    self.teacher, self.eval_blocks, max_blocks=cfg.eval_blocks
+                )
             self.state.student_init_ppl = self.evaluate_student()
             self._log_scalar("eval/teacher_ppl", self.state.teacher_ppl, 0)
             self._log_scalar("eval/student_ppl", self.state.student_init_ppl, 0)
@@ -387,6 +493,17 @@ class Distiller:
         self._log_scalar("eval/student_ppl", ppl, self.state.step)
         self.student.train()
         return ppl
+
+
+def sparse_row_parameters(model) -> list[torch.nn.Parameter]:
+    """Memory rows trained by sparse gradients: the values of every product-key memory."""
+    from memstore_torch import ProductKeyMemory
+
+    out: dict[int, torch.nn.Parameter] = {}
+    for layer in memory_layers(model).values():
+        if isinstance(layer, ProductKeyMemory):
+            out.update((id(p), p) for p in layer.memory_parameters())
+    return list(out.values())
 
 
 def write_summary(out_dir: str | os.PathLike, summary: dict) -> None:

@@ -133,7 +133,21 @@ def topk_memory_read(
     return_weights: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Functional form of :class:`TopKMemoryRead`: ``(out, idx)``, or ``(out, idx, weights)``
-    with ``return_weights``; see there for shapes."""
+    with ``return_weights``; see there for shapes.
+
+    Under ``torch.autocast`` the read runs in the autocast dtype: its inputs are cast first (the
+    casts are differentiable, so fp32 rows still get fp32 gradients), because autograd runs a
+    Function's backward outside autocast, where mixed bf16/fp32 products would fail.
+    """
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            q, keys, bias, values = (t.to(dtype) for t in (q, keys, bias, values))
+            out, idx, weights = TopKMemoryRead.apply(
+                q, keys, bias, values, k, weight_fn, return_weights
+            )
+        return (out, idx, weights) if return_weights else (out, idx)
     out, idx, weights = TopKMemoryRead.apply(q, keys, bias, values, k, weight_fn, return_weights)
     return (out, idx, weights) if return_weights else (out, idx)
 

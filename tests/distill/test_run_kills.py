@@ -44,12 +44,20 @@ KILLS = {
     # associative memory inserts and evicts rows: ids, counters and the clock must replay too
     "associative: checkpoint file renamed, memory not committed": (
         "install", "after", 1, 4, "resume", "associative"),
+    # extra product-key rows: their values, LRFU state and row-wise Adagrad state must replay too
+    "memory rows: checkpoint file renamed, memory not committed": (
+        "install", "after", 1, 4, "resume", "memory_rows"),
+    "memory rows: inside the memory commit, two collections written": (
+        "apply_changes", "after", 2, 4, "resume", "memory_rows"),
 }  # fmt: skip
 COUNTERS = ("clock", "next_id", "inserts", "novel_inserts", "recombinations", "evictions")
 KIND_ARGS = {
     "featural": ["--k", "16"],
     "associative": ["--kind", "associative", "--k", "4", "--heads", "2", "--capacity", "64"],
-}
+    "memory_rows": ["--k", "16", "--memory-rows", "64", "--memory-rows-heads", "2",
+                    "--memory-rows-k", "4", "--memory-rows-reuse-every", "2",
+                    "--memory-rows-reuse-fraction", "0.5"],
+}  # fmt: skip
 
 
 def distill_args(teacher: Path, corpus: Path, out: Path, kind: str = "featural") -> list[str]:
@@ -135,7 +143,10 @@ def assert_same_tensors(a, b, where: str) -> None:
 
 def assert_same_final_state(got: dict, want: dict) -> None:
     assert_same_tensors(got["dense"], want["dense"], "dense.pt")
-    for key in ("step", "optimizer", "rng", "state"):
+    assert ("row_optimizer" in got["checkpoint"]) == ("row_optimizer" in want["checkpoint"])
+    for key in ("step", "optimizer", "rng", "state", "row_optimizer"):
+        if key not in want["checkpoint"]:
+            continue
         if key == "state":  # wall-clock seconds differ between runs
             got["checkpoint"][key].pop("seconds"), want["checkpoint"][key].pop("seconds")
         assert_same_tensors(got["checkpoint"][key], want["checkpoint"][key], f"checkpoint.{key}")
