@@ -10,9 +10,9 @@ product. Two kernels answer the same question and must agree with brute force:
 * ``torch`` (everywhere else: no faiss, CUDA, other dtypes; or ``backend="torch"``): blocked
   ``queries @ rows.T`` score tiles of bounded size, an exact per-tile selection
   (:func:`_tile_topk`: group maxima first, then ``topk`` over the best groups only) merged into a
-  running top-k. When it was the resident index's default it measured 0.75x-1.25x FAISS on this
-  CPU depending on the load of the shared machine, and plain ``topk`` per tile 0.6-0.9x; the
-  torch-kernel column of ``benchmarks/knn.py`` measures it now.
+  running top-k. On an idle 2-core CPU it answers 0.35-0.40x FAISS's throughput (d=64, k=16,
+  ``benchmarks/knn.py``'s torch-kernel column), which is why FAISS is the CPU default; on CUDA,
+  matmul + ``topk`` is the natural path.
 
 Distances follow the store's convention, smaller = nearer: ``l2`` Euclidean (not squared),
 ``cosine`` ``1 - cos``, ``ip`` ``-(q . k)``; :func:`search`, :func:`brute_force` and
