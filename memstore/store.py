@@ -235,6 +235,13 @@ class Store:
         """
         return self._enter(True)
 
+    def in_transaction(self) -> bool:
+        """Whether this thread has a write transaction open (``transaction()`` / ``write()``):
+        what a caller that must not commit on its own (a paged memory writing rows back between
+        checkpoints) checks before writing."""
+        current = getattr(self._local, "current", None)
+        return current is not None and current[1]
+
     def write(self):
         """A write transaction (committed on success, rolled back on any error); as
         :meth:`transaction`."""

@@ -12,7 +12,10 @@ gradient ``g_r``::
     state[r] += mean(g_r ** 2)
     param[r] -= lr * g_r / (sqrt(state[r]) + eps)
 
-Rows without a gradient are not read, written or decayed. The benchmark in docs/layers.md (Large
+Rows without a gradient are not read, written or decayed. The values of a paged memory are a
+cache whose rows are slots, not table rows (:class:`~memstore_torch.paged_rows.PagedRows`, on the
+Parameter as ``paged_rows``): the state is then kept per *table* row and found through the cache's
+slot map, so a row's accumulator survives its eviction and paging never changes an update. The benchmark in docs/layers.md (Large
 memory) measures it against SparseAdam and Adagrad on the same gradients.
 """
 
@@ -60,8 +63,9 @@ class RowwiseAdagrad(torch.optim.Optimizer):
         state = self.state[param]
         if not state:
             state["step"] = 0
+            pager = getattr(param, "paged_rows", None)
             state["sum"] = torch.full(
-                (param.shape[0],),
+                (param.shape[0] if pager is None else pager.n_rows,),
                 float(group["initial_accumulator_value"]),
                 dtype=torch.promote_types(param.dtype, torch.float32),  # bf16 rows: fp32 sums
                 device=param.device,
@@ -71,7 +75,8 @@ class RowwiseAdagrad(torch.optim.Optimizer):
     @torch.no_grad()
     def reset_rows(self, param: torch.Tensor, rows: torch.Tensor) -> None:
         """Forget the accumulated gradients of ``rows`` of ``param`` (back to the initial value),
-        for rows given new content (``ProductKeyMemory.reuse_rows``)."""
+        for rows given new content (``ProductKeyMemory.reuse_rows``); table rows, also when
+        ``param`` is a paged cache."""
         state = self.state.get(param)
         if not state:
             return
@@ -94,13 +99,20 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                 state["step"] += 1
                 accumulator = state["sum"]
                 table = param.view(param.shape[0], -1)
-                if grad.is_sparse:
-                    rows, g = _sparse_rows(grad)
+                pager = getattr(param, "paged_rows", None)
+                if grad.is_sparse or pager is not None:
+                    if grad.is_sparse:
+                        rows, g = _sparse_rows(grad)
+                    else:  # a dense gradient of a cache: its occupied slots
+                        rows = (pager.rows_of(torch.arange(table.shape[0])) >= 0).nonzero()[:, 0]
+                        rows = rows.to(grad.device)
+                        g = grad.reshape(table.shape)[rows]
                     if rows.numel() == 0:
                         continue
                     g = g.reshape(rows.shape[0], -1)
-                    accumulator.index_add_(0, rows, _mean_square(g, accumulator.dtype))
-                    scale = accumulator[rows].sqrt_().add_(eps).reciprocal_().mul_(-lr)
+                    state_rows = rows if pager is None else pager.rows_of(rows).to(rows.device)
+                    accumulator.index_add_(0, state_rows, _mean_square(g, accumulator.dtype))
+                    scale = accumulator[state_rows].sqrt_().add_(eps).reciprocal_().mul_(-lr)
                     for start in range(0, rows.shape[0], CHUNK_ROWS):
                         part = slice(start, start + CHUNK_ROWS)
                         table.index_add_(0, rows[part], g[part] * scale[part, None].to(g.dtype))

@@ -40,13 +40,11 @@ from memstore.types import CollectionOptions
 
 from .config import ProductKeyConfig
 from .memory_layer import MemoryLayer
+from .paged_rows import CREATE_CHUNK, PagedRows
 from .product_keys import product_topk
 from .resident import ResidentIndex
 from .rows_source import CollectionStore
 from .sparse_rows import sparse_row_read
-
-#: Rows drawn per chunk when initial values are random (bounds the temporary copy).
-_INIT_CHUNK = 65_536
 
 
 class ProductKeyMemory(MemoryLayer):
@@ -63,12 +61,15 @@ class ProductKeyMemory(MemoryLayer):
         *,
         store: CollectionStore | None = None,
         collection: str | None = None,
+        cache_rows: int | None = None,
         _init_rows: bool = True,
         **options: Any,
     ) -> None:
         """``ProductKeyMemory(ProductKeyConfig(...))`` or ``ProductKeyMemory(d_model, n_keys=...,
         ...)``; rows go to ``store``/``collection`` when given (loaded from there if it holds
-        them, else made and flushed there)."""
+        them, else made and flushed there). ``cache_rows`` below the row count pages the values
+        from the collection through a cache of that many rows (:class:`PagedRows`) instead of
+        loading them all."""
         super().__init__()
         self.config = cfg = self.make_config(config, options)
         d, heads, dk = cfg.d_model, cfg.heads, cfg.key_dim
@@ -85,13 +86,25 @@ class ProductKeyMemory(MemoryLayer):
             torch.empty(heads, 2, cfg.n_keys, dk // 2).uniform_(-bound, bound)
         )
         self.out_proj = None if cfg.value_dim is None else nn.Linear(cfg.value_dim, d, bias=False)
-        index = ResidentIndex(
-            2, cfg.row_value_dim, "l2", lrfu_lambda=cfg.lrfu_lambda, max_rows=cfg.n_rows
-        )
+        self.paged = cache_rows is not None and cache_rows < cfg.n_rows
+        if self.paged:
+            if store is None or not collection:
+                raise InvalidInputError("a paged memory (cache_rows) needs store= and collection=")
+            index: ResidentIndex | PagedRows = PagedRows(
+                None, cfg.n_rows, cache_rows, key_dim=2, value_dim=cfg.row_value_dim,
+                lrfu_lambda=cfg.lrfu_lambda,
+            )  # fmt: skip
+        else:
+            index = ResidentIndex(
+                2, cfg.row_value_dim, "l2", lrfu_lambda=cfg.lrfu_lambda, max_rows=cfg.n_rows
+            )
         self._init_memory(index, store, collection)
         self._bind()
         if self._loaded:
             self._check_loaded_rows()
+        elif _init_rows and self.paged:
+            index.collection = self._collection
+            index.create(self.addresses, self._initial_values())
         elif _init_rows:
             self._init_table()
             if self._collection is not None:
@@ -119,6 +132,10 @@ class ProductKeyMemory(MemoryLayer):
         values = nn.Parameter(self.index.value_storage, requires_grad=self.trainable_rows)
         self.index.key_storage, self.index.value_storage = keys, values
         self.memory_keys, self.memory_values = keys, values
+        if isinstance(self.index, PagedRows):
+            # rows of this Parameter are cache slots: RowwiseAdagrad keeps its state per table
+            # row through this map, so paging never changes what the optimizer computes
+            values.paged_rows = self.index
 
     def _snapshot(self) -> None:
         """Nothing to remember: rows that can change are marked dirty when read (below), so no
@@ -132,18 +149,30 @@ class ProductKeyMemory(MemoryLayer):
         the second."""
         return torch.stack([rows // self.config.n_keys, rows % self.config.n_keys], dim=-1)
 
+    def _initial_values(self):
+        """``values_of(start, n)`` drawing the random initial values chunk by chunk (the same
+        numbers resident or paged), or None when they start at zero."""
+        std = self.config.value_init_std
+        if std <= 0:
+            return None
+        g = torch.Generator().manual_seed(0x9E37)
+        dv = self.row_value_dim
+        return lambda start, n: torch.empty(n, dv).normal_(0.0, std, generator=g)
+
     @torch.no_grad()
     def _init_table(self) -> None:
-        n, std = self.n_rows, self.config.value_init_std
+        n = self.n_rows
         self.index.insert_blank(self.addresses(torch.arange(n)).float())  # ids 1..n, values 0
-        if std > 0:
-            g = torch.Generator().manual_seed(0x9E37)
+        values_of = self._initial_values()
+        if values_of is not None:
             values = self.index.value_storage
-            for start in range(0, n, _INIT_CHUNK):  # drawn on the CPU, chunk by chunk
-                chunk = torch.empty(min(_INIT_CHUNK, n - start), values.shape[1])
-                values[start : start + chunk.shape[0]] = chunk.normal_(0.0, std, generator=g)
+            for start in range(0, n, CREATE_CHUNK):  # drawn on the CPU, chunk by chunk
+                chunk = values_of(start, min(CREATE_CHUNK, n - start))
+                values[start : start + chunk.shape[0]] = chunk
 
     def _check_loaded_rows(self) -> None:
+        if self.paged:
+            return  # PagedRows.load_collection checked the row count; rows are read on demand
         n = self.n_rows
         index = self.index
         ok = index.n == n and bool(
@@ -174,7 +203,29 @@ class ProductKeyMemory(MemoryLayer):
     def coldest_rows(self, m: int) -> torch.Tensor:
         """Row numbers of the ``m`` rows with the lowest LRFU score (ties: older ``last_tick``,
         then lower id), the store's eviction order."""
+        if self.paged:
+            return self.index.coldest_rows(m)
         return self.index.eviction_order()[:m]
+
+    def _cached_chunks(self, rows: torch.Tensor):
+        """``(chunk of rows, their slots)``: resident rows are their own slots; a paged memory
+        reads rows into its cache at most half a cache at a time."""
+        rows = rows.reshape(-1).to(self.index.device)
+        if not self.paged:
+            yield rows, rows
+            return
+        step = max(1, self.index.capacity // 2)
+        for start in range(0, rows.numel(), step):
+            chunk = rows[start : start + step]
+            yield chunk, self.index.fetch(chunk)
+
+    @torch.no_grad()
+    def row_values(self, rows: torch.Tensor) -> torch.Tensor:
+        """The values (n, row_value_dim) of row numbers ``rows`` (read in when paged)."""
+        parts = [
+            self.memory_values[slots].detach().clone() for _, slots in self._cached_chunks(rows)
+        ]
+        return torch.cat(parts) if parts else self.memory_values[:0].detach().clone()
 
     @torch.no_grad()
     def reuse_rows(self, rows: torch.Tensor, values: torch.Tensor | None = None) -> None:
@@ -186,8 +237,11 @@ class ProductKeyMemory(MemoryLayer):
         rows = rows.reshape(-1).to(self.index.device)
         if values is None:
             values = torch.zeros(rows.numel(), self.row_value_dim)
-        self.index.update(rows, values=values)
-        self.index.reset_lrfu(rows)
+        done = 0
+        for chunk, slots in self._cached_chunks(rows):
+            self.index.update(slots, values=values[done : done + chunk.numel()])
+            self.index.reset_lrfu(slots)
+            done += chunk.numel()
         self.index.count("evictions", rows.numel())
         self.index.count("inserts", rows.numel())
 
@@ -233,13 +287,15 @@ class ProductKeyMemory(MemoryLayer):
         t = h.shape[0]
         reads = self.config.heads * scores.shape[-1]
         rows = rows.reshape(t, reads)
-        out = sparse_row_read(weights.reshape(t, reads), rows, values)  # (T, dv)
         may_train = values.requires_grad and torch.is_grad_enabled()
+        # a paged memory reads missing rows in (one query) and reads them from their cache slots
+        slots = self.index.fetch(rows, pin=may_train) if self.paged else rows
+        out = sparse_row_read(weights.reshape(t, reads), slots, values)  # (T, dv)
         with torch.no_grad():
             if may_train:
-                self.index.mark_rows_changed(rows.reshape(-1))  # a gradient may reach them
+                self.index.mark_rows_changed(slots.reshape(-1))  # a gradient may reach them
             if self.training or self.update_in_eval:
-                self.index.touch(rows)  # one tick; every read counts
+                self.index.touch(slots)  # one tick; every read counts
         out = out.to(h.dtype)
         if self.out_proj is not None:
             out = self.out_proj(out)
@@ -247,10 +303,15 @@ class ProductKeyMemory(MemoryLayer):
 
     # -------------------------------------------------------------- config
     @classmethod
-    def from_config(cls, saved: Mapping[str, Any], store: CollectionStore) -> ProductKeyMemory:
-        """Rebuild the layer bound to its collection with rows loaded from ``store``."""
+    def from_config(
+        cls, saved: Mapping[str, Any], store: CollectionStore, *, cache_rows: int | None = None
+    ) -> ProductKeyMemory:
+        """Rebuild the layer bound to its collection with rows loaded from ``store`` (paged
+        through a cache of ``cache_rows`` rows when that is below the row count)."""
         config, collection = cls.split_saved_config(saved)
-        layer = cls(config, store=store, collection=collection, _init_rows=False)
+        layer = cls(
+            config, store=store, collection=collection, cache_rows=cache_rows, _init_rows=False
+        )
         if not layer._loaded:
             raise InvalidInputError(f"collection {collection!r} holds no rows")
         return layer
@@ -261,4 +322,5 @@ class ProductKeyMemory(MemoryLayer):
             f"d_model={cfg.d_model}, rows={cfg.n_rows} ({cfg.n_keys}^2), heads={cfg.heads}, "
             f"k={cfg.k}, key_dim={cfg.key_dim}, value_dim={cfg.row_value_dim}, "
             f"collection={self.collection_name!r}"
+            + (f", cached_rows={self.index.capacity}" if self.paged else "")
         )

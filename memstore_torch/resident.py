@@ -25,7 +25,7 @@ import torch
 from memstore.errors import DimensionMismatchError, InvalidInputError, RowNotFoundError
 from memstore.types import RowBlock
 
-from . import knn
+from . import knn, lrfu
 from .rows_source import RowsSource
 
 _INITIAL_STORAGE = 1024
@@ -364,14 +364,9 @@ class ResidentIndex:
         hit = counts.nonzero().reshape(-1)
         if hit.numel() == 0:
             return
-        last = self._last_tick[hit]
-        row_age = (t - last).clamp_min(0).double()
-        hit_age = (last - t).clamp_min(0).double()  # > 0 only for rows written ahead of the clock
-        self._crf[hit] = (
-            counts[hit].double() * torch.exp2(-self.lrfu_lambda * hit_age)
-            + torch.exp2(-self.lrfu_lambda * row_age) * self._crf[hit]
+        self._crf[hit], self._last_tick[hit] = lrfu.touched(
+            self._crf[hit], self._last_tick[hit], counts[hit], t, self.lrfu_lambda
         )
-        self._last_tick[hit] = last.clamp_min(t)
         self._hits[hit] += counts[hit].to(torch.int64)
         self._dirty[hit] = True
 
@@ -389,15 +384,14 @@ class ResidentIndex:
         """``log2(crf) - lambda * (now - last_tick)``: higher = keep. Mirror of
         memstore.lrfu.order_key (tested in tests/torch/test_semantics_mirrors.py)."""
         now = self.clock if now is None else now
-        return torch.log2(self.crf) - self.lrfu_lambda * (now - self.last_tick).double()
+        return lrfu.order_key(self.crf, self.last_tick, now, self.lrfu_lambda)
 
     def eviction_order(self, now: int | None = None) -> torch.Tensor:
         """Slots in eviction order: ascending LRFU score, then older ``last_tick``, then lower id.
         Mirror of memstore.lrfu.eviction_order (tested in tests/torch/test_semantics_mirrors.py),
         so the resident index and the store evict the same rows, ties included."""
-        order = self.ids.argsort()
-        order = order[self.last_tick[order].argsort(stable=True)]
-        return order[self.lrfu_scores(now)[order].argsort(stable=True)]
+        now = self.clock if now is None else now
+        return lrfu.eviction_order(self.crf, self.last_tick, self.ids, now, self.lrfu_lambda)
 
     # ------------------------------------------------------------------ mutation
     def _check_rows(self, keys: torch.Tensor, values: torch.Tensor | None) -> tuple:

@@ -11,6 +11,7 @@ these members (a test double, another store) can serve as a layer's home.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -79,4 +80,36 @@ class CollectionStore(Protocol):
         self, name: str, options: CollectionOptions | None = None, **kwargs: Any
     ) -> LayerCollection:
         """The existing collection (checked against the options given) or a new one."""
+        ...
+
+
+@runtime_checkable
+class WriteBackHost(Protocol):
+    """The store behind a paged collection: its per-thread transactions."""
+
+    def in_transaction(self) -> bool:
+        """Whether this thread has a write transaction open."""
+        ...
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        """One write transaction that every call of this thread inside it joins."""
+        ...
+
+
+@runtime_checkable
+class PagedSource(LayerCollection, Protocol):
+    """What :class:`~memstore_torch.paged_rows.PagedRows` needs beyond a layer's collection: rows
+    by id in one call, the store's LRFU order, and the store's transactions."""
+
+    @property
+    def store(self) -> WriteBackHost: ...
+
+    def get(self, ids: np.ndarray) -> RowBlock:
+        """Rows in the order of ``ids`` (one query)."""
+        ...
+
+    def evict(
+        self, capacity: int | None = None, *, min_score: float | None = None, dry_run: bool = False
+    ) -> np.ndarray:
+        """Ids of the lowest-LRFU rows beyond ``capacity``, lowest first (``dry_run``: kept)."""
         ...

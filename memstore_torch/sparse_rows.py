@@ -56,7 +56,8 @@ def row_gradient(
     the sum over its reads of ``weights[b, p] * grad_out[b]`` (one embedding bag per row)."""
     per_token = rows.shape[1]
     flat = rows.reshape(-1)
-    ordered, perm = flat.sort()
+    ordered, perm = flat.sort(stable=True)  # each row's reads summed in token order, whatever
+    # the row numbering (a paged cache's slots): the same sums, bit for bit
     distinct, counts = torch.unique_consecutive(ordered, return_counts=True)
     offsets = counts.cumsum(0) - counts
     tokens = perm // per_token

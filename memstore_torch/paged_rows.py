@@ -1,0 +1,372 @@
+"""PagedRows: a bounded cache of a collection's rows, so a memory can be larger than RAM.
+
+A product-key memory searches its sub-keys (small, resident) and then reads a few thousand of its
+millions of value rows per step. :class:`PagedRows` keeps only ``capacity`` rows in memory and
+reads the missing ones from the database by id, **one batched query per call** (``Collection.get``:
+``json_each`` in SQLite, ``= ANY`` in PostgreSQL), never a query per row. It stands in for the
+layer's :class:`~memstore_torch.resident.ResidentIndex`: the same per-row fields (value, key,
+``crf``, ``last_tick``, ``hits``, ``created_tick``), the same LRFU touches (:mod:`.lrfu`), the same
+flush -- only a row's *slot* (its place in the cache tensors) is no longer its row number, so the
+layer reads ``values[slots]`` where a resident layer reads ``values[rows]``.
+
+Which rows stay is decided by LRFU, the store's own eviction policy, over the cache's accesses: each
+:meth:`fetch` is one tick and each read of a row counts. (The rows' stored LRFU fields cannot serve
+here: evaluation and generation read rows without touching them.) Rows read by a forward that may
+still receive a gradient are *pinned* until an optimizer holding the values steps (or
+:meth:`PagedRows.unpin_all`), so the backward pass and the optimizer step always find a row where
+the forward read it.
+
+Writes. A row the optimizer changed is *dirty*; when it must leave the cache it is written back
+with ``Collection.apply_changes`` -- inside the write transaction the caller holds open from one
+checkpoint to the next (``store.transaction()``), so those rows commit together with the checkpoint
+and a process killed in between leaves the database exactly as of the last checkpoint. Writing
+back outside such a transaction is refused (it would commit rows ahead of their checkpoint).
+:meth:`flush` writes the dirty rows still cached, the clock and the counters: with the rows
+already written back, the collection then equals what a fully resident layer would have flushed.
+
+Memory: the cache's tensors (``capacity`` slots of one value row, key and bookkeeping each,
+:meth:`bytes_per_slot`) plus a slot map of 4 bytes per table row -- 4 MB for a million rows.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from memstore.errors import InvalidInputError, bad_parameter
+from memstore.types import RowBlock
+
+from . import lrfu
+from .rows_source import PagedSource
+
+#: Rows written per ``apply_changes`` call when a table is created through the cache.
+CREATE_CHUNK = 65_536
+
+#: Live caches, unpinned when an optimizer holding their values Parameter steps.
+_LIVE: weakref.WeakSet[PagedRows] = weakref.WeakSet()
+_HOOKED = False
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """A step consumed the gradients of its parameters: their cached rows may leave again."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for pager in list(_LIVE):
+        if id(pager.value_storage) in held:
+            pager.unpin_all()
+
+
+def _watch(pager: PagedRows) -> None:
+    global _HOOKED
+    if not _HOOKED:
+        register_optimizer_step_post_hook(_after_optimizer_step)
+        _HOOKED = True
+    _LIVE.add(pager)
+
+
+class PagedRows:
+    """``capacity`` of the ``n_rows`` rows (ids ``1..n_rows``) of ``collection``, on ``device``."""
+
+    def __init__(
+        self,
+        collection: PagedSource | None,
+        n_rows: int,
+        capacity: int,
+        *,
+        key_dim: int,
+        value_dim: int,
+        lrfu_lambda: float,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if capacity < 1:
+            raise bad_parameter("memory_budget", f"leaves {capacity} cached rows; at least 1")
+        self.collection = collection
+        self.n_rows = int(n_rows)
+        self.capacity = min(int(capacity), self.n_rows)
+        self.key_dim, self.value_dim = key_dim, value_dim
+        self.lrfu_lambda = float(lrfu_lambda)
+        self.device = torch.device(device)
+        self.clock = 0
+        self.counters = {"inserts": 0, "recombinations": 0, "evictions": 0}
+        self.storage_version = 0
+        self.stats = {"lookups": 0, "misses": 0, "queries": 0, "written_back": 0}
+        self.accesses = 0  # the cache's own LRFU clock: one tick per fetch
+        c = self.capacity
+        self.key_storage = torch.zeros((c, key_dim))
+        self.value_storage = torch.zeros((c, value_dim))
+        self._slot = torch.full((self.n_rows,), -1, dtype=torch.int32)  # row -> slot
+        self._row = torch.full((c,), -1, dtype=torch.int64)  # slot -> row
+        self._crf = torch.zeros(c, dtype=torch.float64)
+        self._last_tick = torch.zeros(c, dtype=torch.int64)
+        self._hits = torch.zeros(c, dtype=torch.int64)
+        self._created_tick = torch.zeros(c, dtype=torch.int64)
+        self._use_crf = torch.zeros(c, dtype=torch.float64)  # the cache policy's LRFU
+        self._use_tick = torch.zeros(c, dtype=torch.int64)
+        self._dirty = torch.zeros(c, dtype=torch.bool)
+        self._pinned = torch.zeros(c, dtype=torch.bool)
+        self.relocate(self.device)
+        _watch(self)
+
+    _BOOKKEEPING = (
+        "_slot",
+        "_row",
+        "_crf",
+        "_last_tick",
+        "_hits",
+        "_created_tick",
+        "_use_crf",
+        "_use_tick",
+        "_dirty",
+        "_pinned",
+    )
+
+    @staticmethod
+    def bytes_per_slot(key_dim: int, value_dim: int, value_bytes: int = 4) -> int:
+        """Memory one cached row costs: its value and key, and 66 bytes of bookkeeping (row
+        number, stored LRFU fields, the cache's LRFU, dirty and pinned flags)."""
+        return value_dim * value_bytes + key_dim * 4 + 8 * 7 + 2 + 8
+
+    def relocate(self, device: str | torch.device) -> None:
+        """Move the bookkeeping tensors to ``device`` (the storage tensors move with their
+        owner, the layer, whose Parameters they are)."""
+        self.device = torch.device(device)
+        for name in self._BOOKKEEPING:
+            setattr(self, name, getattr(self, name).to(self.device))
+
+    # ------------------------------------------------------------------ views
+    @property
+    def n(self) -> int:
+        """Slots in the cache tensors (what a slot-indexed count is sized by)."""
+        return self.capacity
+
+    @property
+    def resident_rows(self) -> int:
+        """Rows held in the cache now."""
+        return int((self._row >= 0).sum())
+
+    @property
+    def dirty_count(self) -> int:
+        return int(self._dirty.sum())
+
+    def rows_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """Row numbers held by ``slots`` (-1 for an empty slot)."""
+        return self._row[slots.to(self.device)]
+
+    def cached(self, rows: torch.Tensor) -> torch.Tensor:
+        """Whether each of ``rows`` is in the cache."""
+        return self._slot[rows.to(self.device)] >= 0
+
+    # ------------------------------------------------------------------ reading rows in
+    @torch.no_grad()
+    def fetch(self, rows: torch.Tensor, *, pin: bool = False) -> torch.Tensor:
+        """Slots (int64, the shape of ``rows``) holding row numbers ``rows``; the missing rows
+        are read in one query after evicting as many others (lowest cache LRFU first; dirty ones
+        written back). ``pin`` keeps them until :meth:`unpin_all` (a gradient may reach them)."""
+        flat = rows.reshape(-1).to(self.device)
+        if flat.numel() == 0:
+            return flat.reshape(rows.shape)
+        if int(flat.min()) < 0 or int(flat.max()) >= self.n_rows:
+            raise InvalidInputError(f"row numbers must lie in [0, {self.n_rows})")
+        wanted, counts = torch.unique(flat, return_counts=True)  # sorted
+        slots = self._slot[wanted].long()
+        missing = wanted[slots < 0]
+        self.stats["lookups"] += wanted.numel()
+        if missing.numel():
+            free = self._make_room(missing.numel(), keep=slots[slots >= 0])
+            self._read_in(missing, free)
+            slots = self._slot[wanted].long()
+        self.accesses += 1
+        self._use_crf[slots], self._use_tick[slots] = lrfu.touched(
+            self._use_crf[slots], self._use_tick[slots], counts, self.accesses, self.lrfu_lambda
+        )
+        if pin:
+            self._pinned[slots] = True
+        return self._slot[flat].long().reshape(rows.shape)
+
+    def unpin_all(self) -> None:
+        """Every pending gradient was consumed (or none exists): any row may leave again."""
+        self._pinned.zero_()
+
+    def _make_room(self, m: int, keep: torch.Tensor) -> torch.Tensor:
+        """``m`` free slots: empty ones first, then the coldest evictable ones."""
+        empty = (self._row < 0).nonzero().reshape(-1)
+        if empty.numel() >= m:
+            return empty[:m]
+        need = m - empty.numel()
+        evictable = (self._row >= 0) & ~self._pinned
+        evictable[keep] = False
+        candidates = evictable.nonzero().reshape(-1)
+        if candidates.numel() < need:
+            raise bad_parameter(
+                "memory_budget",
+                f"keeps {self.capacity} rows of this memory layer in the cache, but one step "
+                f"needs {m + keep.numel() + int(self._pinned.sum())} at once (rows read by this "
+                "call and rows awaiting their gradient); raise it or read fewer rows per step",
+            )
+        order = lrfu.eviction_order(
+            self._use_crf[candidates],
+            self._use_tick[candidates],
+            self._row[candidates],
+            self.accesses,
+            self.lrfu_lambda,
+        )
+        victims = candidates[order[:need]]
+        self._write_back(victims[self._dirty[victims]])
+        self._slot[self._row[victims]] = -1
+        self._row[victims] = -1
+        return torch.cat([empty, victims])
+
+    def _read_in(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        block = self.collection.get(rows.cpu().numpy().astype(np.int64) + 1)  # one query
+        self.stats["queries"] += 1
+        self.stats["misses"] += rows.numel()
+        dev = self.device
+        # through .data: a forward awaiting its backward saved these tensors, and autograd would
+        # refuse them as modified; the rows it read are pinned, so only other slots change here
+        self.key_storage.data[slots] = torch.as_tensor(block.keys).to(dev, self.key_storage.dtype)
+        values = torch.as_tensor(block.values).to(dev, self.value_storage.dtype)
+        self.value_storage.data[slots] = values
+        self._crf[slots] = torch.as_tensor(block.crf).to(dev)
+        self._last_tick[slots] = torch.as_tensor(block.last_tick).to(dev)
+        self._hits[slots] = torch.as_tensor(block.hits).to(dev)
+        self._created_tick[slots] = torch.as_tensor(block.created_tick).to(dev)
+        self._use_crf[slots] = 0.0
+        self._use_tick[slots] = self.accesses
+        self._dirty[slots] = False
+        self._pinned[slots] = False
+        self._row[slots] = rows
+        self._slot[rows] = slots.to(torch.int32)
+
+    # ------------------------------------------------------------------ writing rows out
+    def _block(self, slots: torch.Tensor) -> RowBlock:
+        return RowBlock(
+            ids=(self._row[slots] + 1).cpu().numpy().astype(np.int64),
+            keys=self.key_storage[slots].detach().float().cpu().numpy(),
+            values=self.value_storage[slots].detach().float().cpu().numpy(),
+            crf=self._crf[slots].cpu().numpy().astype(np.float64),
+            last_tick=self._last_tick[slots].cpu().numpy().astype(np.int64),
+            hits=self._hits[slots].cpu().numpy().astype(np.int64),
+            created_tick=self._created_tick[slots].cpu().numpy().astype(np.int64),
+        )
+
+    def _write_back(self, slots: torch.Tensor) -> None:
+        if slots.numel() == 0:
+            return
+        self._require_transaction(f"write {slots.numel()} changed rows back")
+        self.collection.apply_changes(upserts=self._block(slots))
+        self.stats["written_back"] += slots.numel()
+        self._dirty[slots] = False
+
+    def _require_transaction(self, what: str) -> None:
+        if not self.collection.store.in_transaction():
+            raise InvalidInputError(
+                f"a paged memory must {what} to {self.collection.name!r}, and may only do so "
+                "inside the transaction that the next checkpoint commits (hold "
+                "store.transaction() open around the steps between flushes), or the database "
+                "would run ahead of its checkpoint; else raise the memory budget"
+            )
+
+    def flush(self, collection: PagedSource | None = None) -> dict[str, int]:
+        """Write the dirty cached rows, the clock and the counters in one ``apply_changes``."""
+        slots = self._dirty.nonzero().reshape(-1)
+        (collection or self.collection).apply_changes(
+            upserts=self._block(slots) if slots.numel() else None,
+            clock=self.clock,
+            counters=dict(self.counters),
+        )
+        self._dirty.zero_()
+        self.counters = dict.fromkeys(self.counters, 0)
+        return {"upserts": int(slots.numel()), "deletes": 0}
+
+    def load_collection(self, collection: PagedSource) -> None:
+        """Bind to a collection holding the table (nothing is read but its clock and count)."""
+        if len(collection) != self.n_rows:
+            raise InvalidInputError(
+                f"collection {collection.name!r} holds {len(collection)} rows, not the "
+                f"{self.n_rows} of this memory layer"
+            )
+        self.collection = collection
+        self.clock = int(collection.stats()["clock"])
+
+    def create(self, keys_of: Callable[[torch.Tensor], torch.Tensor], values_of=None) -> None:
+        """Write a new table of ``n_rows`` rows straight to the collection, chunk by chunk, in
+        one transaction: row ``r`` gets id ``r + 1``, key ``keys_of(rows)``, value
+        ``values_of(start, n)`` (default zero) and the LRFU state of a row inserted now; the
+        cache stays empty. Counted as that many ``inserts``."""
+        dv = self.value_dim
+        with self.collection.store.transaction():
+            for start in range(0, self.n_rows, CREATE_CHUNK):
+                n = min(CREATE_CHUNK, self.n_rows - start)
+                rows = torch.arange(start, start + n)
+                values = torch.zeros(n, dv) if values_of is None else values_of(start, n)
+                self.collection.apply_changes(
+                    upserts=RowBlock(
+                        ids=(rows + 1).numpy().astype(np.int64),
+                        keys=keys_of(rows).float().numpy(),
+                        values=values.float().numpy(),
+                        crf=np.ones(n, np.float64),
+                        last_tick=np.full(n, self.clock, np.int64),
+                        hits=np.zeros(n, np.int64),
+                        created_tick=np.full(n, self.clock, np.int64),
+                    ),
+                    clock=self.clock,
+                    counters={"inserts": n},
+                )
+
+    # ------------------------------------------------------------------ LRFU and edits
+    def advance_clock(self, tick: int | None = None) -> int:
+        self.clock = self.clock + 1 if tick is None else max(self.clock, int(tick))
+        return self.clock
+
+    @torch.no_grad()
+    def touch(self, slots: torch.Tensor, *, tick: int | None = None) -> None:
+        """One tick of the layer's LRFU clock; every read of a cached row counts (as
+        ``ResidentIndex.touch``: the same fields, the same numbers)."""
+        t = self.advance_clock(tick)
+        flat = slots.reshape(-1).to(self.device)
+        hit, counts = torch.unique(flat[flat >= 0], return_counts=True)
+        if hit.numel() == 0:
+            return
+        self._crf[hit], self._last_tick[hit] = lrfu.touched(
+            self._crf[hit], self._last_tick[hit], counts, t, self.lrfu_lambda
+        )
+        self._hits[hit] += counts
+        self._dirty[hit] = True
+
+    def mark_rows_changed(self, slots: torch.Tensor | None = None) -> None:
+        """Rows whose values may have changed outside these methods (an optimizer step)."""
+        if slots is None:
+            self._dirty |= self._row >= 0
+        else:
+            self._dirty[slots.to(self.device)] = True
+
+    @torch.no_grad()
+    def update(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        slots = slots.reshape(-1).to(self.device)
+        self.value_storage[slots] = values.detach().to(self.device, self.value_storage.dtype)
+        self._dirty[slots] = True
+
+    def reset_lrfu(self, slots: torch.Tensor) -> None:
+        """The LRFU state of a row inserted now (see ``ResidentIndex.reset_lrfu``)."""
+        slots = slots.reshape(-1).to(self.device)
+        self._crf[slots] = 1.0
+        self._hits[slots] = 0
+        self._last_tick[slots] = self.clock
+        self._created_tick[slots] = self.clock
+        self._dirty[slots] = True
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + int(n)
+
+    def coldest_rows(self, m: int) -> torch.Tensor:
+        """Row numbers of the ``m`` rows of the whole table with the lowest stored LRFU score
+        (the store's eviction order): the cached rows' newer state is written first, inside the
+        open transaction, and the clock with it."""
+        self._require_transaction("write its LRFU state to rank the coldest rows")
+        self._write_back(self._dirty.nonzero().reshape(-1))
+        self.collection.apply_changes(clock=self.clock)
+        ids = self.collection.evict(capacity=max(self.n_rows - int(m), 0), dry_run=True)
+        return torch.as_tensor(ids, dtype=torch.int64).to(self.device) - 1

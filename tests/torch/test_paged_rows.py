@@ -1,0 +1,169 @@
+"""Paged product-key memory: a cache far smaller than the table never changes a result.
+
+The same layer is run fully resident and paged through a small cache, on SQLite and PostgreSQL:
+outputs, gradients, trained rows, the optimizer's state and every stored LRFU field must be equal
+bit for bit; missing rows come in one query per forward; changed rows only reach the database
+inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from memstore import Store
+from memstore.errors import InvalidInputError
+from memstore_torch import ProductKeyMemory, RowwiseAdagrad
+from tests.pg_fixture import STORE_BACKENDS
+
+CONFIG = {"n_keys": 16, "heads": 2, "k": 4, "key_dim": 8, "value_init_std": 0.3}
+D = 12
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def url(request, tmp_path):
+    if request.param == "postgresql":
+        return request.getfixturevalue("fresh_postgres_url")
+    return f"sqlite:///{tmp_path / 'mem.db'}"
+
+
+def _pair(url: str, cache_rows: int):
+    """The same memory twice in one store: resident ("a") and paged ("b"), equal weights."""
+    store = Store(url)
+    torch.manual_seed(3)
+    resident = ProductKeyMemory(D, store=store, collection="a", **CONFIG)
+    torch.manual_seed(3)
+    paged = ProductKeyMemory(D, store=store, collection="b", cache_rows=cache_rows, **CONFIG)
+    assert paged.paged and not resident.paged
+    assert paged.index.resident_rows == 0  # nothing read yet
+    return store, resident, paged
+
+
+def _rows(store: Store, name: str):
+    return store.collection(name).export_rows()
+
+
+def _assert_same_rows(store: Store) -> None:
+    a, b = _rows(store, "a"), _rows(store, "b")
+    for field in ("ids", "keys", "values", "crf", "last_tick", "hits", "created_tick"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    sa, sb = store.collection("a").stats(), store.collection("b").stats()
+    for key in ("clock", "inserts", "evictions"):
+        assert sa[key] == sb[key], key
+
+
+def test_fresh_paged_table_equals_resident_one(url):
+    store, _, _ = _pair(url, cache_rows=40)
+    _assert_same_rows(store)  # created chunk by chunk straight into the collection
+
+
+def test_inference_is_identical_and_reads_missing_rows_in_one_query(url):
+    store, resident, paged = _pair(url, cache_rows=40)
+    resident.eval(), paged.eval()
+    x = torch.randn(3, D)
+    with torch.no_grad():
+        for _ in range(3):
+            before = paged.index.stats["queries"]
+            assert torch.equal(resident(x), paged(x))
+            assert paged.index.stats["queries"] - before <= 1
+            x = torch.randn(3, D)
+    assert paged.index.resident_rows <= 40
+    assert paged.index.stats["misses"] > 40  # rows were evicted and read again
+
+
+def test_training_through_a_small_cache_gives_the_resident_rows(url):
+    """Five optimizer steps, then one checkpoint transaction: the paged layer's collection equals
+    the resident one's in every field, and so does the row optimizer's state."""
+    store, resident, paged = _pair(url, cache_rows=48)
+    opts = [RowwiseAdagrad(m.memory_parameters(), lr=0.1) for m in (resident, paged)]
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(5, D, generator=g) for _ in range(5)]
+    with store.transaction():  # the interval between two checkpoints
+        for x in batches:
+            resident.train(), paged.train()
+            outs = [resident(x), paged(x)]
+            assert torch.equal(outs[0], outs[1])
+            for out, opt in zip(outs, opts, strict=True):
+                out.pow(2).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        assert paged.index.stats["written_back"] > 0  # dirty rows left the cache mid-interval
+        resident.flush(), paged.flush()
+    _assert_same_rows(store)
+    sums = [opt.state[m.memory_values]["sum"] for opt, m in zip(opts, (resident, paged))]
+    assert sums[0].shape == sums[1].shape == (CONFIG["n_keys"] ** 2,)
+    assert torch.equal(sums[0], sums[1])
+
+
+def test_rows_reach_the_database_only_with_the_transaction(url):
+    store, _, paged = _pair(url, cache_rows=40)
+    before = _rows(store, "b").values.copy()
+    opt = RowwiseAdagrad(paged.memory_parameters(), lr=0.5)
+    paged.train()
+    with pytest.raises(RuntimeError, match="killed"):
+        with store.transaction():
+            for _ in range(4):
+                paged(torch.randn(5, D)).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            assert paged.index.stats["written_back"] > 0
+            raise RuntimeError("killed")  # the process dies before its checkpoint commits
+    np.testing.assert_array_equal(_rows(store, "b").values, before)
+
+
+def test_writing_back_outside_a_transaction_is_refused(url):
+    store, _, paged = _pair(url, cache_rows=40)
+    opt = RowwiseAdagrad(paged.memory_parameters(), lr=0.5)
+    paged.train()
+    before = _rows(store, "b").values.copy()
+    with pytest.raises(InvalidInputError, match="transaction"):
+        for _ in range(8):
+            paged(torch.randn(5, D)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    np.testing.assert_array_equal(_rows(store, "b").values, before)
+
+
+def test_a_budget_below_one_steps_reads_names_the_budget(url):
+    _, _, paged = _pair(url, cache_rows=3)
+    with pytest.raises(InvalidInputError, match="memory_budget") as info:
+        with torch.no_grad():
+            paged(torch.randn(4, D))
+    assert info.value.parameter == "memory_budget"
+
+
+def test_rows_awaiting_a_gradient_stay_until_the_optimizer_steps(url):
+    """Two forwards before one backward (gradient accumulation): the first forward's rows are
+    pinned, so the second cannot evict them and the gradients land on the right rows."""
+    store, resident, paged = _pair(url, cache_rows=40)
+    opts = [RowwiseAdagrad(m.memory_parameters(), lr=0.1) for m in (resident, paged)]
+    x1, x2 = torch.randn(2, D), torch.randn(2, D)
+    with store.transaction():
+        for layer, opt in zip((resident, paged), opts, strict=True):
+            layer.train()
+            (layer(x1).sum() + layer(x2).pow(2).sum()).backward()
+            opt.step()
+        assert not paged.index._pinned.any()  # the step released them
+        resident.flush(), paged.flush()
+    _assert_same_rows(store)
+
+
+def test_coldest_rows_and_reuse_match_the_resident_layer(url):
+    store, resident, paged = _pair(url, cache_rows=48)
+    opts = [RowwiseAdagrad(m.memory_parameters(), lr=0.1) for m in (resident, paged)]
+    with store.transaction():
+        for x in [torch.randn(4, D) for _ in range(3)]:
+            for layer, opt in zip((resident, paged), opts, strict=True):
+                layer.train()
+                layer(x).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        cold = resident.coldest_rows(20)
+        assert torch.equal(paged.coldest_rows(20), cold)
+        assert torch.equal(paged.row_values(cold), resident.row_values(cold))
+        for layer, opt in zip((resident, paged), opts, strict=True):
+            layer.reuse_rows(cold)
+            opt.reset_rows(layer.memory_values, cold)
+            layer.flush()
+    _assert_same_rows(store)
