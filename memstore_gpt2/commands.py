@@ -79,6 +79,27 @@ def device_options(command):
     )(command)
 
 
+def memory_budget_option(command):
+    """``--memory-budget``, shared by the commands that run a student (parsed by
+    :func:`parse_memory_budget`)."""
+    return click.option(
+        "--memory-budget",
+        default=None,
+        metavar="BYTES|PCT",
+        help="Keep at most this much of the extra (product-key) rows in memory, e.g. 512MB or "
+        "10%; the rest page from the database through an LRFU cache. Default: all resident.",
+    )(command)
+
+
+def parse_memory_budget(text: str | None):
+    """A :class:`~memstore_torch.budget.MemoryBudget` from ``--memory-budget`` (None: none)."""
+    if text is None:
+        return None
+    from memstore_torch.budget import MemoryBudget
+
+    return MemoryBudget.parse(text)
+
+
 def _fmt(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 

@@ -341,8 +341,30 @@ def resolve_db_url(student_dir: str | os.PathLike, manifest: dict, db: str | Non
     return manifest["db"]
 
 
-def build_student_skeleton(student_dir: str | os.PathLike, manifest: dict, store):
-    """GPT-2 from the saved config with memory layers rebuilt from the store (dense weights unset)."""
+def _cache_rows(manifest: dict, memory_budget) -> dict[int, int | None]:
+    """``{id(manifest entry): cache rows}`` for every product-key entry under ``memory_budget``
+    (a :class:`~memstore_torch.budget.MemoryBudget`; None: every row resident)."""
+    if memory_budget is None:
+        return {}
+    from memstore_torch import PagedRows, ProductKeyMemory
+
+    entries = []
+    for entry in manifest["layers"].values():
+        parts = entry.get("parts", [entry]) if entry["class"] == GROWN_CLASS else [entry]
+        entries += [p for p in parts if p.get("class") == "ProductKeyMemory"]
+    tables = []
+    for entry in entries:
+        config, _ = ProductKeyMemory.split_saved_config(entry["config"])
+        tables.append((config.n_rows, PagedRows.bytes_per_slot(2, config.row_value_dim)))
+    rows = memory_budget.cache_rows(tables)
+    return {id(entry): n for entry, n in zip(entries, rows, strict=True)}
+
+
+def build_student_skeleton(
+    student_dir: str | os.PathLike, manifest: dict, store, memory_budget=None
+):
+    """GPT-2 from the saved config with memory layers rebuilt from the store (dense weights
+    unset); under ``memory_budget`` product-key values page from the store instead of loading."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     try:
@@ -353,15 +375,21 @@ def build_student_skeleton(student_dir: str | os.PathLike, manifest: dict, store
         ) from None
     model = GPT2LMHeadModel(config)
     blocks = gpt2_blocks(model)
+    try:
+        cache_rows = _cache_rows(manifest, memory_budget)
+    except (TypeError, KeyError) as exc:
+        raise StudentFormatError(f"{STUDENT_FILE}: a product-key layer's config is damaged ({exc})")
     for key, entry in manifest["layers"].items():
         if entry["class"] == "ZeroMlp":
             module = ZeroMlp()
         elif entry["class"] == GROWN_CLASS:
             from memstore_torch import GrownMemory
 
-            module = GrownMemory(*(_rebuild_layer(key, part, store) for part in entry["parts"]))
+            module = GrownMemory(
+                *(_rebuild_layer(key, part, store, cache_rows) for part in entry["parts"])
+            )
         else:
-            module = _rebuild_layer(key, entry, store)
+            module = _rebuild_layer(key, entry, store, cache_rows)
         try:
             if key.isdigit():
                 blocks[int(key)].mlp = module
@@ -374,8 +402,14 @@ def build_student_skeleton(student_dir: str | os.PathLike, manifest: dict, store
     return model
 
 
-def _rebuild_layer(key: str, entry: dict[str, Any], store) -> nn.Module:
+def _rebuild_layer(
+    key: str, entry: dict[str, Any], store, cache_rows: dict[int, int | None]
+) -> nn.Module:
     try:
+        if cache_rows.get(id(entry)) is not None:
+            return memory_class(entry["class"]).from_config(
+                entry["config"], store, cache_rows=cache_rows[id(entry)]
+            )
         return memory_class(entry["class"]).from_config(entry["config"], store)
     except (TypeError, KeyError) as exc:
         raise StudentFormatError(
@@ -395,11 +429,14 @@ class LoadedStudent:
         self.store.close()
 
 
-def load_student(student_dir: str | os.PathLike, db: str | None = None) -> LoadedStudent:
+def load_student(
+    student_dir: str | os.PathLike, db: str | None = None, memory_budget=None
+) -> LoadedStudent:
     """Rebuild a saved student with its memory from the database; model returned in eval mode.
 
     Refuses a directory whose distillation run has not finished, and never creates a database
-    (a wrong ``db`` is an error, not a new empty file).
+    (a wrong ``db`` is an error, not a new empty file). Under ``memory_budget`` (a
+    :class:`~memstore_torch.budget.MemoryBudget`) extra rows page from the database.
     """
     from transformers import AutoTokenizer
 
@@ -418,7 +455,7 @@ def load_student(student_dir: str | os.PathLike, db: str | None = None) -> Loade
     db_url = resolve_db_url(student_dir, manifest, db)
     store = Store(db_url, create=False)
     try:
-        model = build_student_skeleton(student_dir, manifest, store)
+        model = build_student_skeleton(student_dir, manifest, store, memory_budget)
         load_dense_state(model, read_dense_weights(weights))
         try:
             tokenizer = AutoTokenizer.from_pretrained(student_dir, local_files_only=True)

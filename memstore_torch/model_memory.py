@@ -73,3 +73,30 @@ def is_memory_row_key(state_key: str, model: nn.Module) -> bool:
     return state_key.startswith(prefixes) and state_key.rsplit(".", 1)[-1] in (
         MemoryLayer.ROW_PARAMETER_NAMES
     )
+
+
+def paging_stats(model: nn.Module) -> dict[str, float | int]:
+    """What the memory layers of ``model`` hold and have read: ``resident_rows`` (rows in memory
+    now, all layers), ``paged_layers``, ``rows_read`` (rows paged in from the database),
+    ``read_queries``, ``rows_written_back``, ``cache_lookups`` (distinct rows asked for, per
+    forward) and ``cache_hit_rate`` (share of those found in the cache; 1.0 with no paging)."""
+    from .paged_rows import PagedRows
+
+    out: dict[str, float | int] = dict.fromkeys(
+        ("resident_rows", "paged_layers", "rows_read", "read_queries", "rows_written_back"), 0
+    )
+    lookups = 0
+    for layer in memory_layers(model).values():
+        index = layer.index
+        if isinstance(index, PagedRows):
+            out["paged_layers"] += 1
+            out["resident_rows"] += index.resident_rows
+            out["rows_read"] += index.stats["misses"]
+            out["read_queries"] += index.stats["queries"]
+            out["rows_written_back"] += index.stats["written_back"]
+            lookups += index.stats["lookups"]
+        else:
+            out["resident_rows"] += len(index)
+    out["cache_lookups"] = lookups
+    out["cache_hit_rate"] = 1.0 - out["rows_read"] / lookups if lookups else 1.0
+    return out

@@ -91,7 +91,9 @@ def test_training_through_a_small_cache_gives_the_resident_rows(url):
         assert paged.index.stats["written_back"] > 0  # dirty rows left the cache mid-interval
         resident.flush(), paged.flush()
     _assert_same_rows(store)
-    sums = [opt.state[m.memory_values]["sum"] for opt, m in zip(opts, (resident, paged))]
+    sums = [
+        opt.state[m.memory_values]["sum"] for opt, m in zip(opts, (resident, paged), strict=True)
+    ]
     assert sums[0].shape == sums[1].shape == (CONFIG["n_keys"] ** 2,)
     assert torch.equal(sums[0], sums[1])
 
