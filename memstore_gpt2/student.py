@@ -378,7 +378,9 @@ def build_student_skeleton(
     try:
         cache_rows = _cache_rows(manifest, memory_budget)
     except (TypeError, KeyError) as exc:
-        raise StudentFormatError(f"{STUDENT_FILE}: a product-key layer's config is damaged ({exc})")
+        raise StudentFormatError(
+            f"{STUDENT_FILE}: a product-key layer's config is damaged ({exc})"
+        ) from None
     for key, entry in manifest["layers"].items():
         if entry["class"] == "ZeroMlp":
             module = ZeroMlp()
