@@ -235,6 +235,12 @@ class Store:
         """
         return self._enter(True)
 
+    @property
+    def concurrent_reads(self) -> bool:
+        """Whether another thread can read while this one holds a transaction (False for an
+        in-memory SQLite database, whose one connection every thread takes turns on)."""
+        return isinstance(self._serial, nullcontext)
+
     def in_transaction(self) -> bool:
         """Whether this thread has a write transaction open (``transaction()`` / ``write()``):
         what a caller that must not commit on its own (a paged memory writing rows back between

@@ -50,7 +50,7 @@ from memstore_gpt2.lm_training import (
     resolve_device,
     warmup_cosine,
 )
-from memstore_torch.model_memory import memory_layers, split_parameters
+from memstore_torch.model_memory import memory_committed, memory_layers, split_parameters
 from memstore_torch.optim import RowwiseAdagrad
 
 __all__ = ["CHECKPOINT_FILE", "DistillConfig", "Distiller", "TrainState", "kd_loss"]
@@ -273,6 +273,7 @@ class Distiller:
             commit_memory(self.student, store, self.run_id, self.state.step, token)
             if self._interval is not None:  # paged rows written back since the last checkpoint
                 self._interval.commit()
+                memory_committed(self.student)
         self._saved_step = self.state.step
 
     def _extra_payload(self) -> dict[str, Any]:

@@ -26,7 +26,10 @@ class GrownMemory(nn.Module):
         self.extras = nn.ModuleList(extras)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Extras that search first (ProductKeyMemory.start) read their rows ahead while the base
+        # layer computes: a paged memory's database read overlaps the base's arithmetic.
+        started = [extra.start(x) if hasattr(extra, "start") else None for extra in self.extras]
         out = self.base(x)
-        for extra in self.extras:
-            out = out + extra(x)
+        for extra, searched in zip(self.extras, started, strict=True):
+            out = out + (extra(x) if searched is None else extra.finish(searched))
         return out

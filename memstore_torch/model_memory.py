@@ -100,3 +100,13 @@ def paging_stats(model: nn.Module) -> dict[str, float | int]:
     out["cache_lookups"] = lookups
     out["cache_hit_rate"] = 1.0 - out["rows_read"] / lookups if lookups else 1.0
     return out
+
+
+def memory_committed(model: nn.Module) -> None:
+    """Tell every paged memory layer of ``model`` that the transaction holding its write-backs
+    committed (their prefetch may read those rows from another connection again)."""
+    from .paged_rows import PagedRows
+
+    for layer in memory_layers(model).values():
+        if isinstance(layer.index, PagedRows):
+            layer.index.committed()

@@ -24,6 +24,13 @@ back outside such a transaction is refused (it would commit rows ahead of their 
 :meth:`flush` writes the dirty rows still cached, the clock and the counters: with the rows
 already written back, the collection then equals what a fully resident layer would have flushed.
 
+Prefetch. A layer knows which rows it will read once its search ran, before it reads them:
+:meth:`PagedRows.prefetch` starts reading the missing ones in a worker thread (its own database
+connection), and the next :meth:`fetch` of those rows installs them. A product-key memory inside a
+:class:`~memstore_torch.grown.GrownMemory` computes the base layer meanwhile. The worker's
+connection sees only committed rows, so rows this cache wrote back since the caller last
+reported a commit (:meth:`committed`) are read by the caller's own connection instead.
+
 Memory: the cache's tensors (``capacity`` slots of one value row, key and bookkeeping each,
 :meth:`bytes_per_slot`) plus a slot map of 4 bytes per table row -- 4 MB for a million rows.
 """
@@ -32,6 +39,8 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -67,6 +76,15 @@ def _watch(pager: PagedRows) -> None:
     _LIVE.add(pager)
 
 
+@dataclass
+class Prefetch:
+    """Rows being read ahead of a :meth:`PagedRows.fetch`: ``rows`` (sorted, distinct) and the
+    future ``RowBlock`` of them."""
+
+    rows: torch.Tensor
+    block: Future
+
+
 class PagedRows:
     """``capacity`` of the ``n_rows`` rows (ids ``1..n_rows``) of ``collection``, on ``device``."""
 
@@ -92,7 +110,9 @@ class PagedRows:
         self.clock = 0
         self.counters = {"inserts": 0, "recombinations": 0, "evictions": 0}
         self.storage_version = 0
-        self.stats = {"lookups": 0, "misses": 0, "queries": 0, "written_back": 0}
+        self.stats = {
+            "lookups": 0, "misses": 0, "queries": 0, "written_back": 0, "prefetched": 0
+        }  # fmt: skip
         self.accesses = 0  # the cache's own LRFU clock: one tick per fetch
         c = self.capacity
         self.key_storage = torch.zeros((c, key_dim))
@@ -107,6 +127,8 @@ class PagedRows:
         self._use_tick = torch.zeros(c, dtype=torch.int64)
         self._dirty = torch.zeros(c, dtype=torch.bool)
         self._pinned = torch.zeros(c, dtype=torch.bool)
+        self._unsure = torch.zeros(self.n_rows, dtype=torch.bool)  # written back, maybe uncommitted
+        self._reader: ThreadPoolExecutor | None = None
         self.relocate(self.device)
         _watch(self)
 
@@ -121,6 +143,7 @@ class PagedRows:
         "_use_tick",
         "_dirty",
         "_pinned",
+        "_unsure",
     )
 
     @staticmethod
@@ -160,24 +183,67 @@ class PagedRows:
         return self._slot[rows.to(self.device)] >= 0
 
     # ------------------------------------------------------------------ reading rows in
+    def _check_rows(self, flat: torch.Tensor) -> None:
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.n_rows):
+            raise InvalidInputError(f"row numbers must lie in [0, {self.n_rows})")
+
     @torch.no_grad()
-    def fetch(self, rows: torch.Tensor, *, pin: bool = False) -> torch.Tensor:
+    def prefetch(self, rows: torch.Tensor) -> Prefetch | None:
+        """Start reading the rows of ``rows`` that are not cached (and were not written back
+        since the last :meth:`committed`) in a worker thread; pass the result to :meth:`fetch`.
+        None when there is nothing to read ahead or the store cannot read concurrently."""
+        if not self.collection.store.concurrent_reads:
+            return None
+        flat = rows.reshape(-1).to(self.device)
+        self._check_rows(flat)
+        wanted = torch.unique(flat)
+        ahead = wanted[(self._slot[wanted] < 0) & ~self._unsure[wanted]]
+        if ahead.numel() == 0:
+            return None
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="memstore-prefetch")
+        ids = ahead.cpu().numpy().astype(np.int64) + 1
+        self.stats["queries"] += 1
+        return Prefetch(ahead, self._reader.submit(self.collection.get, ids))
+
+    def committed(self) -> None:
+        """The caller committed the transaction that holds this cache's write-backs: another
+        connection (the prefetch worker's) now reads those rows as written."""
+        self._unsure.zero_()
+
+    @torch.no_grad()
+    def fetch(
+        self, rows: torch.Tensor, *, pin: bool = False, prefetched: Prefetch | None = None
+    ) -> torch.Tensor:
         """Slots (int64, the shape of ``rows``) holding row numbers ``rows``; the missing rows
-        are read in one query after evicting as many others (lowest cache LRFU first; dirty ones
-        written back). ``pin`` keeps them until :meth:`unpin_all` (a gradient may reach them)."""
+        are read in one query (or taken from ``prefetched``) after evicting as many others
+        (lowest cache LRFU first; dirty ones written back). ``pin`` keeps them until
+        :meth:`unpin_all` (a gradient may reach them)."""
         flat = rows.reshape(-1).to(self.device)
         if flat.numel() == 0:
             return flat.reshape(rows.shape)
-        if int(flat.min()) < 0 or int(flat.max()) >= self.n_rows:
-            raise InvalidInputError(f"row numbers must lie in [0, {self.n_rows})")
+        self._check_rows(flat)
         wanted, counts = torch.unique(flat, return_counts=True)  # sorted
         slots = self._slot[wanted].long()
         missing = wanted[slots < 0]
         self.stats["lookups"] += wanted.numel()
         if missing.numel():
             free = self._make_room(missing.numel(), keep=slots[slots >= 0])
-            self._read_in(missing, free)
+            ahead = None
+            if prefetched is not None:
+                ahead = prefetched.rows[torch.isin(prefetched.rows, missing)]
+                block = prefetched.block.result()  # rows of prefetched.rows, in that order
+                if ahead.numel():
+                    keep = torch.isin(prefetched.rows, ahead).cpu().numpy()
+                    self._read_in(ahead, free[: ahead.numel()], block.take(np.flatnonzero(keep)))
+                    self.stats["prefetched"] += ahead.numel()
+                missing = missing[~torch.isin(missing, ahead)]
+                free = free[ahead.numel() :]
+            if missing.numel():
+                self._read_in(missing, free)
             slots = self._slot[wanted].long()
+        elif prefetched is not None:
+            prefetched.block.result()  # surface a worker's error
         self.accesses += 1
         self._use_crf[slots], self._use_tick[slots] = lrfu.touched(
             self._use_crf[slots], self._use_tick[slots], counts, self.accesses, self.lrfu_lambda
@@ -219,9 +285,10 @@ class PagedRows:
         self._row[victims] = -1
         return torch.cat([empty, victims])
 
-    def _read_in(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        block = self.collection.get(rows.cpu().numpy().astype(np.int64) + 1)  # one query
-        self.stats["queries"] += 1
+    def _read_in(self, rows: torch.Tensor, slots: torch.Tensor, block: RowBlock | None = None):
+        if block is None:
+            block = self.collection.get(rows.cpu().numpy().astype(np.int64) + 1)  # one query
+            self.stats["queries"] += 1
         self.stats["misses"] += rows.numel()
         dev = self.device
         # through .data: a forward awaiting its backward saved these tensors, and autograd would
@@ -249,6 +316,7 @@ class PagedRows:
             return
         self._require_transaction(f"write {slots.numel()} changed rows back")
         self.collection.apply_changes(upserts=self._block(slots))
+        self._unsure[self._row[slots]] = True
         self.stats["written_back"] += slots.numel()
         self._dirty[slots] = False
 
@@ -271,6 +339,8 @@ class PagedRows:
         )
         self._dirty.zero_()
         self.counters = dict.fromkeys(self.counters, 0)
+        if not self.collection.store.in_transaction():
+            self.committed()  # that apply_changes was its own transaction
         return {"upserts": int(slots.numel()), "deletes": 0}
 
     def load_collection(self, collection: PagedSource) -> None:

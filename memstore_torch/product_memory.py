@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,15 +41,30 @@ from memstore.types import CollectionOptions
 
 from .config import ProductKeyConfig
 from .memory_layer import MemoryLayer
-from .paged_rows import CREATE_CHUNK, PagedRows
+from .paged_rows import CREATE_CHUNK, PagedRows, Prefetch
 from .product_keys import product_topk
 from .resident import ResidentIndex
 from .rows_source import CollectionStore
 from .sparse_rows import sparse_row_read
 
 
+@dataclass
+class _Searched:
+    """What :meth:`ProductKeyMemory.start` hands to :meth:`ProductKeyMemory.finish`."""
+
+    lead: torch.Size
+    h: torch.Tensor  # (T, d_model)
+    scores: torch.Tensor  # (T, heads, k)
+    rows: torch.Tensor  # (T, heads, k)
+    ahead: Prefetch | None
+
+
 class ProductKeyMemory(MemoryLayer):
     """``(..., d) -> (..., d)`` memory layer over ``n_keys ** 2`` value rows."""
+
+    #: A paged memory reads the rows its search picked ahead, in a worker thread (a runtime
+    #: switch, not part of the config: results are the same either way).
+    prefetch: bool = True
 
     config_class = ProductKeyConfig
     #: ``self.query_norm`` is the normalisation submodule; the choice is ``config.query_norm``.
@@ -273,12 +289,23 @@ class ProductKeyMemory(MemoryLayer):
         return scores.view(heads, t, k).transpose(0, 1), rows.view(heads, t, k).transpose(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(x))
+
+    def start(self, x: torch.Tensor) -> _Searched:
+        """The first half of :meth:`forward`: the search, and for a paged memory the prefetch of
+        the rows it picked, so that a caller can compute something else while they are read
+        (``GrownMemory`` computes its base layer); :meth:`finish` completes the read."""
         if x.shape[-1] != self.d_model:
             raise InvalidInputError(f"expected (..., {self.d_model}) input, got {tuple(x.shape)}")
-        lead = x.shape[:-1]
         h = x.reshape(-1, self.d_model)
-        values = self.memory_values
         scores, rows = self.search(h)  # (T, H, k)
+        ahead = self.index.prefetch(rows) if self.paged and self.prefetch else None
+        return _Searched(x.shape[:-1], h, scores, rows, ahead)
+
+    def finish(self, searched: _Searched) -> torch.Tensor:
+        """The second half of :meth:`forward`: the weighted read of the rows :meth:`start` found."""
+        lead, h, scores, rows = searched.lead, searched.h, searched.scores, searched.rows
+        values = self.memory_values
         # softmax in at least float32 (bf16 activations), the weights in the values' precision
         weights = torch.softmax(
             scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)
@@ -289,7 +316,9 @@ class ProductKeyMemory(MemoryLayer):
         rows = rows.reshape(t, reads)
         may_train = values.requires_grad and torch.is_grad_enabled()
         # a paged memory reads missing rows in (one query) and reads them from their cache slots
-        slots = self.index.fetch(rows, pin=may_train) if self.paged else rows
+        slots = (
+            self.index.fetch(rows, pin=may_train, prefetched=searched.ahead) if self.paged else rows
+        )
         out = sparse_row_read(weights.reshape(t, reads), slots, values)  # (T, dv)
         with torch.no_grad():
             if may_train:

@@ -92,6 +92,11 @@ class WriteBackHost(Protocol):
         """Whether this thread has a write transaction open."""
         ...
 
+    @property
+    def concurrent_reads(self) -> bool:
+        """Whether another thread can read while this one holds a transaction."""
+        ...
+
     def transaction(self) -> AbstractContextManager[Any]:
         """One write transaction that every call of this thread inside it joins."""
         ...

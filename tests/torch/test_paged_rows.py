@@ -169,3 +169,56 @@ def test_coldest_rows_and_reuse_match_the_resident_layer(url):
             opt.reset_rows(layer.memory_values, cold)
             layer.flush()
     _assert_same_rows(store)
+
+
+def test_rows_are_read_ahead_by_a_worker_without_changing_results(url):
+    """GrownMemory starts the extra memory's search, the worker reads the missing rows while the
+    base layer computes, and the outputs equal the resident layer's and the unprefetched ones."""
+    from memstore_torch import GrownMemory
+
+    store, resident, paged = _pair(url, cache_rows=40)
+    base = torch.nn.Linear(D, D)
+    grown_resident, grown_paged = GrownMemory(base, resident), GrownMemory(base, paged)
+    grown_resident.eval(), grown_paged.eval()
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(3, D)
+            want = grown_resident(x)
+            assert torch.equal(grown_paged(x), want)
+            paged.prefetch = False
+            assert torch.equal(grown_paged(x), want)
+            paged.prefetch = True
+    assert paged.index.stats["prefetched"] > 0
+
+
+def test_rows_written_back_are_not_read_ahead_until_committed(url):
+    """The worker's connection cannot see rows written back inside the caller's open transaction:
+    those are read by the caller's connection (else a stale value would come back), and prefetch
+    covers them again once the caller reports the commit."""
+    store, resident, paged = _pair(url, cache_rows=40)
+    opts = [RowwiseAdagrad(m.memory_parameters(), lr=0.5) for m in (resident, paged)]
+    g = torch.Generator().manual_seed(1)
+    with store.transaction():
+        for _ in range(8):
+            x = torch.randn(5, D, generator=g)
+            resident.train(), paged.train()
+            outs = [resident(x), paged(x)]  # paged forward = finish(start(x)): prefetch used
+            assert torch.equal(outs[0], outs[1])
+            for out, opt in zip(outs, opts, strict=True):
+                out.pow(2).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        assert paged.index._unsure.any()
+        resident.flush(), paged.flush()
+    paged.index.committed()
+    assert not paged.index._unsure.any()
+    _assert_same_rows(store)
+
+
+def test_an_in_memory_store_reads_nothing_ahead():
+    store = Store("sqlite://")
+    layer = ProductKeyMemory(D, store=store, collection="m", cache_rows=40, **CONFIG)
+    assert not store.concurrent_reads
+    with torch.no_grad():
+        layer.eval()(torch.randn(3, D))
+    assert layer.index.stats["prefetched"] == 0 and layer.index.stats["misses"] > 0
