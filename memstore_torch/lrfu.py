@@ -62,3 +62,14 @@ def reset(rows: Any, slots: torch.Tensor) -> None:
     rows._last_tick[slots] = rows.clock
     rows._created_tick[slots] = rows.clock
     rows._dirty[slots] = True
+
+
+def assign(rows: Any, slots: torch.Tensor, block: Any) -> None:
+    """Set the LRFU fields of ``slots`` of a row holder (as :func:`reset`) to those of a
+    ``RowBlock`` (a merged row's, from ``memstore.recombine``), and mark them changed."""
+    device = rows._crf.device
+    rows._crf[slots] = torch.as_tensor(block.crf, dtype=torch.float64).to(device)
+    rows._last_tick[slots] = torch.as_tensor(block.last_tick, dtype=torch.int64).to(device)
+    rows._hits[slots] = torch.as_tensor(block.hits, dtype=torch.int64).to(device)
+    rows._created_tick[slots] = torch.as_tensor(block.created_tick, dtype=torch.int64).to(device)
+    rows._dirty[slots] = True

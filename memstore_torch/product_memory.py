@@ -33,18 +33,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from memstore.errors import InvalidInputError
+from memstore.errors import InvalidInputError, bad_parameter
+from memstore.recombine import merge_group, merged_rows
 from memstore.types import CollectionOptions
 
+from . import lrfu
+from .cofiring import cofiring_pairs, near_duplicates
 from .config import ProductKeyConfig
 from .memory_layer import MemoryLayer
 from .paged_rows import CREATE_CHUNK, PagedRows, Prefetch
 from .product_keys import product_topk
 from .resident import ResidentIndex
-from .rows_source import CollectionStore
+from .rows_source import CollectionStore, row_block
 from .sparse_rows import sparse_row_read
 
 
@@ -242,6 +246,53 @@ class ProductKeyMemory(MemoryLayer):
             self.memory_values[slots].detach().clone() for _, slots in self._cached_chunks(rows)
         ]
         return torch.cat(parts) if parts else self.memory_values[:0].detach().clone()
+
+    @torch.no_grad()
+    def recombine_rows(
+        self, rows: torch.Tensor, weights: torch.Tensor, threshold: float
+    ) -> torch.Tensor:
+        """Merge near-duplicate rows that fired together in one read: ``rows`` and ``weights``
+        ``(T, heads, k)`` as a forward selected them (``MemoryRead.ids - 1`` and ``.weights``;
+        :mod:`memstore_torch.cofiring` says which pairs and how). Returns the rows made blank;
+        their optimizer state is the caller's to reset, as after :meth:`reuse_rows`. Counted as
+        ``recombinations`` (one per merged pair)."""
+        if not threshold >= 0:
+            raise bad_parameter("threshold", f"must be >= 0, got {threshold!r}")
+        first, second, w_first, w_second, _ = cofiring_pairs(
+            rows.to(self.index.device), weights.to(self.index.device)
+        )
+        chosen, _ = near_duplicates(first, second, self.row_values, threshold)
+        if chosen.numel() == 0:
+            return chosen
+        keepers, blanks = first[chosen], second[chosen]
+        nearness = (
+            -torch.stack([w_first[chosen], w_second[chosen]], 1)
+            .double()
+            .clamp_min(torch.finfo(torch.float64).tiny)
+            .log()
+        )  # merge_group's "distances": the token's own weights, renormalised over the pair
+        step = max(1, self.index.capacity // 4) if self.paged else keepers.numel()
+        for start in range(0, keepers.numel(), step):
+            part = slice(start, start + step)
+            self._merge_pairs(keepers[part], blanks[part], nearness[part])
+        self.index.count("recombinations", keepers.numel())
+        return blanks
+
+    def _merge_pairs(self, keepers: torch.Tensor, blanks: torch.Tensor, nearness) -> None:
+        pair_rows = torch.cat([keepers, blanks])
+        slots = self.index.fetch(pair_rows) if self.paged else pair_rows
+        block = row_block(self.index, slots, pair_rows + 1)
+        n, lam = keepers.numel(), self.config.lrfu_lambda
+        groups = [
+            merge_group(block.take(np.array([i, n + i])), nearness[i].cpu().numpy(), lam)
+            for i in range(n)
+        ]
+        merged = merged_rows(groups)
+        keep_slots, blank_slots = slots[:n], slots[n:]
+        self.index.update(keep_slots, values=torch.as_tensor(merged.values))
+        lrfu.assign(self.index, keep_slots, merged)  # the keeper keeps its address (key)
+        self.index.update(blank_slots, values=torch.zeros(n, self.row_value_dim))
+        self.index.reset_lrfu(blank_slots)
 
     @torch.no_grad()
     def reuse_rows(self, rows: torch.Tensor, values: torch.Tensor | None = None) -> None:

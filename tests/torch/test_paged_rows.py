@@ -222,3 +222,64 @@ def test_an_in_memory_store_reads_nothing_ahead():
     with torch.no_grad():
         layer.eval()(torch.randn(3, D))
     assert layer.index.stats["prefetched"] == 0 and layer.index.stats["misses"] > 0
+
+
+def _plant_duplicate(layer: ProductKeyMemory, x: torch.Tensor):
+    """Make the second-ranked row of token 0, head 0 a near-copy of its first-ranked row."""
+    scores, rows = layer.search(x)
+    weights = torch.softmax(scores.double(), dim=-1)
+    a, b = int(rows[0, 0, 0]), int(rows[0, 0, 1])
+    value = layer.row_values(torch.tensor([a]))
+    layer.reuse_rows(torch.tensor([b]), value * 1.001)  # relative distance 0.001
+    return rows.detach(), weights, a, b
+
+
+def test_cofiring_near_duplicates_merge_like_the_store_rule(url):
+    """The pair merges by memstore.recombine.merge_group (the better-ranked row keeps its id and
+    address, the value is the pair's weighted mean, LRFU merged); the other row becomes blank.
+    A paged memory does exactly what the resident one does."""
+    store, resident, paged = _pair(url, cache_rows=48)
+    x = torch.randn(3, D)
+    with store.transaction():
+        for layer in (resident, paged):
+            rows, weights, a, b = _plant_duplicate(layer, x)
+            va, vb = layer.row_values(torch.tensor([a, b])).double()
+            blanks = layer.recombine_rows(rows, weights, threshold=0.01)
+            assert blanks.tolist() == [b]
+            wa, wb = weights[0, 0, 0], weights[0, 0, 1]
+            want = (wa * va + wb * vb) / (wa + wb)
+            got = layer.row_values(torch.tensor([a, b]))
+            torch.testing.assert_close(got[0].double(), want, rtol=1e-6, atol=1e-7)
+            assert not got[1].any()
+            assert layer.recombine_rows(rows, weights, threshold=0.01).numel() == 0  # no more
+            layer.flush()
+    _assert_same_rows(store)
+    assert store.collection("a").stats()["recombinations"] == 1
+
+
+def test_rows_far_apart_or_blank_are_not_merged(url):
+    store, resident, _ = _pair(url, cache_rows=48)
+    x = torch.randn(3, D)
+    scores, rows = resident.search(x)
+    weights = torch.softmax(scores, dim=-1)
+    assert resident.recombine_rows(rows, weights, threshold=0.05).numel() == 0  # random values
+    with pytest.raises(InvalidInputError, match="threshold"):
+        resident.recombine_rows(rows, weights, threshold=-1.0)
+    blank = ProductKeyMemory(D, **{**CONFIG, "value_init_std": 0.0})
+    s2, r2 = blank.search(x)
+    assert blank.recombine_rows(r2, torch.softmax(s2, -1), threshold=1.0).numel() == 0
+
+
+def test_pairs_are_taken_greedily_nearest_first_each_row_once():
+    from memstore_torch.cofiring import cofiring_pairs, near_duplicates
+
+    rows = torch.tensor([[[1, 2, 3]], [[2, 3, 4]]])  # adjacent pairs (1,2) (2,3) (2,3) (3,4)
+    weights = torch.full(rows.shape, 1 / 3)
+    first, second, _, _, times = cofiring_pairs(rows, weights)
+    assert (first[0], second[0], times[0]) == (2, 3, 2)  # the most frequent pair first
+    assert sorted(zip(first.tolist(), second.tolist())) == [(1, 2), (2, 3), (3, 4)]
+    # relative distances: (3,4) 1e-4, (1,2) 1e-3, (2,3) 2e-3 -> (3,4), then (1,2); (2,3) blocked
+    table = torch.tensor([[0.0], [1.0], [1.001], [1.003], [1.0031]])
+    chosen, distance = near_duplicates(first, second, lambda r: table[r], threshold=0.02)
+    assert [(int(first[c]), int(second[c])) for c in chosen] == [(3, 4), (1, 2)]
+    assert bool((distance <= 0.02).all()) and bool((distance[:-1] <= distance[1:]).all())
