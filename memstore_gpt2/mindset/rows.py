@@ -46,17 +46,18 @@ def row_facts(entry, ids=None):
     return block, int(coll.clock), float(coll.lrfu_lambda)
 
 
-def row_pages(entry, page_rows: int = PAGE_ROWS) -> Iterator:
+def row_pages(entry, page_rows: int | None = None) -> Iterator:
     """A layer's rows as RowBlocks, by id: one block for a featural or associative layer (ids
     are sparse after deletes and merges; the table is as large as the MLP it replaced), and pages
-    of ``page_rows`` ids read with ``Collection.get`` for product-key rows (ids ``1..n``, never
+    of ``page_rows`` (default :data:`PAGE_ROWS`) ids read with ``Collection.get`` for
+    product-key rows (ids ``1..n``, never
     deleted). Each page is its own read: a listing made while an edit is written may see some
     pages before it and some after."""
     coll = entry.collection
     if not entry.product_keys:
         yield coll.export_rows()
         return
-    n = len(coll)
+    n, page_rows = len(coll), page_rows or PAGE_ROWS
     for start in range(1, n + 1, page_rows):
         yield coll.get(np.arange(start, min(start + page_rows, n + 1), dtype=np.int64))
 
