@@ -162,6 +162,9 @@ def test_explain_a_product_key_row(grown, no_whole_extra_reads):
         centred / torch.sqrt((centred**2).mean() + ln.eps) * ln.weight.detach()
     )
     assert [t["id"] for t in row["promotes"]] == logits.topk(5).indices.tolist()
+    args = ["explain", str(grown.student_dir), "layer0.extra", str(busiest)]
+    text = CliRunner().invoke(main, args, catch_exceptions=False).output
+    assert text.startswith(f"layer0.extra row {busiest} (product key {row['address']}): LRFU")
 
 
 def test_explain_contexts_of_an_extra_row(grown, corpus_dir):
