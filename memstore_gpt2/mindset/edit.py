@@ -115,7 +115,7 @@ def preview(mindset, edit: Edit) -> None:
         values = torch.from_numpy(coll.get(ids).values * np.float32(edit.multiplier))
         index = entry.layer.index
         with torch.no_grad():
-            index.value_storage[index.slots_of(ids)] = values.to(index.value_storage.dtype)
+            index.value_storage[index.slots_of(ids)] = values.to(index.value_storage)
         return
     stats = coll.stats()
     block = edited_rows(coll.export_rows(), edit)
@@ -137,7 +137,7 @@ def previewed(mindset, edit: Edit) -> Iterator[None]:
             index = entry.layer.index
             stored = torch.from_numpy(entry.collection.get(ids).values)
             with torch.no_grad():
-                index.value_storage[index.slots_of(ids)] = stored.to(index.value_storage.dtype)
+                index.value_storage[index.slots_of(ids)] = stored.to(index.value_storage)
         else:
             entry.layer.index.load_collection(entry.collection)
 
