@@ -44,7 +44,7 @@ from memstore.types import CollectionOptions
 from . import lrfu
 from .cofiring import cofiring_pairs, near_duplicates
 from .config import ProductKeyConfig
-from .memory_layer import MemoryLayer
+from .memory_layer import MemoryLayer, MemoryRead
 from .paged_rows import CREATE_CHUNK, PagedRows, Prefetch
 from .product_keys import product_topk
 from .resident import ResidentIndex
@@ -362,6 +362,8 @@ class ProductKeyMemory(MemoryLayer):
             scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)
         )
         weights = weights.to(values.dtype)
+        if self.record_reads:  # what this forward reads: row r is stored with id r + 1
+            self.last_read = MemoryRead(rows.detach() + 1, weights.detach(), tuple(lead))
         t = h.shape[0]
         reads = self.config.heads * scores.shape[-1]
         rows = rows.reshape(t, reads)

@@ -47,7 +47,7 @@ json_option = click.option(
     "--layers",
     default="all",
     show_default=True,
-    help="Memory layers: all, or names/blocks like layer0,layer1 or 0,1.",
+    help="Memory layers: all, or names/blocks like layer0,layer1.extra or 0,1 (a block: all its layers).",
 )
 @click.option(
     "--top",
@@ -63,7 +63,8 @@ def trace_command(student, prompt, layers, top, db, as_json) -> None:
 
     \b
     Exactly what the forward pass selected (recorded by the layers, not searched again). Each
-    row: id, weight, and the size of its contribution |weight| * ||out path(value)||.
+    row: id, weight, and the size of its contribution |weight| * ||out path(value)||. A grown
+    student's block shows its featural rows (layer0) and its extra rows (layer0.extra).
       memstore trace student/ --prompt "The for statement"
       memstore trace student/ --prompt "The for statement" --layers layer0 --top 0 --json
     """
@@ -153,8 +154,9 @@ def explain_command(student, layer, row_ids, data, top, contexts, max_tokens, db
         return
     for row in result["rows"]:
         score = "n/a" if row["score"] is None else f"{row['score']:.2f}"
+        address = f" (product key {row['address']})" if "address" in row else ""
         click.echo(
-            f"{result['layer']} row {row['id']}: LRFU score {score}, {row['hits']} hits, "
+            f"{result['layer']} row {row['id']}{address}: LRFU score {score}, {row['hits']} hits, "
             f"age {row['age']} ticks, last hit {row['idle']} ticks ago, |value| {row['value_norm']:.3f}"
         )
         click.echo("  promotes:   " + _tokens(row["promotes"]))
@@ -268,7 +270,8 @@ def edit_command(
 
     \b
     Refused while a training run holds the database (its next checkpoint would undo the edit).
-    Takes effect the next time the student is loaded.
+    Takes effect the next time the student is loaded. Product-key rows (layer0.extra) have
+    fixed addresses: zero or scale them; they cannot be deleted.
       memstore edit student/ layer0 --delete 102 --prompt "The for statement" --dry-run
       memstore edit student/ layer0 --scale 102,162 0.5
     """

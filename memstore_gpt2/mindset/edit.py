@@ -1,6 +1,9 @@
 """Changing what the memory knows: delete, zero or scale rows, in one transaction.
 
 * **delete** removes rows from the collection: the layer's top-k then picks other rows instead.
+  Product-key rows (a grown student's ``layer<i>.extra``) cannot be deleted: row ``r`` is the key
+  ``[r // n_keys, r % n_keys]`` of the layer's sub-keys for ever, so the table has no holes; they
+  are zeroed or scaled like any row.
 * **zero** sets rows' values to 0: they are still selected (and take a place in the top-k) but
   add nothing -- what LM-Debugger's "switch off" does to an MLP sub-update.
 * **scale** multiplies rows' values by a factor (``--scale 102 2`` doubles row 102's push).
@@ -71,6 +74,15 @@ def make_edit(mindset, layer: str, action: str, ids, factor: float | None = None
     elif factor is not None:
         raise bad_parameter("factor", f"applies to scale only, not to {action}")
     entry.collection.get(np.asarray(id_list, np.int64))  # RowNotFoundError names missing ids
+    if action == "delete" and entry.product_keys:
+        n = entry.layer.config.n_keys
+        shown = ",".join(map(str, id_list[:10])) + (",..." if len(id_list) > 10 else "")
+        raise bad_parameter(
+            "ids",
+            f"{shown}: {entry.name} holds product-key rows, which cannot be deleted: each row's "
+            f"address is fixed (id r + 1 is the key [r // {n}, r % {n}] of the layer's "
+            "sub-keys); zero them instead",
+        )
     if action == "delete" and len(id_list) >= len(entry.collection):
         raise bad_parameter(
             "ids",
@@ -94,12 +106,40 @@ def edited_rows(block, edit: Edit):
 
 def preview(mindset, edit: Edit) -> None:
     """Apply ``edit`` to the loaded student only, as the next load would see it; nothing is
-    written (the store is not touched)."""
+    written (the store is not touched). Product-key rows are changed in place (only the edited
+    rows are read: the table may hold millions); other layers load the whole edited table."""
     entry = mindset.layer(edit.layer)
     coll = entry.collection
+    if entry.product_keys:  # zero or scale: a delete was refused by make_edit
+        ids = np.asarray(edit.ids, np.int64)
+        values = torch.from_numpy(coll.get(ids).values * np.float32(edit.multiplier))
+        index = entry.layer.index
+        with torch.no_grad():
+            index.value_storage[index.slots_of(ids)] = values.to(index.value_storage)
+        return
     stats = coll.stats()
     block = edited_rows(coll.export_rows(), edit)
     entry.layer.index.load_block(block, clock=int(stats["clock"]), next_id=stats.get("next_id"))
+
+
+@contextmanager
+def previewed(mindset, edit: Edit) -> Iterator[None]:
+    """Within the block the loaded student is as :func:`preview` leaves it; on exit it is as the
+    database holds it again (the edited rows restored from the collection for product-key rows,
+    the whole table reloaded otherwise)."""
+    entry = mindset.layer(edit.layer)
+    try:
+        preview(mindset, edit)
+        yield
+    finally:
+        if entry.product_keys:
+            ids = np.asarray(edit.ids, np.int64)
+            index = entry.layer.index
+            stored = torch.from_numpy(entry.collection.get(ids).values)
+            with torch.no_grad():
+                index.value_storage[index.slots_of(ids)] = stored.to(index.value_storage)
+        else:
+            entry.layer.index.load_collection(entry.collection)
 
 
 def write(mindset, edit: Edit) -> int:

@@ -22,12 +22,19 @@ DEFAULT_NEW_TOKENS = 30
 
 @dataclass
 class MindsetLayer:
-    """One memory layer of the student: ``name`` is its collection, ``module`` where it sits."""
+    """One memory layer of the student: ``name`` is its collection, ``module`` where it sits.
+
+    ``slot`` is the block it serves (the student's slot key). In a grown student (``distill
+    --memory-rows``) a block holds two layers summed into one output: ``part`` says which one --
+    ``"base"`` (the featural rows, collection ``layer<i>``) or ``"extra"`` (the product-key rows,
+    ``layer<i>.extra``); it is None for a block with one memory layer.
+    """
 
     name: str
     module: str
     slot: int | str
     layer: object  # a memstore_torch MemoryLayer
+    part: str | None = None
 
     @property
     def kind(self) -> str:
@@ -37,12 +44,28 @@ class MindsetLayer:
     def collection(self):
         return self.layer.collection
 
+    @property
+    def product_keys(self) -> bool:
+        """True for product-key rows: a fixed table whose row ``r`` always has id ``r + 1``."""
+        from memstore_torch import ProductKeyMemory
+
+        return isinstance(self.layer, ProductKeyMemory)
+
+    @property
+    def title(self) -> str:
+        """How people read the layer's place: ``block 0``, ``block 0 extra`` (a grown block's
+        product-key rows); a layer outside GPT-2's blocks is named by its module path."""
+        where = f"block {self.slot}" if isinstance(self.slot, int) else str(self.slot)
+        return f"{where} extra" if self.part == "extra" else where
+
     def describe(self) -> dict:
         cfg = self.layer.config
         return {
             "name": self.name,
             "module": self.module,
             "block": self.slot,
+            "part": self.part,
+            "title": self.title,
             "kind": self.kind,
             "rows": int(self.layer.index.n),
             "k": int(cfg.k),
@@ -54,7 +77,7 @@ class Mindset:
     """A loaded student (model in eval mode, tokenizer, store) with its memory layers by name."""
 
     def __init__(self, student_dir: str | os.PathLike, loaded) -> None:
-        from memstore_gpt2.student import slot_key
+        from memstore_gpt2.student import grown_modules, slot_key
         from memstore_torch.model_memory import memory_layers
 
         self.student_dir = Path(student_dir)
@@ -62,9 +85,15 @@ class Mindset:
         self.model, self.tokenizer, self.store = loaded.model, loaded.tokenizer, loaded.store
         self.db_url = loaded.db_url
         self.layers: dict[str, MindsetLayer] = {}
+        grown = grown_modules(self.model)
         for module, layer in memory_layers(self.model).items():
             name = layer.collection_name or module
-            self.layers[name] = MindsetLayer(name, module, slot_key(module), layer)
+            owner = next((g for g in grown if module.startswith(f"{g}.")), None)
+            if owner is None:
+                self.layers[name] = MindsetLayer(name, module, slot_key(module), layer)
+            else:  # a part of a grown block: named by the block, not by ``mlp.base``/``extras.0``
+                part = "base" if module == f"{owner}.base" else "extra"
+                self.layers[name] = MindsetLayer(name, module, slot_key(owner), layer, part)
 
     @classmethod
     def open(cls, student_dir: str | os.PathLike, db: str | None = None) -> Mindset:
@@ -85,12 +114,14 @@ class Mindset:
 
     # -------------------------------------------------------------------- layers
     def layer(self, spec: str | int, *, parameter: str = "layer") -> MindsetLayer:
-        """The layer named by collection (``layer0``), block index (``0``) or module path."""
+        """The layer named by collection (``layer0``, ``layer0.extra``), block index (``0``: the
+        block's first layer, its featural rows in a grown block), title (``block 0 extra``) or
+        module path."""
         text = str(spec).strip()
         if text in self.layers:
             return self.layers[text]
         for entry in self.layers.values():
-            if text == entry.module or text == str(entry.slot):
+            if text in (entry.module, str(entry.slot), entry.title):
                 return entry
         known = ", ".join(self.layers) or "none"
         raise bad_parameter(
@@ -98,15 +129,22 @@ class Mindset:
         )
 
     def select(self, spec: str | None, *, parameter: str = "layers") -> list[MindsetLayer]:
-        """``None``/``"all"`` -> every layer; else comma-separated names as :meth:`layer` takes."""
+        """``None``/``"all"`` -> every layer; else comma-separated names as :meth:`layer` takes,
+        where a block index stands for every layer of that block (both parts of a grown one)."""
         if spec is None or spec.strip().lower() in ("", "all"):
             return list(self.layers.values())
         chosen: list[MindsetLayer] = []
         for part in spec.split(","):
-            entry = self.layer(part, parameter=parameter)
-            if entry not in chosen:
-                chosen.append(entry)
+            text = part.strip()
+            block = [] if text in self.layers else self.block(text)
+            for entry in block or [self.layer(text, parameter=parameter)]:
+                if entry not in chosen:
+                    chosen.append(entry)
         return chosen
+
+    def block(self, slot: str | int) -> list[MindsetLayer]:
+        """The layers of one block (``0``): one, or a grown block's featural and extra rows."""
+        return [entry for entry in self.layers.values() if str(entry.slot) == str(slot).strip()]
 
     # -------------------------------------------------------------------- tokens
     @property
@@ -182,13 +220,16 @@ def check_student(student_dir: str | os.PathLike, db: str | None = None) -> str:
         ) from None
     try:
         for key, entry in manifest.get("layers", {}).items():
-            name = entry.get("config", {}).get("collection")
-            if name and not store.has_collection(name):
-                raise StudentFormatError(
-                    f"database {store.url.render_as_string(hide_password=True)} has no collection "
-                    f"{name!r} (the memory of {'block ' + key if key.isdigit() else key}): is it "
-                    "this student's database?"
-                )
+            where = "block " + key if key.isdigit() else key
+            parts = entry.get("parts") or [entry]  # a grown block: featural + extra rows
+            for i, part in enumerate(parts):
+                name = part.get("config", {}).get("collection")
+                if name and not store.has_collection(name):
+                    what = f"the extra rows of {where}" if i else f"the memory of {where}"
+                    raise StudentFormatError(
+                        f"database {store.url.render_as_string(hide_password=True)} has no "
+                        f"collection {name!r} ({what}): is it this student's database?"
+                    )
     finally:
         store.close()
     return db_url

@@ -92,7 +92,7 @@ def _layer_trace(layer, read, top: int | None) -> LayerTrace:
     if per_head_path:  # each head reads through its own slice of the output projection
         contrib_vectors = _associative_contributions(layer, slots, weights, present)
     else:  # every head shares the out path: |sum of weights| x ||out path(value)||
-        norms = out_path(layer, index.values[: index.n]).norm(dim=1)  # (n,)
+        norms = _path_norms(layer, slots[present])  # (n,), measured for the rows read only
         if heads == 1:  # one top-k per token: every row at most once, no merging needed
             return _single_head_trace(index, ids[:, 0], slots[:, 0], weights[:, 0], norms, top)
     out_ids, out_w, out_c, sets = [], [], [], []
@@ -134,6 +134,17 @@ def _single_head_trace(index, ids, slots, weights, norms, top: int | None) -> La
         k,
         every,
     )
+
+
+def _path_norms(layer, slots: torch.Tensor) -> torch.Tensor:
+    """(n,) ``||out path(value)||`` of the rows at ``slots``, zero for every other row: a
+    product-key layer may hold millions of rows, of which a prompt reads a few hundred."""
+    index = layer.index
+    norms = torch.zeros(index.n)
+    read = torch.unique(slots)
+    if read.numel():
+        norms[read] = out_path(layer, index.values[read]).norm(dim=1).float()
+    return norms
 
 
 def _rounded(values: torch.Tensor) -> list[list[float]]:

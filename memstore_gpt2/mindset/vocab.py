@@ -69,6 +69,15 @@ class Projection:
     token_logit: torch.Tensor | None = None  # (n,)
     token_rank: torch.Tensor | None = None  # (n,)
 
+    def joined(self, other: Projection) -> Projection:
+        """This projection's rows, then ``other``'s."""
+        return Projection(
+            *(
+                None if a is None else torch.cat([a, b])
+                for a, b in ((getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+            )
+        )
+
     def take(self, positions) -> Projection:
         """The rows at ``positions`` (a sequence or array of row positions)."""
         index = torch.as_tensor(positions, dtype=torch.long)

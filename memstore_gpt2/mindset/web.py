@@ -121,7 +121,7 @@ class MindsetService:
         """Without ``confirm``: the dry run (what would change, text before and after). With it:
         the edit, written in one transaction, then the student loaded again."""
         from memstore_gpt2.db_lock import hold_database
-        from memstore_gpt2.mindset.edit import make_edit, preview, write
+        from memstore_gpt2.mindset.edit import make_edit, previewed, write
 
         if not self.allow_edits:
             raise EditsNotAllowedError(EDITS_OFF)
@@ -138,11 +138,8 @@ class MindsetService:
                       "ids": list(edit.ids), "factor": edit.factor, "rows_before": rows_before,
                       "before": before, "confirmed": bool(confirm)}  # fmt: skip
             if not confirm:
-                try:
-                    preview(ms, edit)
+                with previewed(ms, edit):  # undone on the way out
                     result["after"] = ms.greedy(prompt, n) if prompt else None
-                finally:
-                    entry.layer.index.load_collection(entry.collection)  # undo the preview
                 drop = len(edit.ids) if edit.action == "delete" else 0
                 result["rows_after"] = rows_before - drop
                 return result

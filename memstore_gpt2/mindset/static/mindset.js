@@ -40,6 +40,20 @@ async function api(path, body) {
 
 function busy(button, on) { if (button) button.disabled = on; }
 
+// A layer by its collection name, as /api/info describes it.
+function layerInfo(name) {
+  return (state.info.layers.find((l) => l.name === name) || {});
+}
+
+// A grown block's two layers say where they sit: "layer0 (block 0)", "layer0.extra (block 0 extra)".
+function layerLabel(name) {
+  const info = layerInfo(name);
+  return info.part ? `${name} (${info.title})` : name;
+}
+
+// Product-key rows (a grown block's extra rows) have fixed addresses: they can be zeroed, not deleted.
+function isProductKey(name) { return layerInfo(name).kind === "ProductKeyMemory"; }
+
 // A token as shown: line breaks and tabs made visible, so every token stays one short chip.
 function shown(token) {
   return token.replace(/\r?\n/g, "↵").replace(/\t/g, "→") || "∅";
@@ -119,7 +133,7 @@ function renderFired(i) {
         el("td", {}, el("label", {}, el("input", { type: "checkbox", class: "off-box", checked: off,
           onchange: (e) => setOff(name, id, e.target.checked) }), " off")));
     });
-    parts.push(el("div", { class: "layer-name", text: `${name} — ${layer.selected} rows read, largest ${layer.ids[i].length} shown` }),
+    parts.push(el("div", { class: "layer-name", text: `${layerLabel(name)} — ${layer.selected} rows read, largest ${layer.ids[i].length} shown` }),
       el("table", { class: "fired", "data-layer": name },
         el("thead", {}, el("tr", {}, ...["row", "weight", "size", "promotes", ""].map((h) => el("th", { text: h })))),
         el("tbody", {}, ...rows)));
@@ -180,8 +194,9 @@ async function explain(layer, id) {
   const result = await api(`/api/explain?${new URLSearchParams({ layer, ids: String(id) })}`);
   const r = result.rows[0];
   $("explain-title").textContent = `— ${layer} row ${id}`;
+  const address = r.address ? `product key [${r.address.join(", ")}] · ` : "";
   $("explain").replaceChildren(
-    el("p", { text: `LRFU score ${r.score === null ? "n/a" : r.score.toFixed(2)} · ${r.hits} hits · age ${r.age} ticks · last hit ${r.idle} ticks ago · |value| ${r.value_norm.toFixed(3)}` }),
+    el("p", { text: `${address}LRFU score ${r.score === null ? "n/a" : r.score.toFixed(2)} · ${r.hits} hits · age ${r.age} ticks · last hit ${r.idle} ticks ago · |value| ${r.value_norm.toFixed(3)}` }),
     el("div", {}, el("h3", { text: "promotes" }), ...r.promotes.map((t) => tokenChip(t))),
     el("div", {}, el("h3", { text: "suppresses" }), ...r.suppresses.map((t) => tokenChip(t, true))),
     el("div", { class: "row" },
@@ -198,6 +213,18 @@ function editRequest(confirm) {
     factor: $("edit-action").value === "scale" ? Number($("edit-factor").value) : null,
     prompt: $("prompt").value, confirm, max_new_tokens: Number($("new-tokens").value),
   };
+}
+
+// Delete is offered only where rows can be deleted (not product-key rows: zero them instead).
+function fitEditActions() {
+  const fixed = isProductKey($("edit-layer").value);
+  const del = $("edit-action").querySelector('option[value="delete"]');
+  del.disabled = fixed;
+  del.title = fixed ? "product-key rows have fixed addresses: zero them instead" : "";
+  if (fixed && $("edit-action").value === "delete") {
+    $("edit-action").value = "zero";
+    $("factor-label").hidden = true;
+  }
 }
 
 async function previewEdit(event) {
@@ -233,12 +260,12 @@ async function confirmEdit() {
 // ------------------------------------------------------------------ start
 async function init() {
   state.info = await api("/api/info");
-  $("student").textContent = `${state.info.student} · ${state.info.layers.map((l) => `${l.name}: ${l.rows} rows, k ${l.k}`).join(" · ")}`;
+  $("student").textContent = `${state.info.student} · ${state.info.layers.map((l) => `${layerLabel(l.name)}: ${l.rows} rows, k ${l.k}`).join(" · ")}`;
   const mode = $("mode");
   mode.textContent = state.info.allow_edits ? "edits allowed" : "read-only";
   mode.classList.toggle("edits", state.info.allow_edits);
   for (const select of [$("rows-layer"), $("edit-layer")]) {
-    select.replaceChildren(...state.info.layers.map((l) => el("option", { value: l.name, text: l.name })));
+    select.replaceChildren(...state.info.layers.map((l) => el("option", { value: l.name, text: layerLabel(l.name) })));
   }
   if (!state.info.allow_edits) {
     $("edit-readonly").hidden = false;
@@ -251,6 +278,8 @@ async function init() {
   $("edit-confirm").addEventListener("click", confirmEdit);
   $("edit-cancel").addEventListener("click", () => { $("edit-plan").hidden = true; });
   $("edit-action").addEventListener("change", () => { $("factor-label").hidden = $("edit-action").value !== "scale"; });
+  $("edit-layer").addEventListener("change", fitEditActions);
+  fitEditActions();
   renderOffList();
   await Promise.all([doTrace(), browseRows()]);
   document.body.dataset.ready = "1";

@@ -188,3 +188,37 @@ def test_edit_needs_a_confirmation(browser, serve, student):
     with Store(url) as store:
         assert victim not in store.collection("layer1").export_rows().ids
     assert not np.isin(victim, server.service.mindset.layer("layer1").layer.index.ids.numpy())
+
+
+def test_a_grown_student_shows_its_extra_rows(browser, grown_student):
+    from selenium.webdriver.support.ui import Select
+
+    from memstore_gpt2.mindset.web import MindsetServer, MindsetService
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = MindsetServer(MindsetService(str(grown_student), allow_edits=True), 0).start()
+    try:
+        _open(browser, server)
+        trace = server.service.trace(PROMPT, 8)
+        tables = browser.find_elements("css selector", "#fired table.fired")
+        names = ["layer0", "layer0.extra", "layer1", "layer1.extra"]
+        assert [t.get_attribute("data-layer") for t in tables] == names
+        titles = [d.text for d in browser.find_elements("css selector", "#fired .layer-name")]
+        assert titles[0].startswith("layer0 (block 0) — ")
+        assert titles[1].startswith("layer0.extra (block 0 extra) — 8 rows read")
+        extra = tables[1].find_elements("css selector", "tbody tr")
+        last = len(trace["tokens"]) - 1  # the page picks the last token
+        shown = [int(r.get_attribute("data-id")) for r in extra]
+        assert shown == trace["layers"]["layer0.extra"]["ids"][last]
+        extra[0].find_element("css selector", "a.rid").click()
+        _wait(browser, lambda d: "product key [" in _by_id(d, "explain").text)
+        assert f"layer0.extra row {shown[0]}" in _by_id(browser, "explain-title").text
+        # product-key rows are zeroed, never deleted: the form does not offer it
+        Select(_by_id(browser, "edit-layer")).select_by_value("layer0.extra")
+        action = Select(_by_id(browser, "edit-action"))
+        assert action.first_selected_option.get_attribute("value") == "zero"
+        delete = _by_id(browser, "edit-action").find_element("css selector", "[value=delete]")
+        assert not delete.is_enabled()
+        assert not _by_id(browser, "error").is_displayed()
+    finally:
+        server.stop()
