@@ -339,8 +339,10 @@ class ProductKeyMemory(MemoryLayer):
         )  # (H * T, k)
         return scores.view(heads, t, k).transpose(0, 1), rows.view(heads, t, k).transpose(0, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.start(x))
+    def forward(self, x: torch.Tensor, searched: _Searched | None = None) -> torch.Tensor:
+        """``(..., d_model) -> (..., d_model)``; ``searched``: what :meth:`start` already found
+        for this ``x`` (so the rows could be read ahead meanwhile)."""
+        return self.finish(self.start(x) if searched is None else searched)
 
     def start(self, x: torch.Tensor) -> _Searched:
         """The first half of :meth:`forward`: the search, and for a paged memory the prefetch of

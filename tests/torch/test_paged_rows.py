@@ -277,7 +277,7 @@ def test_pairs_are_taken_greedily_nearest_first_each_row_once():
     weights = torch.full(rows.shape, 1 / 3)
     first, second, _, _, times = cofiring_pairs(rows, weights)
     assert (first[0], second[0], times[0]) == (2, 3, 2)  # the most frequent pair first
-    assert sorted(zip(first.tolist(), second.tolist())) == [(1, 2), (2, 3), (3, 4)]
+    assert sorted(zip(first.tolist(), second.tolist(), strict=True)) == [(1, 2), (2, 3), (3, 4)]
     # relative distances: (3,4) 1e-4, (1,2) 1e-3, (2,3) 2e-3 -> (3,4), then (1,2); (2,3) blocked
     table = torch.tensor([[0.0], [1.0], [1.001], [1.003], [1.0031]])
     chosen, distance = near_duplicates(first, second, lambda r: table[r], threshold=0.02)
