@@ -79,9 +79,17 @@ def _generate(student, *extra):
                  "--device", "cpu", *extra])  # fmt: skip
 
 
-def test_generate_under_a_budget_pages_rows_and_samples_the_same_tokens(grown_student):
-    full = _json(_generate(grown_student, "--json"))
-    paged = _json(_generate(grown_student, "--memory-budget", GENERATE_BUDGET, "--json"))
+@pytest.fixture(scope="module")
+def generations(grown_student) -> dict:
+    """``generate --json`` summaries of the grown student, fully resident and under a budget."""
+    return {
+        "full": _json(_generate(grown_student, "--json")),
+        "paged": _json(_generate(grown_student, "--memory-budget", GENERATE_BUDGET, "--json")),
+    }
+
+
+def test_generate_under_a_budget_pages_rows_and_samples_the_same_tokens(generations):
+    full, paged = generations["full"], generations["paged"]
     assert paged["text"] == full["text"] and paged["tokens"] == full["tokens"] == 40
     assert full["memory_budget"] is None and paged["memory_budget"] == GENERATE_BUDGET
     assert full["rows_read"] == 0 and full["cache_hit_rate"] == 1.0
@@ -96,11 +104,10 @@ def test_generate_under_a_budget_pages_rows_and_samples_the_same_tokens(grown_st
         assert summary["text"].startswith(PROMPT)
 
 
-def test_generate_without_json_prints_only_the_text(grown_student):
+def test_generate_without_json_prints_only_the_text(grown_student, generations):
     plain = _generate(grown_student)
     assert plain.exit_code == 0, plain.output
-    assert plain.output == _json(_generate(grown_student, "--json"))["text"] + "\n"
-    assert _generate(grown_student, "--memory-budget", GENERATE_BUDGET).output == plain.output
+    assert plain.output == generations["full"]["text"] + "\n"
 
 
 def test_a_budget_on_a_student_without_extra_rows_pages_nothing(plain_student):
