@@ -2,7 +2,7 @@
 
 Store commands (``init``, ``import``, ``query``, ``inspect``, ``prune``, ``upgrade``) live in
 :mod:`memstore.cli_store` and never import torch, so they start fast and work without the ``torch``
-extra. Model commands (``teacher``, ``distill``, ``generate``, ``demo``) live in
+extra. Model commands (``teacher``, ``distill``, ``generate``, ``evaluate``, ``demo``) live in
 :mod:`memstore_gpt2.commands`, Mindset's (``trace``, ``explain``, ``rows``, ``edit``, ``mindset``)
 in :mod:`memstore_gpt2.mindset.commands`; both import torch only when they run.
 

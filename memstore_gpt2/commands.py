@@ -1,4 +1,5 @@
-"""Model commands of the ``memstore`` CLI: ``teacher train``, ``distill gpt2``, ``generate``, ``demo``.
+"""Model commands of the ``memstore`` CLI: ``teacher train``, ``distill gpt2``, ``generate``,
+``evaluate``, ``demo``.
 
 This module is imported every time ``memstore`` starts, so it must not import torch or transformers
 at module level: the store commands have to start fast and work without the ``torch`` extra. Each
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
+import time
 
 import click
 
@@ -320,47 +321,143 @@ class _Interrupted(click.ClickException):
 @click.option("--top-k", default=40, show_default=True, type=int)
 @click.option("--seed", default=None, type=int)
 @click.option("--db", default=None, help="Use this memory database instead of the saved one.")
+@memory_budget_option
 @device_options
-def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, seed, db, device,
-                     precision) -> None:  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Last line of output: one JSON summary.")
+def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, seed, db,
+                     memory_budget, device, precision, as_json) -> None:  # fmt: skip
     """Sample text from a student (or any GPT-2 directory) with its database memory.
 
     \b
     Example:
       memstore generate student/ --prompt "The for statement"
+      memstore generate student/ --prompt "The for statement" --memory-budget 10% --json
     """
     require_torch()
-    from memstore_gpt2.errors import StudentFormatError, TeacherNotFoundError
-    from memstore_gpt2.generate import generate_text
+    from memstore_gpt2.generate import sample_continuation
+
+    with _open_for_run(student_dir, db, memory_budget, device) as run:
+        started = time.perf_counter()
+        text, new_tokens = sample_continuation(
+            run.model, run.tokenizer, prompt, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k or None, seed=seed, precision=precision,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        if not as_json:
+            click.echo(text)
+            return
+        _emit_json({
+            "text": text,
+            "tokens": new_tokens,
+            "seconds": seconds,
+            "tokens_per_s": new_tokens / seconds if seconds > 0 else None,
+            **run.summary(),
+        })  # fmt: skip
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+@click.command("evaluate")
+@click.argument("student_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--data", multiple=True, required=True, help="Test text file or directory (repeatable)."
+)
+@click.option(
+    "--blocks", default=None, type=int, help="Score only the first N blocks [default: all]."
+)
+@click.option("--context", default=None, type=int, help="Block length [default: min(model, 128)].")
+@click.option("--batch-size", default=16, show_default=True, type=int, help="Blocks per forward.")
+@click.option("--db", default=None, help="Use this memory database instead of the saved one.")
+@memory_budget_option
+@device_options
+@click.option("--json", "as_json", is_flag=True, help="Last line of output: one JSON summary.")
+def evaluate_command(student_dir, data, blocks, context, batch_size, db, memory_budget, device,
+                     precision, as_json) -> None:  # fmt: skip
+    """Test perplexity of a student (or any GPT-2 directory) on text files.
+
+    Tokenised, cut into blocks and scored as 'memstore distill gpt2' scores its --eval-data.
+
+    \b
+    Example:
+      memstore evaluate student/ --data test.txt
+      memstore evaluate student/ --data test.txt --memory-budget 10% --json
+    """
+    require_torch()
+    from memstore_gpt2.evaluate import evaluate_perplexity, evaluation_blocks
+
+    with _open_for_run(student_dir, db, memory_budget, device) as run:
+        token_blocks = evaluation_blocks(run.tokenizer, data, run.model.config.n_positions,
+                                         context=context, max_blocks=blocks)  # fmt: skip
+        result = evaluate_perplexity(run.model, token_blocks, batch_size=batch_size,
+                                     precision=precision)  # fmt: skip
+        summary = {
+            "perplexity": result.perplexity,
+            "tokens": result.tokens,
+            "blocks": result.blocks,
+            "context": result.context,
+            "batch_size": batch_size,
+            "seconds": result.seconds,
+            "tokens_per_s": result.tokens_per_s,
+            **run.summary(),
+        }
+    if as_json:
+        _emit_json(summary)
+        return
+    click.echo(
+        f"perplexity {summary['perplexity']:.4f} on {summary['tokens']:,} tokens "
+        f"({summary['blocks']} blocks of {summary['context']}) in {summary['seconds']:.2f} s "
+        f"({summary['tokens_per_s']:,.0f} tokens/s); memory rows resident "
+        f"{summary['resident_rows']:,}, read from the database {summary['rows_read']:,} "
+        f"(cache hit rate {summary['cache_hit_rate']:.3f})"
+    )
+
+
+class _ModelRun:
+    """A model opened for ``generate`` / ``evaluate`` and moved to its device, with what their
+    ``--json`` summaries report about it (its memory's paging counters read when asked)."""
+
+    def __init__(self, opened, device, budget, load_seconds: float) -> None:
+        self.opened, self.device, self.budget = opened, device, budget
+        self.load_seconds = load_seconds
+        self.model, self.tokenizer = opened.model, opened.tokenizer
+
+    def summary(self) -> dict:
+        from memstore_torch.model_memory import paging_stats
+
+        stats = paging_stats(self.model)
+        return {
+            "resident_rows": stats["resident_rows"],
+            "rows_read": stats["rows_read"],
+            "read_queries": stats["read_queries"],
+            "cache_hit_rate": stats["cache_hit_rate"],
+            "paged_layers": stats["paged_layers"],
+            "memory_budget": None if self.budget is None else str(self.budget),
+            "device": str(self.device),
+            "load_seconds": self.load_seconds,
+        }
+
+    def __enter__(self) -> _ModelRun:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.opened.close()
+
+
+def _open_for_run(student_dir, db, memory_budget, device) -> _ModelRun:
+    """Open ``student_dir`` under ``--memory-budget`` and move it to ``--device`` (timed: the
+    ``load_seconds`` of the summaries, kept out of their throughput)."""
     from memstore_gpt2.lm_training import resolve_device
-    from memstore_gpt2.student import STUDENT_FILE, load_student
+    from memstore_gpt2.model_dir import open_model_dir
 
     resolved = resolve_device(device)
-    if not Path(student_dir).is_dir():
-        raise StudentFormatError(f"no directory {student_dir!r}: give a student or model directory")
-    if (Path(student_dir) / STUDENT_FILE).is_file():
-        loaded = load_student(student_dir, db=db)
-        model, tokenizer = loaded.model, loaded.tokenizer
-    else:  # a plain teacher directory: handy for comparing teacher and student samples
-        from memstore_gpt2.teacher import load_teacher
-
-        loaded = None
-        try:
-            model, tokenizer = load_teacher(student_dir)
-        except TeacherNotFoundError:
-            raise StudentFormatError(
-                f"{student_dir!r} is neither a memstore student directory (no {STUDENT_FILE}) "
-                "nor a GPT-2 model directory"
-            ) from None
+    budget = parse_memory_budget(memory_budget)
+    started = time.perf_counter()
+    opened = open_model_dir(student_dir, db=db, memory_budget=budget)
     try:
-        model.to(resolved)
-        text = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k or None, seed=seed,
-                             precision=precision)  # fmt: skip
-    finally:
-        if loaded is not None:
-            loaded.close()
-    click.echo(text)
+        opened.model.to(resolved)
+    except BaseException:
+        opened.close()
+        raise
+    return _ModelRun(opened, resolved, budget, time.perf_counter() - started)
 
 
 # -- demo ------------------------------------------------------------------------------------------
@@ -398,4 +495,5 @@ def add_train_commands(group: click.Group) -> None:
     group.add_command(teacher_group)
     group.add_command(distill_group)
     group.add_command(generate_command)
+    group.add_command(evaluate_command)
     group.add_command(demo_command)

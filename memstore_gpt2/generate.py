@@ -67,6 +67,12 @@ def sample_tokens(
 
 def generate_text(model, tokenizer, prompt: str, **kwargs) -> str:
     """Prompt text -> prompt followed by the sampled continuation."""
+    return sample_continuation(model, tokenizer, prompt, **kwargs)[0]
+
+
+def sample_continuation(model, tokenizer, prompt: str, **kwargs) -> tuple[str, int]:
+    """(prompt followed by the sampled continuation, number of new tokens): the count is what a
+    tokens-per-second figure divides by (generation may stop early at the EOS token)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     ids = sample_tokens(model, prompt_ids, eos_id=tokenizer.eos_token_id, **kwargs)
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    return tokenizer.decode(ids, skip_special_tokens=True), len(ids) - len(prompt_ids)

@@ -1,0 +1,76 @@
+"""Test perplexity of a saved model on text files: the distillation's held-out measure, on its own.
+
+The text is tokenised and packed into blocks by :func:`~memstore_gpt2.text_data.load_blocks` and
+scored by :func:`~memstore_gpt2.lm_training.perplexity`, exactly as ``memstore distill gpt2`` scores
+its ``--eval-data``, so the number is comparable with a run's ``student_ppl`` (same blocks, same
+batch size) and with the teacher's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from memstore.errors import bad_parameter
+from memstore_gpt2.lm_training import autocast, model_device, perplexity
+from memstore_gpt2.text_data import load_blocks
+
+#: Longest default block: the distillation's default ``--context`` is min(model positions, 128).
+DEFAULT_MAX_CONTEXT = 128
+#: Blocks per forward: the batch size the distillation's held-out evaluation uses.
+DEFAULT_BATCH_SIZE = 16
+
+
+def evaluation_blocks(
+    tokenizer,
+    data: Sequence[str | Path],
+    n_positions: int,
+    context: int | None = None,
+    max_blocks: int | None = None,
+) -> np.ndarray:
+    """``(n_blocks, context)`` token blocks of ``data`` for a model of ``n_positions`` positions;
+    ``context`` defaults as the distillation's does, ``max_blocks`` keeps the first ones."""
+    context = context if context is not None else min(n_positions, DEFAULT_MAX_CONTEXT)
+    if context < 2 or context > n_positions:
+        raise bad_parameter(
+            "context", f"must be between 2 and the model's {n_positions} positions, got {context}"
+        )
+    if max_blocks is not None and max_blocks < 1:
+        raise bad_parameter("blocks", f"must be positive, got {max_blocks}")
+    blocks = load_blocks(tokenizer, list(data), context)
+    return blocks if max_blocks is None else blocks[:max_blocks]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One perplexity measurement: ``tokens`` is every token fed to the model (blocks times
+    block length); ``seconds`` is the wall time of the forwards alone (no loading)."""
+
+    perplexity: float
+    tokens: int
+    blocks: int
+    context: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+def evaluate_perplexity(
+    model, blocks: np.ndarray, *, batch_size: int = DEFAULT_BATCH_SIZE, precision: str = "fp32"
+) -> Evaluation:
+    """Perplexity of ``model`` over ``blocks`` (``batch_size`` blocks per forward, under
+    ``precision`` as in training), timed."""
+    if batch_size < 1:
+        raise bad_parameter("batch_size", f"must be positive, got {batch_size}")
+    started = time.perf_counter()
+    with autocast(model_device(model), precision):
+        value = perplexity(model, blocks, batch_size=batch_size)
+    seconds = time.perf_counter() - started
+    n_blocks, context = blocks.shape
+    return Evaluation(value, int(blocks.size), int(n_blocks), int(context), seconds)
