@@ -29,7 +29,10 @@ class GrownMemory(nn.Module):
         # Extras that search first (ProductKeyMemory.start) read their rows ahead while the base
         # layer computes: a paged memory's database read overlaps the base's arithmetic.
         # Each extra is still called as a module (its hooks run), handed its own search.
-        started = [extra.start(x) if hasattr(extra, "start") else None for extra in self.extras]
+        started = [
+            extra.start(x, read_ahead=True) if hasattr(extra, "start") else None
+            for extra in self.extras
+        ]
         out = self.base(x)
         for extra, searched in zip(self.extras, started, strict=True):
             out = out + (extra(x) if searched is None else extra(x, searched=searched))

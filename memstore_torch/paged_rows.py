@@ -37,6 +37,7 @@ Memory: the cache's tensors (``capacity`` slots of one value row, key and bookke
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -264,22 +265,18 @@ class PagedRows:
         need = m - empty.numel()
         evictable = (self._row >= 0) & ~self._pinned
         evictable[keep] = False
-        candidates = evictable.nonzero().reshape(-1)
-        if candidates.numel() < need:
+        available = int(evictable.sum())
+        if available < need:
             raise bad_parameter(
                 "memory_budget",
                 f"keeps {self.capacity} rows of this memory layer in the cache, but one step "
                 f"needs {m + keep.numel() + int(self._pinned.sum())} at once (rows read by this "
                 "call and rows awaiting their gradient); raise it or read fewer rows per step",
             )
-        order = lrfu.eviction_order(
-            self._use_crf[candidates],
-            self._use_tick[candidates],
-            self._row[candidates],
-            self.accesses,
-            self.lrfu_lambda,
-        )
-        victims = candidates[order[:need]]
+        # the ``need`` coldest by the cache's LRFU order key, without sorting the whole cache
+        key = lrfu.order_key(self._use_crf, self._use_tick, self.accesses, self.lrfu_lambda)
+        key = key.masked_fill(~evictable, math.inf)
+        victims = key.topk(need, largest=False, sorted=False).indices
         self._write_back(victims[self._dirty[victims]])
         self._slot[self._row[victims]] = -1
         self._row[victims] = -1

@@ -344,15 +344,16 @@ class ProductKeyMemory(MemoryLayer):
         for this ``x`` (so the rows could be read ahead meanwhile)."""
         return self.finish(self.start(x) if searched is None else searched)
 
-    def start(self, x: torch.Tensor) -> _Searched:
-        """The first half of :meth:`forward`: the search, and for a paged memory the prefetch of
-        the rows it picked, so that a caller can compute something else while they are read
-        (``GrownMemory`` computes its base layer); :meth:`finish` completes the read."""
+    def start(self, x: torch.Tensor, *, read_ahead: bool = False) -> _Searched:
+        """The first half of :meth:`forward`: the search; with ``read_ahead``, a paged memory
+        also starts reading the rows it picked in a worker thread, for a caller that computes
+        something else meanwhile (``GrownMemory`` computes its base layer). :meth:`finish` (or
+        ``forward(x, searched=...)``) completes the read."""
         if x.shape[-1] != self.d_model:
             raise InvalidInputError(f"expected (..., {self.d_model}) input, got {tuple(x.shape)}")
         h = x.reshape(-1, self.d_model)
         scores, rows = self.search(h)  # (T, H, k)
-        ahead = self.index.prefetch(rows) if self.paged and self.prefetch else None
+        ahead = self.index.prefetch(rows) if read_ahead and self.paged and self.prefetch else None
         return _Searched(x.shape[:-1], h, scores, rows, ahead)
 
     def finish(self, searched: _Searched) -> torch.Tensor:

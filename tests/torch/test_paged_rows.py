@@ -202,13 +202,13 @@ def test_rows_written_back_are_not_read_ahead_until_committed(url):
         for _ in range(8):
             x = torch.randn(5, D, generator=g)
             resident.train(), paged.train()
-            outs = [resident(x), paged(x)]  # paged forward = finish(start(x)): prefetch used
+            outs = [resident(x), paged(x, searched=paged.start(x, read_ahead=True))]
             assert torch.equal(outs[0], outs[1])
             for out, opt in zip(outs, opts, strict=True):
                 out.pow(2).sum().backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        assert paged.index._unsure.any()
+        assert paged.index._unsure.any() and paged.index.stats["prefetched"] > 0
         resident.flush(), paged.flush()
     paged.index.committed()
     assert not paged.index._unsure.any()
