@@ -247,6 +247,9 @@ def distill_group() -> None:
                    "(0: never).")  # fmt: skip
 @click.option("--memory-rows-reuse-fraction", default=0.01, show_default=True, type=float,
               help="Share of each layer's extra rows considered at each reuse.")  # fmt: skip
+@click.option("--memory-rows-recombine", default=0.0, show_default=True, type=float,
+              help="At each reuse, first merge extra rows read together in that step whose "
+                   "values lie this near (relative distance; 0: never).")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_options
 @memory_budget_option
@@ -254,7 +257,8 @@ def distill_group() -> None:
 def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers, resume, context,
                  batch_size, lr, memory_lr, alpha, temperature, warmup, eval_every, eval_blocks,
                  checkpoint_every, heads, capacity, memory_rows, memory_rows_lr, memory_rows_heads,
-                 memory_rows_k, memory_rows_reuse_every, memory_rows_reuse_fraction, seed, device,
+                 memory_rows_k, memory_rows_reuse_every, memory_rows_reuse_fraction,
+                 memory_rows_recombine, seed, device,
                  precision, memory_budget, as_json) -> None:  # fmt: skip
     """Distil GPT-2 TEACHER into a memory student saved in --out.
 
@@ -275,6 +279,7 @@ def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers
         memory_rows_lr=memory_rows_lr, precision=precision,
         memory_rows_reuse_every=memory_rows_reuse_every,
         memory_rows_reuse_fraction=memory_rows_reuse_fraction,
+        memory_rows_recombine=memory_rows_recombine,
     )  # fmt: skip
     job = DistillJob(
         teacher=teacher, data=list(data), eval_data=list(eval_data) or None, db=db, out=out,

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,12 @@ from memstore_gpt2.lm_training import (
     resolve_device,
     warmup_cosine,
 )
-from memstore_torch.model_memory import memory_committed, memory_layers, split_parameters
+from memstore_torch.model_memory import (
+    memory_committed,
+    memory_layers,
+    recording_reads,
+    split_parameters,
+)
 from memstore_torch.optim import RowwiseAdagrad
 
 __all__ = ["CHECKPOINT_FILE", "DistillConfig", "Distiller", "TrainState", "kd_loss"]
@@ -71,6 +76,9 @@ class DistillConfig:
     memory_rows_reuse_every: int = 0
     #: Share of each product-key memory's rows considered at each reuse (the coldest ones).
     memory_rows_reuse_fraction: float = 0.01
+    #: At each reuse, first merge rows that fired together in that step with values this near
+    #: (relative distance; 0: never): ``ProductKeyMemory.recombine_rows``.
+    memory_rows_recombine: float = 0.0
     #: "fp32", or "bf16": forwards under torch.autocast on the run's device.
     precision: str = "fp32"
     weight_decay: float = 0.01
@@ -103,6 +111,10 @@ class DistillConfig:
         if self.memory_rows_reuse_every < 0:
             raise bad_parameter(
                 "memory_rows_reuse_every", f"must be >= 0, got {self.memory_rows_reuse_every}"
+            )
+        if not self.memory_rows_recombine >= 0:
+            raise bad_parameter(
+                "memory_rows_recombine", f"must be >= 0, got {self.memory_rows_recombine}"
             )
         if not 0.0 < self.memory_rows_reuse_fraction <= 1.0:
             raise bad_parameter(
@@ -329,31 +341,59 @@ class Distiller:
         ids = batch_for_step(self.train_blocks, step, cfg.batch_size, cfg.seed)  # (B, T)
         ids = ids.to(self.device)
         lr = self._set_lr(step)
-        with autocast(self.device, cfg.precision):
-            with torch.no_grad():
-                teacher_logits = lm_logits(self.teacher, ids)  # (B, T, V)
-            student_logits = lm_logits(self.student, ids)  # (B, T, V)
-        loss, kl, ce = kd_loss(student_logits, teacher_logits, ids, cfg.alpha, cfg.temperature)
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(  # dense gradients only (class docstring)
-            [p for g in self.optimizer.param_groups for p in g["params"]], cfg.clip
-        )
-        for optimizer in self.optimizers:
-            optimizer.step()
-        reused = {}
         every = cfg.memory_rows_reuse_every
-        if every and self.row_optimizer is not None and (step + 1) % every == 0:
-            reused = {"memory_rows_reused": float(self._reuse_cold_rows())}
+        upkeep = bool(every and self.row_optimizer is not None and (step + 1) % every == 0)
+        recombine = upkeep and cfg.memory_rows_recombine > 0
+        # the reads of this step's forward, when they are to be recombined after the update
+        with recording_reads(self.student) if recombine else nullcontext() as recorded:
+            with autocast(self.device, cfg.precision):
+                with torch.no_grad():
+                    teacher_logits = lm_logits(self.teacher, ids)  # (B, T, V)
+                student_logits = lm_logits(self.student, ids)  # (B, T, V)
+            loss, kl, ce = kd_loss(student_logits, teacher_logits, ids, cfg.alpha, cfg.temperature)
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(  # dense gradients only (class docstring)
+                [p for g in self.optimizer.param_groups for p in g["params"]], cfg.clip
+            )
+            for optimizer in self.optimizers:
+                optimizer.step()
+            upkept = {}
+            if recombine:
+                upkept["memory_rows_recombined"] = float(self._recombine_rows(recorded))
+        if upkeep:
+            upkept["memory_rows_reused"] = float(self._reuse_cold_rows())
         return {
-            **reused,
+            **upkept,
             "train_loss": float(loss.detach()),
             "kd_kl": float(kl.detach()),
             "ce": float(ce.detach()),
             "lr": lr,
             "grad_norm": float(grad_norm),
         }
+
+    @torch.no_grad()
+    def _recombine_rows(self, recorded: dict) -> int:
+        """Recombination for product-key memories: rows this step read together whose values
+        are near-duplicates merge (``ProductKeyMemory.recombine_rows``); the rows freed restart
+        their Adagrad accumulators, as reused rows do. Returns the rows merged away."""
+        from memstore_torch import ProductKeyMemory
+
+        total = 0
+        for layer in recorded.values():
+            read = layer.last_read
+            if not isinstance(layer, ProductKeyMemory) or read is None:
+                continue
+            if not layer.memory_parameters():
+                continue
+            blanks = layer.recombine_rows(
+                read.ids - 1, read.weights, self.config.memory_rows_recombine
+            )
+            if blanks.numel():
+                self.row_optimizer.reset_rows(layer.memory_values, blanks)
+                total += blanks.numel()
+        return total
 
     @torch.no_grad()
     def _reuse_cold_rows(self) -> int:

@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from memstore import Store
+from memstore.errors import InvalidInputError
 from memstore_gpt2.cli import main
 from memstore_gpt2.generate import sample_tokens
 from memstore_gpt2.lm_training import batch_for_step, lm_logits, resolve_device
@@ -203,3 +204,25 @@ def test_a_run_recorded_before_the_new_options_still_resumes(tmp_path, teacher_d
     resumed = CliRunner().invoke(main, [*args, "--steps", "3", "--resume", "--json"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.output.strip().splitlines()[-1])["steps"] == 3
+
+
+def test_rows_read_together_with_near_duplicate_values_are_recombined(
+    teacher, blocks, store, tmp_path
+):
+    """--memory-rows-recombine: at each upkeep step the rows that step read together merge when
+    their values are near (a generous threshold here: any two trained rows), counted as
+    recombinations in the collection; the freed rows restart their Adagrad accumulators."""
+    model, _ = teacher
+    grown = student(model, blocks[0], store, 64, extra_heads=2, extra_k=4)
+    config = DistillConfig(steps=4, batch_size=4, eval_blocks=2, memory_rows_reuse_every=2,
+                           memory_rows_reuse_fraction=0.01, memory_rows_recombine=10.0)  # fmt: skip
+    distiller = Distiller(grown, model, blocks[0], blocks[1], config, tmp_path / "run",
+                          tensorboard=False)  # fmt: skip
+    distiller.run()
+    merged = [h["memory_rows_recombined"] for h in distiller.state.history
+              if "memory_rows_recombined" in h]  # fmt: skip
+    assert len(merged) == 2 and sum(merged) > 0
+    stats = [store.collection(f"layer{i}.extra").stats() for i in (0, 1)]
+    assert sum(s["recombinations"] for s in stats) == sum(merged)
+    with pytest.raises(InvalidInputError, match="memory_rows_recombine"):
+        DistillConfig(memory_rows_recombine=-1.0).validate()

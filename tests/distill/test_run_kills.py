@@ -64,7 +64,8 @@ KIND_ARGS = {
                     "--memory-rows-reuse-fraction", "0.5"],
     "paged": ["--k", "16", "--memory-rows", "1024", "--memory-rows-heads", "2",
               "--memory-rows-k", "4", "--memory-rows-reuse-every", "2",
-              "--memory-rows-reuse-fraction", "0.25", "--memory-budget", "30%"],
+              "--memory-rows-reuse-fraction", "0.25", "--memory-rows-recombine", "0.5",
+              "--memory-budget", "30%"],
 }  # fmt: skip
 
 
@@ -195,6 +196,8 @@ def test_paged_run_equals_the_resident_run(tmp_path, references, dropout_teacher
     (rows, LRFU state, counters, optimizers, perplexities), and the paged one did page."""
     paged = references("paged")
     assert final_state(paged)["summary"]["paging"]["rows_written_back"] > 0
+    with Store(f"sqlite:///{paged / 'memory.db'}", create=False) as store:
+        assert sum(store.collection(f"layer{i}.extra").stats()["recombinations"] for i in (0, 1))
     out = tmp_path / "resident"
     args = distill_args(dropout_teacher_dir, corpus_dir, out, "paged")
     result = run_cli(
