@@ -28,13 +28,35 @@ def touched(
 
 
 def decay(ages: torch.Tensor, lam: float) -> torch.Tensor:
-    """``2^(-lam * age)`` (float64) for integer ``ages``, the same number for the same age
-    wherever it sits in the tensor: a vectorised ``exp2`` rounds lanes and tails differently, so
-    a row would get another last bit in a cache (another position) than in the resident index.
-    Ages take few distinct values per call; each is computed once, in scalar arithmetic."""
-    distinct, where = torch.unique(ages, return_inverse=True)
-    factors = [2.0 ** (-lam * age) for age in distinct.tolist()]
-    return torch.tensor(factors, dtype=torch.float64, device=ages.device)[where]
+    """``2^(-lam * age)`` (float64) for integer ``ages`` >= 0, the same number for the same age
+    wherever it sits in the tensor: a vectorised ``exp2`` rounds SIMD lanes and tails
+    differently, so a row would get another last bit in a cache (another position) than in the
+    resident index. The factors come from a table of scalar results, one per age, grown on
+    demand; ages beyond it (rows untouched for very long) are computed once per distinct age."""
+    if ages.numel() == 0:
+        return torch.zeros(ages.shape, dtype=torch.float64, device=ages.device)
+    oldest = int(ages.max())
+    if oldest >= _TABLE_LIMIT:
+        distinct, where = torch.unique(ages, return_inverse=True)
+        factors = [2.0 ** (-lam * age) for age in distinct.tolist()]
+        return torch.tensor(factors, dtype=torch.float64, device=ages.device)[where]
+    return _decay_table(lam, oldest + 1, ages.device)[ages]
+
+
+#: Ages (in ticks) the decay table covers at most; 2^20 floats = 8 MB per lambda and device.
+_TABLE_LIMIT = 1 << 20
+_TABLES: dict[tuple[float, torch.device], torch.Tensor] = {}
+
+
+def _decay_table(lam: float, size: int, device: torch.device) -> torch.Tensor:
+    key = (float(lam), torch.device(device))
+    table = _TABLES.get(key)
+    if table is None or table.numel() < size:
+        size = min(_TABLE_LIMIT, max(size, 1024, 2 * (0 if table is None else table.numel())))
+        factors = [2.0 ** (-lam * age) for age in range(size)]
+        table = torch.tensor(factors, dtype=torch.float64).to(device)
+        _TABLES[key] = table
+    return table
 
 
 def order_key(crf: torch.Tensor, last_tick: torch.Tensor, now: int, lam: float) -> torch.Tensor:

@@ -283,3 +283,26 @@ def test_pairs_are_taken_greedily_nearest_first_each_row_once():
     chosen, distance = near_duplicates(first, second, lambda r: table[r], threshold=0.02)
     assert [(int(first[c]), int(second[c])) for c in chosen] == [(3, 4), (1, 2)]
     assert bool((distance <= 0.02).all()) and bool((distance[:-1] <= distance[1:]).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_paged_memory_trains_on_cuda(tmp_path):
+    """The cache, its slot map and the rows read in live on the GPU; results match resident."""
+    store, resident, paged = _pair(f"sqlite:///{tmp_path / 'mem.db'}", cache_rows=48)
+    resident.cuda(), paged.cuda()
+    assert paged.index._slot.is_cuda and paged.memory_values.is_cuda
+    opts = [RowwiseAdagrad(m.memory_parameters(), lr=0.1) for m in (resident, paged)]
+    with store.transaction():
+        for _ in range(4):
+            x = torch.randn(5, D, device="cuda")
+            resident.train(), paged.train()
+            outs = [resident(x), paged(x, searched=paged.start(x, read_ahead=True))]
+            torch.testing.assert_close(outs[0], outs[1])
+            for out, opt in zip(outs, opts, strict=True):
+                out.pow(2).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        resident.flush(), paged.flush()
+    a, b = _rows(store, "a"), _rows(store, "b")
+    np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(a.hits, b.hits)
