@@ -250,6 +250,9 @@ def distill_group() -> None:
 @click.option("--memory-rows-recombine", default=0.0, show_default=True, type=float,
               help="At each reuse, first merge extra rows read together in that step whose "
                    "values lie this near (relative distance; 0: never).")  # fmt: skip
+@click.option("--memory-rows-novel", default=0.0, show_default=True, type=float,
+              help="At each reuse, this share of the step's token-heads with the weakest best "
+                   "match each claim the coldest extra row they read (0: never).")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_options
 @memory_budget_option
@@ -258,7 +261,7 @@ def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers
                  batch_size, lr, memory_lr, alpha, temperature, warmup, eval_every, eval_blocks,
                  checkpoint_every, heads, capacity, memory_rows, memory_rows_lr, memory_rows_heads,
                  memory_rows_k, memory_rows_reuse_every, memory_rows_reuse_fraction,
-                 memory_rows_recombine, seed, device,
+                 memory_rows_recombine, memory_rows_novel, seed, device,
                  precision, memory_budget, as_json) -> None:  # fmt: skip
     """Distil GPT-2 TEACHER into a memory student saved in --out.
 
@@ -279,7 +282,7 @@ def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers
         memory_rows_lr=memory_rows_lr, precision=precision,
         memory_rows_reuse_every=memory_rows_reuse_every,
         memory_rows_reuse_fraction=memory_rows_reuse_fraction,
-        memory_rows_recombine=memory_rows_recombine,
+        memory_rows_recombine=memory_rows_recombine, memory_rows_novel=memory_rows_novel,
     )  # fmt: skip
     job = DistillJob(
         teacher=teacher, data=list(data), eval_data=list(eval_data) or None, db=db, out=out,

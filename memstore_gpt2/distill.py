@@ -43,13 +43,13 @@ TRAJECTORY_JOB_OPTIONS = (
 TRAJECTORY_CONFIG_OPTIONS = (
     "batch_size", "lr", "memory_lr", "weight_decay", "warmup", "alpha", "temperature", "clip",
     "eval_blocks", "seed", "memory_rows_lr", "precision", "memory_rows_reuse_every",
-    "memory_rows_reuse_fraction", "memory_rows_recombine",
+    "memory_rows_reuse_fraction", "memory_rows_recombine", "memory_rows_novel",
 )  # fmt: skip
 #: What a run recorded before an option existed meant this value (older runs still resume).
 OPTION_DEFAULTS = {
     "memory_rows": 0, "memory_rows_heads": 1, "memory_rows_k": 32, "memory_rows_lr": 0.1,
     "precision": "fp32", "memory_rows_reuse_every": 0, "memory_rows_reuse_fraction": 0.01,
-    "memory_rows_recombine": 0.0,
+    "memory_rows_recombine": 0.0, "memory_rows_novel": 0.0,
 }  # fmt: skip
 #: DistillConfig fields a resume may change (``steps`` may grow; the rest do not change results).
 FREE_CONFIG_OPTIONS = ("steps", "eval_every", "checkpoint_every", "log_every")

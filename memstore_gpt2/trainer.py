@@ -79,6 +79,9 @@ class DistillConfig:
     #: At each reuse, first merge rows that fired together in that step with values this near
     #: (relative distance; 0: never): ``ProductKeyMemory.recombine_rows``.
     memory_rows_recombine: float = 0.0
+    #: At each reuse, the share of that step's token-heads whose best match was weakest each
+    #: claim the coldest row they read (``ProductKeyMemory.insert_novel``; 0: never).
+    memory_rows_novel: float = 0.0
     #: "fp32", or "bf16": forwards under torch.autocast on the run's device.
     precision: str = "fp32"
     weight_decay: float = 0.01
@@ -115,6 +118,10 @@ class DistillConfig:
         if not self.memory_rows_recombine >= 0:
             raise bad_parameter(
                 "memory_rows_recombine", f"must be >= 0, got {self.memory_rows_recombine}"
+            )
+        if not 0.0 <= self.memory_rows_novel <= 1.0:
+            raise bad_parameter(
+                "memory_rows_novel", f"must be in [0, 1], got {self.memory_rows_novel}"
             )
         if not 0.0 < self.memory_rows_reuse_fraction <= 1.0:
             raise bad_parameter(
@@ -344,8 +351,9 @@ class Distiller:
         every = cfg.memory_rows_reuse_every
         upkeep = bool(every and self.row_optimizer is not None and (step + 1) % every == 0)
         recombine = upkeep and cfg.memory_rows_recombine > 0
-        # the reads of this step's forward, when they are to be recombined after the update
-        with recording_reads(self.student) if recombine else nullcontext() as recorded:
+        novel = upkeep and cfg.memory_rows_novel > 0
+        # the reads of this step's forward, when recombination or novelty look at them after it
+        with recording_reads(self.student) if recombine or novel else nullcontext() as recorded:
             with autocast(self.device, cfg.precision):
                 with torch.no_grad():
                     teacher_logits = lm_logits(self.teacher, ids)  # (B, T, V)
@@ -362,6 +370,8 @@ class Distiller:
             upkept = {}
             if recombine:
                 upkept["memory_rows_recombined"] = float(self._recombine_rows(recorded))
+            if novel:
+                upkept["memory_rows_novel"] = float(self._insert_novel(recorded))
         if upkeep:
             upkept["memory_rows_reused"] = float(self._reuse_cold_rows())
         return {
@@ -393,6 +403,26 @@ class Distiller:
             if blanks.numel():
                 self.row_optimizer.reset_rows(layer.memory_values, blanks)
                 total += blanks.numel()
+        return total
+
+    @torch.no_grad()
+    def _insert_novel(self, recorded: dict) -> int:
+        """Novelty for product-key memories: this step's weakest-matched queries each claim the
+        coldest row they read (``ProductKeyMemory.insert_novel``), whose Adagrad accumulator
+        restarts. Returns the rows claimed."""
+        from memstore_torch import ProductKeyMemory
+
+        total = 0
+        for layer in recorded.values():
+            read = layer.last_read
+            if not isinstance(layer, ProductKeyMemory) or read is None or read.scores is None:
+                continue
+            if not layer.memory_parameters():
+                continue
+            claimed = layer.insert_novel(read.ids - 1, read.scores, self.config.memory_rows_novel)
+            if claimed.numel():
+                self.row_optimizer.reset_rows(layer.memory_values, claimed)
+                total += claimed.numel()
         return total
 
     @torch.no_grad()

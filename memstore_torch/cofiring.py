@@ -38,13 +38,13 @@ def cofiring_pairs(rows: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Ten
         return empty, empty, wa[:0], wb[:0], empty
     n = int(torch.maximum(a.max(), b.max())) + 1
     pair = a * n + b
-    distinct, first, times = _first_occurrences(pair)
+    distinct, first, times = first_occurrences(pair)
     order = times.argsort(descending=True, stable=True)[:MAX_CANDIDATES]
     first, times = first[order], times[order]
     return a[first], b[first], wa[first], wb[first], times
 
 
-def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(distinct values, position of each one's first occurrence, its count)``."""
     distinct, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
     positions = torch.arange(values.numel(), device=values.device)

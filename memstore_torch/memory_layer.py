@@ -40,12 +40,15 @@ class MemoryRead:
     * ``ids`` (N, heads, k) int64: the row ids each position and head read (-1: no stored row,
       e.g. a pair inserted during this very forward, or padding);
     * ``weights`` (N, heads, k): the weight each of those rows' values got in the output
-      (the activation of its score, or its attention weight).
+      (the activation of its score, or its attention weight);
+    * ``scores`` (N, heads, k), where the layer has them apart from the weights (a product-key
+      memory: ``q . key`` before the softmax), else None.
     """
 
     ids: torch.Tensor
     weights: torch.Tensor
     lead: tuple[int, ...]
+    scores: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, n: int, heads: int, lead: tuple[int, ...], device=None) -> MemoryRead:

@@ -42,7 +42,7 @@ from memstore.recombine import merge_group, merged_rows
 from memstore.types import CollectionOptions
 
 from . import lrfu
-from .cofiring import cofiring_pairs, near_duplicates
+from .cofiring import cofiring_pairs, first_occurrences, near_duplicates
 from .config import ProductKeyConfig
 from .memory_layer import MemoryLayer, MemoryRead
 from .paged_rows import CREATE_CHUNK, PagedRows, Prefetch
@@ -295,6 +295,39 @@ class ProductKeyMemory(MemoryLayer):
         self.index.reset_lrfu(blank_slots)
 
     @torch.no_grad()
+    def insert_novel(self, rows: torch.Tensor, scores: torch.Tensor, share: float) -> torch.Tensor:
+        """Novelty for product keys: of one read's ``rows`` / ``scores`` ``(T, heads, k)`` (a
+        recorded ``MemoryRead``: ``ids - 1``, ``scores``), the ``share`` of token-heads whose best
+        match is weakest are novel, and each claims the coldest row it read (lowest stored LRFU
+        score; ties: lower row), weakest first, a row at most once. Product keys cannot add a key,
+        so the novel query takes over the coldest row at its own addresses: the row is handed
+        out as by :meth:`reuse_rows` (blank; counted as an eviction and an insert) and counted as a
+        ``novel_insert``; the query's gradient then writes it first. Returns the rows claimed."""
+        if not 0 <= share <= 1:
+            raise bad_parameter("share", f"must lie in [0, 1], got {share!r}")
+        rows = rows.to(self.index.device).reshape(-1, rows.shape[-1])  # (T * heads, k)
+        best = scores.to(self.index.device).reshape(-1, scores.shape[-1]).amax(dim=1)
+        n_novel = min(int(share * best.numel()), best.numel())
+        if n_novel == 0 or rows.shape[1] == 0:
+            return rows.new_zeros(0)
+        novel = best.argsort(stable=True)[:n_novel]  # weakest first
+        candidates = rows[novel]  # (n, k)
+        index, lam = self.index, self.config.lrfu_lambda
+        key = torch.cat([  # each chunk's stored LRFU state read before the next is fetched
+            lrfu.order_key(index._crf[slots], index._last_tick[slots], index.clock, lam)
+            for _, slots in self._cached_chunks(candidates.reshape(-1))
+        ]).reshape(candidates.shape)  # fmt: skip
+        # coldest first, then the lower row: sort each token's candidates by (key, row)
+        by_row = candidates.argsort(dim=1)
+        by_key = key.gather(1, by_row).argsort(dim=1, stable=True)
+        coldest = candidates.gather(1, by_row.gather(1, by_key[:, :1]))[:, 0]
+        _, first, _ = first_occurrences(coldest)
+        claimed = coldest[first.sort().values]  # each row once, weakest query first
+        self.reuse_rows(claimed)
+        self.index.count("novel_inserts", claimed.numel())
+        return claimed
+
+    @torch.no_grad()
     def reuse_rows(self, rows: torch.Tensor, values: torch.Tensor | None = None) -> None:
         """Give ``rows`` new content: their values become ``values`` (default zero) and their LRFU
         state that of a new row (crf 1, no hits, created and last touched now); counted as that
@@ -366,7 +399,9 @@ class ProductKeyMemory(MemoryLayer):
         )
         weights = weights.to(values.dtype)
         if self.record_reads:  # what this forward reads: row r is stored with id r + 1
-            self.last_read = MemoryRead(rows.detach() + 1, weights.detach(), tuple(lead))
+            self.last_read = MemoryRead(
+                rows.detach() + 1, weights.detach(), tuple(lead), scores.detach()
+            )
         t = h.shape[0]
         reads = self.config.heads * scores.shape[-1]
         rows = rows.reshape(t, reads)

@@ -226,3 +226,22 @@ def test_rows_read_together_with_near_duplicate_values_are_recombined(
     assert sum(s["recombinations"] for s in stats) == sum(merged)
     with pytest.raises(InvalidInputError, match="memory_rows_recombine"):
         DistillConfig(memory_rows_recombine=-1.0).validate()
+
+
+def test_weakly_matched_queries_claim_cold_rows_counted_as_novel_inserts(
+    teacher, blocks, store, tmp_path
+):
+    model, _ = teacher
+    grown = student(model, blocks[0], store, 64, extra_heads=2, extra_k=4)
+    config = DistillConfig(steps=4, batch_size=4, eval_blocks=2, memory_rows_reuse_every=2,
+                           memory_rows_reuse_fraction=0.01, memory_rows_novel=0.05)  # fmt: skip
+    distiller = Distiller(grown, model, blocks[0], blocks[1], config, tmp_path / "run",
+                          tensorboard=False)  # fmt: skip
+    distiller.run()
+    claimed = [h["memory_rows_novel"] for h in distiller.state.history
+               if "memory_rows_novel" in h]  # fmt: skip
+    assert len(claimed) == 2 and sum(claimed) > 0
+    stats = [store.collection(f"layer{i}.extra").stats() for i in (0, 1)]
+    assert sum(s["novel_inserts"] for s in stats) == sum(claimed)
+    with pytest.raises(InvalidInputError, match="memory_rows_novel"):
+        DistillConfig(memory_rows_novel=2.0).validate()

@@ -65,6 +65,7 @@ KIND_ARGS = {
     "paged": ["--k", "16", "--memory-rows", "1024", "--memory-rows-heads", "2",
               "--memory-rows-k", "4", "--memory-rows-reuse-every", "2",
               "--memory-rows-reuse-fraction", "0.25", "--memory-rows-recombine", "0.5",
+              "--memory-rows-novel", "0.02",
               "--memory-budget", "30%"],
 }  # fmt: skip
 

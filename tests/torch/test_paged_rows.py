@@ -306,3 +306,36 @@ def test_a_paged_memory_trains_on_cuda(tmp_path):
     a, b = _rows(store, "a"), _rows(store, "b")
     np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(a.hits, b.hits)
+
+
+def test_novel_queries_claim_the_coldest_row_they_read(url):
+    """The weakest-matched share of token-heads each take over the coldest row among their own
+    reads (blank, counted as a novel insert); paged and resident claim the same rows."""
+    store, resident, paged = _pair(url, cache_rows=48)
+    g = torch.Generator().manual_seed(5)
+    warm = [torch.randn(4, D, generator=g) for _ in range(3)]
+    x = torch.randn(6, D, generator=g)
+    claimed = []
+    with store.transaction():
+        for layer in (resident, paged):
+            layer.train()
+            with torch.no_grad():
+                for w in warm:  # LRFU state that differs from row to row
+                    layer(w)
+            scores, rows = layer.search(x)
+            got = layer.insert_novel(rows, scores, share=0.25)
+            best = scores.reshape(-1, scores.shape[-1]).amax(1)
+            weakest = best.argsort()[: int(0.25 * best.numel())]
+            reads = rows.reshape(-1, rows.shape[-1])[weakest]
+            assert 0 < got.numel() <= weakest.numel() and bool(torch.isin(got, reads).all())
+            assert got.unique().numel() == got.numel()
+            assert not layer.row_values(got).any()
+            assert layer.insert_novel(rows, scores, share=0.0).numel() == 0
+            claimed.append(got)
+            layer.flush()
+    assert torch.equal(claimed[0], claimed[1])
+    _assert_same_rows(store)
+    stats = store.collection("a").stats()
+    assert stats["novel_inserts"] == claimed[0].numel()
+    with pytest.raises(InvalidInputError, match="share"):
+        resident.insert_novel(rows, scores, share=1.5)
