@@ -456,17 +456,19 @@ class Distiller:
         """
         stop = StopRequests() if self.handle_signals else StopRequests(signals=())
         try:
-            with stop, self._write_back_interval():
-                self._open_writer()
-                self._initial_evaluation()
-                if self.out_dir is not None and self._saved_step is None:
-                    self.save_checkpoint()  # from now on the run is resumable
-                elapsed, steps_done = self._train(stop_at, stop)
-                if stop.requested and self._saved_step != self.state.step:
-                    self.save_checkpoint()
-            if stop.requested:
-                raise RunInterrupted(stop.name, stop.signum, self.state.step, self.config.steps)
-            return self._finish(elapsed, steps_done)
+            # the final evaluation and checkpoint page rows too: inside the write-back interval
+            with self._write_back_interval():
+                with stop:
+                    self._open_writer()
+                    self._initial_evaluation()
+                    if self.out_dir is not None and self._saved_step is None:
+                        self.save_checkpoint()  # from now on the run is resumable
+                    elapsed, steps_done = self._train(stop_at, stop)
+                    if stop.requested and self._saved_step != self.state.step:
+                        self.save_checkpoint()
+                if stop.requested:
+                    raise RunInterrupted(stop.name, stop.signum, self.state.step, self.config.steps)
+                return self._finish(elapsed, steps_done)
         finally:
             self._close_writer()
 
@@ -477,7 +479,7 @@ class Distiller:
         memory needs none (its rows reach the database only at checkpoints)."""
         store = memory_store(self.student)
         paged = any(getattr(m, "paged", False) for m in memory_layers(self.student).values())
-        if store is None or not paged or self.out_dir is None:
+        if store is None or not paged:  # (a run without a directory: one interval, the run)
             yield
             return
         with WriteBackInterval(store) as interval:

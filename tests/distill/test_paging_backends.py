@@ -91,3 +91,36 @@ def test_a_run_dying_between_checkpoints_leaves_the_last_checkpoint(
         assert after[name][1] == counters, name
         for field, want in rows.items():
             np.testing.assert_array_equal(after[name][0][field], want, err_msg=(name, field))
+
+
+def _run(url: str, model, blocks, out, cache_rows):
+    store = Store(url)
+    batches = [batch_for_step(blocks[0], s, 8, seed=9) for s in range(2)]
+    calibration = capture_mlp_inputs(model, [0, 1], batches)
+    factory = memory_factory("featural", store, k=16, init="mlp", calibration=calibration,
+                             memory_rows=1024, extra_heads=2, extra_k=4,
+                             extra_cache_rows=cache_rows)  # fmt: skip
+    torch.manual_seed(0)
+    grown = clone_with_mlps(model, [0, 1], factory)
+    # no checkpoint between the first and the last: the final evaluation pages rows in while
+    # the rows trained since the first checkpoint are still dirty
+    config = DistillConfig(steps=3, batch_size=8, eval_blocks=None, checkpoint_every=100)
+    distiller = Distiller(grown, model, blocks[0], blocks[1], config, out, tensorboard=False,
+                          handle_signals=False)  # fmt: skip
+    summary = distiller.run()
+    snapshot = _snapshot(store)
+    store.close()
+    return summary, snapshot
+
+
+def test_a_paged_run_ends_with_the_rows_of_the_resident_run(url, teacher, blocks, tmp_path):
+    model, _ = teacher
+    paged_url = url
+    resident_url = f"sqlite:///{tmp_path / 'resident.db'}"
+    paged, paged_rows = _run(paged_url, model, blocks, tmp_path / "paged", 120)
+    resident, resident_rows = _run(resident_url, model, blocks, tmp_path / "resident", None)
+    assert paged["student_ppl"] == resident["student_ppl"]
+    for name, (rows, counters) in resident_rows.items():
+        assert paged_rows[name][1] == counters, name
+        for field, want in rows.items():
+            np.testing.assert_array_equal(paged_rows[name][0][field], want, err_msg=(name, field))
