@@ -43,12 +43,21 @@ def load_matrix(path: str, what: str) -> np.ndarray:
     return arr
 
 
-def emit_json(payload) -> None:
-    click.echo(json.dumps(payload, indent=None, allow_nan=False))
+def emit_json(payload, *, sort_keys: bool = False) -> None:
+    """One line of JSON, the last of a command's output; non-finite floats become null (JSON
+    has no NaN or infinity), at any depth. Every command's ``--json`` prints through here."""
+    click.echo(json.dumps(finite(payload), indent=None, allow_nan=False, sort_keys=sort_keys))
 
 
-def _finite(x):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+def finite(value):
+    """``value`` with every non-finite float, at any depth of dicts and lists, as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def _human_bytes(n: int | None) -> str:
@@ -233,7 +242,7 @@ def query_command(url, collection, queries_path, k, touch, as_json) -> None:
     with open_store(url, create=False) as store:
         result = store.collection(collection).search(queries, k, touch=touch)
     if as_json:
-        distances = [[_finite(d) for d in row] for row in result.distances.astype(float).tolist()]
+        distances = [[finite(d) for d in row] for row in result.distances.astype(float).tolist()]
         emit_json({"ids": result.ids.tolist(), "distances": distances})
         return
     for q, (ids, dists) in enumerate(zip(result.ids, result.distances, strict=True)):

@@ -8,14 +8,13 @@ command imports its machinery when it runs and reports a missing extra as one cl
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 
 import click
 
 from memstore.cli_group import MemstoreGroup
+from memstore.cli_store import emit_json
 from memstore.errors import MissingDependencyError
 
 TORCH_HINT = "pip install 'memstore[torch]'"
@@ -48,18 +47,8 @@ def require_torch() -> None:
 
 
 def _emit_json(summary: dict) -> None:
-    """The last line of output: one JSON object (non-finite floats become null)."""
-    click.echo(json.dumps(_finite(summary), sort_keys=True))
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    """The last line of output: one JSON object, keys sorted (``memstore.cli_store.emit_json``)."""
+    emit_json(summary, sort_keys=True)
 
 
 def device_options(command):
