@@ -58,6 +58,12 @@ class Collection:
         with self.store.read() as conn:
             return self._backend.count_rows(conn, self.spec)
 
+    def max_id(self) -> int | None:
+        """The largest stored id (None when empty): one index lookup, so the cheap way to ask
+        whether a large collection holds rows (``len`` counts them all)."""
+        with self.store.read() as conn:
+            return self._backend.max_id(conn, self.spec)
+
     @property
     def clock(self) -> int:
         """The current logical tick (advanced once per touching search batch or set by callers)."""

@@ -224,7 +224,7 @@ class MemoryLayer(nn.Module):
             raise InvalidInputError("a memory layer bound to a store needs a collection name")
         coll = self._collection_for(self._store, self.collection_name)
         self._collection = coll
-        if len(coll) > 0:
+        if coll.max_id() is not None:  # not len(): counting a million rows reads them all
             self.index.load_collection(coll)
             self._snapshot()
             self._loaded = True

@@ -341,14 +341,18 @@ class PagedRows:
         return {"upserts": int(slots.numel()), "deletes": 0}
 
     def load_collection(self, collection: PagedSource) -> None:
-        """Bind to a collection holding the table (nothing is read but its clock and count)."""
-        if len(collection) != self.n_rows:
+        """Bind to a collection holding the table, reading nothing but its largest id and its
+        clock: counting the rows (or ``stats()``) would read the whole table, every page of it,
+        which is what a paged memory is there to avoid. A table of ids ``1..n_rows`` (rows are
+        never deleted from it) ends at id ``n_rows``; a missing row is refused when read."""
+        last = collection.max_id()
+        if last != self.n_rows:
             raise InvalidInputError(
-                f"collection {collection.name!r} holds {len(collection)} rows, not the "
-                f"{self.n_rows} of this memory layer"
+                f"collection {collection.name!r} does not hold the {self.n_rows} rows (ids 1.."
+                f"{self.n_rows}) of this memory layer: its largest id is {last}"
             )
         self.collection = collection
-        self.clock = int(collection.stats()["clock"])
+        self.clock = int(collection.clock)
 
     def create(self, keys_of: Callable[[torch.Tensor], torch.Tensor], values_of=None) -> None:
         """Write a new table of ``n_rows`` rows straight to the collection, chunk by chunk, in

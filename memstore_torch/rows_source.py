@@ -63,6 +63,10 @@ class LayerCollection(RowsSource, Protocol):
 
     def __len__(self) -> int: ...
 
+    def max_id(self) -> int | None:
+        """The largest stored id, None when empty (cheap, unlike ``len``)."""
+        ...
+
 
 @runtime_checkable
 class CollectionStore(Protocol):
@@ -109,6 +113,11 @@ class PagedSource(LayerCollection, Protocol):
 
     @property
     def store(self) -> WriteBackHost: ...
+
+    @property
+    def clock(self) -> int:
+        """The collection's LRFU clock (read from the catalog, not from the rows)."""
+        ...
 
     def get(self, ids: np.ndarray) -> RowBlock:
         """Rows in the order of ``ids`` (one query)."""

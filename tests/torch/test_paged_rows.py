@@ -339,3 +339,30 @@ def test_novel_queries_claim_the_coldest_row_they_read(url):
     assert stats["novel_inserts"] == claimed[0].numel()
     with pytest.raises(InvalidInputError, match="share"):
         resident.insert_novel(rows, scores, share=1.5)
+
+
+def test_binding_a_paged_memory_reads_no_row(url, monkeypatch):
+    """Counting rows (len, stats) would read a whole table: a paged memory binds with one
+    index lookup (the largest id) and the catalog's clock, and reads rows only when used."""
+    from memstore.collection import Collection
+
+    store, resident, _ = _pair(url, cache_rows=40)
+    for name in ("__len__", "stats", "export_rows", "get"):
+        monkeypatch.setattr(Collection, name, _forbidden(name))
+    again = ProductKeyMemory.from_config(resident.extra_config(), store, cache_rows=40)
+    assert again.paged and again.index.clock == resident.index.clock
+
+
+def _forbidden(name):
+    def call(*args, **kwargs):
+        raise AssertionError(f"Collection.{name} must not be called when a paged memory binds")
+
+    return call
+
+
+def test_a_collection_that_is_not_the_table_is_refused(url):
+    store, _, _ = _pair(url, cache_rows=40)
+    other = ProductKeyMemory(D, store=store, collection="c", **{**CONFIG, "n_keys": 8})
+    saved = {**other.extra_config(), "n_keys": 16}
+    with pytest.raises(InvalidInputError, match="largest id is 64"):
+        ProductKeyMemory.from_config(saved, store, cache_rows=40)

@@ -129,10 +129,13 @@ class FakeRows:
 
 
 class FakeCollection(FakeRows):
-    """A :class:`FakeRows` that also has the one member :class:`LayerCollection` adds."""
+    """A :class:`FakeRows` that also has the members :class:`LayerCollection` adds."""
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def max_id(self) -> int | None:
+        return max(self._rows, default=None)
 
 
 class FakeStore:
