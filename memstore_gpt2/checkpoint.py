@@ -200,6 +200,42 @@ def commit_memory(model, store, run_id: str, step: int, token: str) -> None:
         conn.execute(STAMPS.insert().values(run_id=run_id, step=int(step), token=token))
 
 
+class WriteBackInterval:
+    """One write transaction held open from one checkpoint to the next, for a student whose memory
+    pages (``--memory-budget``).
+
+    A paged memory writes changed rows back whenever they leave its cache, long before the next
+    checkpoint. Inside this transaction those writes, the checkpoint's flush and its stamp commit
+    together in :meth:`commit`, and a process killed in between loses them all: the database stays
+    exactly as of the last checkpoint, as for a fully resident student (whose rows reach the
+    database only in the checkpoint's transaction anyway). Other processes keep reading the last
+    checkpoint meanwhile (SQLite in WAL mode, PostgreSQL's MVCC).
+    """
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self._open: Any = None
+
+    def __enter__(self) -> WriteBackInterval:
+        self._begin()
+        return self
+
+    def _begin(self) -> None:
+        self._open = self.store.transaction()
+        self._open.__enter__()
+
+    def commit(self) -> None:
+        """Commit everything written since the last commit, and open the next interval."""
+        current, self._open = self._open, None
+        current.__exit__(None, None, None)
+        self._begin()
+
+    def __exit__(self, *exc_info) -> None:
+        current, self._open = self._open, None
+        if current is not None:
+            current.__exit__(*exc_info)  # rolls back when the block raised
+
+
 def committed_stamp(store, run_id: str) -> tuple[int, str] | None:
     """``(step, token)`` of the last memory commit of run ``run_id`` (None: none committed)."""
     with store.read() as conn:

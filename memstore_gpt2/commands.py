@@ -248,12 +248,13 @@ def distill_group() -> None:
               help="Share of each layer's extra rows considered at each reuse.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_options
+@memory_budget_option
 @click.option("--json", "as_json", is_flag=True, help="Last line of output: one JSON summary.")
 def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers, resume, context,
                  batch_size, lr, memory_lr, alpha, temperature, warmup, eval_every, eval_blocks,
                  checkpoint_every, heads, capacity, memory_rows, memory_rows_lr, memory_rows_heads,
                  memory_rows_k, memory_rows_reuse_every, memory_rows_reuse_fraction, seed, device,
-                 precision, as_json) -> None:  # fmt: skip
+                 precision, memory_budget, as_json) -> None:  # fmt: skip
     """Distil GPT-2 TEACHER into a memory student saved in --out.
 
     \b
@@ -279,7 +280,7 @@ def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers
         kind=kind, k=k, init=init or ("mlp" if kind == "featural" else "random"), layers=layers,
         resume=resume, context=context, heads=heads, capacity=capacity, config=config,
         memory_rows=memory_rows, memory_rows_heads=memory_rows_heads, memory_rows_k=memory_rows_k,
-        device=device, progress=not as_json,
+        device=device, memory_budget=memory_budget, progress=not as_json,
         explicit=_explicit_options(click.get_current_context()),
     )  # fmt: skip
     try:

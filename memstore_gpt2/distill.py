@@ -32,6 +32,7 @@ from memstore_gpt2.checkpoint import (
 )
 from memstore_gpt2.errors import StudentFormatError
 from memstore_gpt2.trainer import DistillConfig, Distiller, write_summary
+from memstore_torch.budget import MemoryBudget
 
 #: Job options that shape a run's trajectory: a resume must keep them.
 TRAJECTORY_JOB_OPTIONS = (
@@ -79,6 +80,7 @@ class DistillJob:
     memory_rows_heads: int = 1
     memory_rows_k: int = 32
     device: str = "auto"  # where the run trains; a resume may change it
+    memory_budget: str | None = None  # resident share of the extra rows; a resume may change it
     config: DistillConfig = field(default_factory=DistillConfig)
     progress: bool = True
     explicit: frozenset[str] | None = None
@@ -240,10 +242,11 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     )
     from memstore_gpt2.surgery import parse_layers
     from memstore_gpt2.teacher import load_teacher
-    from memstore_torch.model_memory import memory_parameters
+    from memstore_torch.model_memory import memory_parameters, paging_stats
 
     started = time.perf_counter()
     job.config.validate()  # before any work: a bad option must not fail deep inside calibration
+    budget = None if job.memory_budget is None else MemoryBudget.parse(job.memory_budget)
     device = resolve_device(job.device)
     out = Path(job.out)
     if job.resume:
@@ -299,14 +302,14 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         }
     try:
         if job.resume:
-            student = build_student_skeleton(out, manifest, store)
+            student = build_student_skeleton(out, manifest, store, budget)
             write_manifest(out, db_url, manifest["layers"], manifest.get("info"), run)
         else:
             _check_no_clash(store, run_collections(job, layers))
             # Said before any collection exists, so a run killed during surgery can be cleared.
             write_manifest(out, db_url, {}, info, run)
             torch.manual_seed(job.config.seed)  # layers drawn at random start the same each run
-            student = _new_student(job, teacher, layers, train_blocks, store)
+            student = _new_student(job, teacher, layers, train_blocks, store, budget)
             save_student(student, tokenizer, out, db_url, info=info, run=run)
         distiller = Distiller(
             student,
@@ -330,6 +333,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         rows = {key: total for key, (total, _) in counts.items()}
         extra_rows = {key: extra for key, (_, extra) in counts.items()}
         db_bytes = store.size_bytes()
+        paging = paging_stats(student)
     finally:
         store.close()
         writer.release()
@@ -346,6 +350,8 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         "memory_rows_requested": job.memory_rows,  # per layer, before rounding up to a square
         "device": str(device),
         "precision": job.config.precision,
+        "memory_budget": job.memory_budget,
+        "paging": paging,  # what the memory held and read (memstore_torch.paging_stats)
         "db_bytes": db_bytes,
         "parameters": sum(p.numel() for p in student.parameters())
         - sum(p.numel() for p in memory_parameters(student)),
@@ -382,7 +388,7 @@ def run_collections(job: DistillJob, layers: list[int]) -> list[str]:
     return names
 
 
-def _factory(job: DistillJob, store, calibration=None):
+def _factory(job: DistillJob, store, calibration=None, extra_cache_rows=None):
     from memstore_gpt2.student import memory_factory
 
     return memory_factory(
@@ -396,6 +402,7 @@ def _factory(job: DistillJob, store, calibration=None):
         memory_rows=job.memory_rows,
         extra_heads=job.memory_rows_heads,
         extra_k=job.memory_rows_k,
+        extra_cache_rows=extra_cache_rows,
     )
 
 
@@ -409,10 +416,19 @@ def _check_no_clash(store, names: list[str]) -> None:
         )
 
 
-def _new_student(job: DistillJob, teacher, layers: list[int], train_blocks, store):
-    """Surgery for a fresh run: memory layers bound to ``layer<i>`` collections of ``store``."""
+def _new_student(job: DistillJob, teacher, layers: list[int], train_blocks, store, budget=None):
+    """Surgery for a fresh run: memory layers bound to ``layer<i>`` collections of ``store``; under
+    ``budget`` the extra rows are written straight to the store and page from there."""
     from memstore_gpt2.lm_training import batch_for_step
+    from memstore_gpt2.student import extra_rows_shape
     from memstore_gpt2.surgery import capture_mlp_inputs, clone_with_mlps
+    from memstore_torch.paged_rows import PagedRows
+
+    cache_rows = None
+    n_keys = extra_rows_shape(job.memory_rows)
+    if budget is not None and n_keys:
+        table = (n_keys**2, PagedRows.bytes_per_slot(2, teacher.config.n_embd))
+        cache_rows = budget.cache_rows([table] * len(layers))[0]
 
     calibration = None
     if job.init == "mlp":
@@ -421,4 +437,4 @@ def _new_student(job: DistillJob, teacher, layers: list[int], train_blocks, stor
             for s in range(job.calibration_batches)
         ]
         calibration = capture_mlp_inputs(teacher, layers, batches)
-    return clone_with_mlps(teacher, layers, _factory(job, store, calibration))
+    return clone_with_mlps(teacher, layers, _factory(job, store, calibration, cache_rows))

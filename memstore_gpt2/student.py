@@ -124,6 +124,7 @@ def memory_factory(
     extra_heads: int = EXTRA_HEADS,
     extra_k: int = EXTRA_K,
     extra_key_dim: int = EXTRA_KEY_DIM,
+    extra_cache_rows: int | None = None,
 ):
     """A surgery factory that turns teacher MLP ``i`` into a memory layer bound to ``layer{i}``.
 
@@ -135,7 +136,8 @@ def memory_factory(
     product-key memory (``n_keys = ceil(sqrt(memory_rows))``, so ``n_keys ** 2`` rows;
     ``extra_heads`` heads reading ``extra_k`` rows each, queries of ``extra_key_dim``) lives in
     ``layer{i}.extra``. Its values start at zero, so the grown student computes exactly what the
-    student without them computes until it trains.
+    student without them computes until it trains. ``extra_cache_rows`` pages them through a cache
+    of that many rows (written straight to the store, never all in memory).
     """
     options = dict(layer_options or {})
     if kind not in ("featural", "associative"):
@@ -169,6 +171,7 @@ def memory_factory(
             key_dim=extra_key_dim,
             store=store,
             collection=extra_collection_name(index),
+            cache_rows=extra_cache_rows,
         )
         return GrownMemory(layer, extra)
 

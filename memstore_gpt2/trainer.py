@@ -17,6 +17,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from memstore.errors import bad_parameter
 from memstore_gpt2.checkpoint import (
     CHECKPOINT_FILE,
     FORMAT_VERSION,
+    WriteBackInterval,
     commit_memory,
     consistent_checkpoint,
     memory_store,
@@ -200,6 +203,7 @@ class Distiller:
         self.run_info = dict(run_info or {})
         self.handle_signals = handle_signals
         self._saved_step: int | None = None  # step of the checkpoint on disk, if any
+        self._interval: WriteBackInterval | None = None  # open while a paged student trains
         self._writer = None
         torch.manual_seed(config.seed)
 
@@ -267,6 +271,8 @@ class Distiller:
         write_checkpoint_file(self.out_dir, payload)
         if store is not None:  # product-key layers are MemoryLayers: flushed in this transaction
             commit_memory(self.student, store, self.run_id, self.state.step, token)
+            if self._interval is not None:  # paged rows written back since the last checkpoint
+                self._interval.commit()
         self._saved_step = self.state.step
 
     def _extra_payload(self) -> dict[str, Any]:
@@ -363,7 +369,7 @@ class Distiller:
                 continue
             m = math.ceil(self.config.memory_rows_reuse_fraction * layer.n_rows)
             cold = layer.coldest_rows(m)
-            cold = cold[layer.memory_values[cold].abs().amax(dim=1) > 0]
+            cold = cold[layer.row_values(cold).abs().amax(dim=1) > 0]
             if cold.numel():
                 layer.reuse_rows(cold)
                 self.row_optimizer.reset_rows(layer.memory_values, cold)
@@ -379,7 +385,7 @@ class Distiller:
         """
         stop = StopRequests() if self.handle_signals else StopRequests(signals=())
         try:
-            with stop:
+            with stop, self._write_back_interval():
                 self._open_writer()
                 self._initial_evaluation()
                 if self.out_dir is not None and self._saved_step is None:
@@ -392,6 +398,23 @@ class Distiller:
             return self._finish(elapsed, steps_done)
         finally:
             self._close_writer()
+
+    @contextmanager
+    def _write_back_interval(self) -> Iterator[None]:
+        """While the run lasts, a paged student's writes go into one transaction per checkpoint
+        interval (:class:`~memstore_gpt2.checkpoint.WriteBackInterval`); a resident student's
+        memory needs none (its rows reach the database only at checkpoints)."""
+        store = memory_store(self.student)
+        paged = any(getattr(m, "paged", False) for m in memory_layers(self.student).values())
+        if store is None or not paged or self.out_dir is None:
+            yield
+            return
+        with WriteBackInterval(store) as interval:
+            self._interval = interval
+            try:
+                yield
+            finally:
+                self._interval = None
 
     def _open_writer(self) -> None:
         """TensorBoard writer that drops what an earlier process logged at or after this step

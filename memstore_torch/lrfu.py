@@ -9,6 +9,8 @@ docs/design.md, LRFU).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -49,3 +51,14 @@ def eviction_order(
     order = ids.argsort()
     order = order[last_tick[order].argsort(stable=True)]
     return order[order_key(crf, last_tick, now, lam)[order].argsort(stable=True)]
+
+
+def reset(rows: Any, slots: torch.Tensor) -> None:
+    """Give ``slots`` of a row holder (``_crf``, ``_hits``, ``_last_tick``, ``_created_tick``,
+    ``_dirty`` tensors and a ``clock``) the LRFU state of a row inserted now: crf 1, no hits,
+    created and last touched at the clock."""
+    rows._crf[slots] = 1.0
+    rows._hits[slots] = 0
+    rows._last_tick[slots] = rows.clock
+    rows._created_tick[slots] = rows.clock
+    rows._dirty[slots] = True

@@ -41,7 +41,7 @@ from memstore.errors import InvalidInputError, bad_parameter
 from memstore.types import RowBlock
 
 from . import lrfu
-from .rows_source import PagedSource
+from .rows_source import PagedSource, row_block
 
 #: Rows written per ``apply_changes`` call when a table is created through the cache.
 CREATE_CHUNK = 65_536
@@ -242,15 +242,7 @@ class PagedRows:
 
     # ------------------------------------------------------------------ writing rows out
     def _block(self, slots: torch.Tensor) -> RowBlock:
-        return RowBlock(
-            ids=(self._row[slots] + 1).cpu().numpy().astype(np.int64),
-            keys=self.key_storage[slots].detach().float().cpu().numpy(),
-            values=self.value_storage[slots].detach().float().cpu().numpy(),
-            crf=self._crf[slots].cpu().numpy().astype(np.float64),
-            last_tick=self._last_tick[slots].cpu().numpy().astype(np.int64),
-            hits=self._hits[slots].cpu().numpy().astype(np.int64),
-            created_tick=self._created_tick[slots].cpu().numpy().astype(np.int64),
-        )
+        return row_block(self, slots, self._row[slots] + 1)
 
     def _write_back(self, slots: torch.Tensor) -> None:
         if slots.numel() == 0:
@@ -351,12 +343,7 @@ class PagedRows:
 
     def reset_lrfu(self, slots: torch.Tensor) -> None:
         """The LRFU state of a row inserted now (see ``ResidentIndex.reset_lrfu``)."""
-        slots = slots.reshape(-1).to(self.device)
-        self._crf[slots] = 1.0
-        self._hits[slots] = 0
-        self._last_tick[slots] = self.clock
-        self._created_tick[slots] = self.clock
-        self._dirty[slots] = True
+        lrfu.reset(self, slots.reshape(-1).to(self.device))
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + int(n)

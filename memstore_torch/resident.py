@@ -26,7 +26,7 @@ from memstore.errors import DimensionMismatchError, InvalidInputError, RowNotFou
 from memstore.types import RowBlock
 
 from . import knn, lrfu
-from .rows_source import RowsSource
+from .rows_source import RowsSource, row_block
 
 _INITIAL_STORAGE = 1024
 
@@ -253,15 +253,7 @@ class ResidentIndex:
     def dirty_block(self) -> RowBlock:
         """The changed rows as a ``memstore.RowBlock`` (what :meth:`flush` upserts)."""
         slots = self._dirty[: self.n].nonzero().reshape(-1)
-        return RowBlock(
-            ids=self._ids[slots].cpu().numpy().astype(np.int64),
-            keys=self.key_storage[slots].detach().float().cpu().numpy(),
-            values=self.value_storage[slots].detach().float().cpu().numpy(),
-            crf=self._crf[slots].cpu().numpy().astype(np.float64),
-            last_tick=self._last_tick[slots].cpu().numpy().astype(np.int64),
-            hits=self._hits[slots].cpu().numpy().astype(np.int64),
-            created_tick=self._created_tick[slots].cpu().numpy().astype(np.int64),
-        )
+        return row_block(self, slots, self._ids[slots])
 
     def flush(self, collection: RowsSource) -> dict[str, int]:
         """Write every dirty row and deletion to ``collection`` in one transaction."""
@@ -374,11 +366,7 @@ class ResidentIndex:
         """Give ``slots`` the LRFU state of a row inserted now (crf 1, no hits, created and last
         touched at the clock), as when a layer hands a cold row new content."""
         slots = slots.reshape(-1).to(self.device)
-        self._crf[slots] = 1.0
-        self._hits[slots] = 0
-        self._last_tick[slots] = self.clock
-        self._created_tick[slots] = self.clock
-        self._dirty[slots] = True
+        lrfu.reset(self, slots)
 
     def lrfu_scores(self, now: int | None = None) -> torch.Tensor:
         """``log2(crf) - lambda * (now - last_tick)``: higher = keep. Mirror of

@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from memstore.types import CollectionOptions, RowBlock
 
@@ -113,3 +114,18 @@ class PagedSource(LayerCollection, Protocol):
     ) -> np.ndarray:
         """Ids of the lowest-LRFU rows beyond ``capacity``, lowest first (``dry_run``: kept)."""
         ...
+
+
+def row_block(rows: Any, slots: torch.Tensor, ids: torch.Tensor) -> RowBlock:
+    """Slots ``slots`` of a row holder (``key_storage``, ``value_storage``, ``_crf``,
+    ``_last_tick``, ``_hits``, ``_created_tick`` tensors on any device, in any float precision),
+    with ids ``ids``, as the ``RowBlock`` a store takes."""
+    return RowBlock(
+        ids=ids.cpu().numpy().astype(np.int64),
+        keys=rows.key_storage[slots].detach().float().cpu().numpy(),
+        values=rows.value_storage[slots].detach().float().cpu().numpy(),
+        crf=rows._crf[slots].cpu().numpy().astype(np.float64),
+        last_tick=rows._last_tick[slots].cpu().numpy().astype(np.int64),
+        hits=rows._hits[slots].cpu().numpy().astype(np.int64),
+        created_tick=rows._created_tick[slots].cpu().numpy().astype(np.int64),
+    )

@@ -49,6 +49,11 @@ KILLS = {
         "install", "after", 1, 4, "resume", "memory_rows"),
     "memory rows: inside the memory commit, two collections written": (
         "apply_changes", "after", 2, 4, "resume", "memory_rows"),
+    # paged extra rows (--memory-budget): rows written back between checkpoints, uncommitted
+    "paged memory rows: killed during a write-back between checkpoints": (
+        "apply_changes", "after", 1, 3, "resume", "paged"),
+    "paged memory rows: inside the memory commit": (
+        "apply_changes", "after", 3, 5, "resume", "paged"),
 }  # fmt: skip
 COUNTERS = ("clock", "next_id", "inserts", "novel_inserts", "recombinations", "evictions")
 KIND_ARGS = {
@@ -57,6 +62,9 @@ KIND_ARGS = {
     "memory_rows": ["--k", "16", "--memory-rows", "64", "--memory-rows-heads", "2",
                     "--memory-rows-k", "4", "--memory-rows-reuse-every", "2",
                     "--memory-rows-reuse-fraction", "0.5"],
+    "paged": ["--k", "16", "--memory-rows", "1024", "--memory-rows-heads", "2",
+              "--memory-rows-k", "4", "--memory-rows-reuse-every", "2",
+              "--memory-rows-reuse-fraction", "0.25", "--memory-budget", "30%"],
 }  # fmt: skip
 
 
@@ -180,6 +188,21 @@ def test_killed_run_recovers_to_the_uninterrupted_state(
         result = run_cli([*args, "--resume"])
     assert result.exit_code == 0, result.output
     assert_same_final_state(final_state(out), final_state(references(kind)))
+
+
+def test_paged_run_equals_the_resident_run(tmp_path, references, dropout_teacher_dir, corpus_dir):
+    """The same run with every extra row resident ends bit for bit where the paged one ends
+    (rows, LRFU state, counters, optimizers, perplexities), and the paged one did page."""
+    paged = references("paged")
+    assert final_state(paged)["summary"]["paging"]["rows_written_back"] > 0
+    out = tmp_path / "resident"
+    args = distill_args(dropout_teacher_dir, corpus_dir, out, "paged")
+    result = run_cli(
+        args[: args.index("--memory-budget")] + args[args.index("--memory-budget") + 2 :]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["paging"]["paged_layers"] == 0
+    assert_same_final_state(final_state(out), final_state(paged))
 
 
 def test_two_identical_runs_are_bit_identical(
