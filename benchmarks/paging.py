@@ -345,6 +345,7 @@ def build(args) -> tuple[Path, Path]:
         "distill_steps": args.distill_steps,
         "context": args.context,
         "batch_size": args.batch_size,
+        "eval_blocks": 0,
         "seed": args.seed,
     }
     recipe_file = work / "paging_recipe.json"
@@ -357,7 +358,10 @@ def build(args) -> tuple[Path, Path]:
     train_teacher(read_texts(args.train), teacher_dir, spec, progress=False)
     log(f"distilling the student ({args.memory_rows:,} extra rows per layer, "
         f"{args.distill_steps} steps) into {student_dir} ...")  # fmt: skip
-    config = DistillConfig(steps=args.distill_steps, batch_size=args.batch_size, eval_blocks=8,
+    # eval_blocks=0: the run's own held-out evaluations are not what is measured here, and a
+    # paged run's final evaluation (after the timed steps) would page its rows outside the
+    # checkpoint interval's transaction, which the trainer refuses once dirty rows must leave
+    config = DistillConfig(steps=args.distill_steps, batch_size=args.batch_size, eval_blocks=0,
                            checkpoint_every=0, seed=args.seed)  # fmt: skip
     job = DistillJob(teacher=str(teacher_dir), data=[args.train], out=str(student_dir),
                      k=args.width // 2, memory_rows=args.memory_rows, context=args.context,
