@@ -36,7 +36,7 @@ def test_toy_run_keys_and_identical_results(paging_benchmark, corpus_dir, tmp_pa
     flags = [
         "--train", str(texts[0]), "--test", str(texts[1]), "--work", str(tmp_path),
         "--memory-rows", "16384", "--teacher-steps", "2", "--width", "32", "--vocab", "384",
-        "--context", "8", "--batch-size", "1", "--distill-steps", "2", "--train-steps", "1",
+        "--context", "8", "--batch-size", "1", "--distill-steps", "2", "--train-steps", "1", "--train-rounds", "1",
         "--test-blocks", "3", "--eval-batch", "1", "--prompt-tokens", "4", "--gen-tokens", "3",
         "--budgets", "100%,25%,10%", "--cold", "10%", "--threads", "1", "--in-process", "--json",
     ]  # fmt: skip
@@ -53,7 +53,7 @@ def test_toy_run_keys_and_identical_results(paging_benchmark, corpus_dir, tmp_pa
         assert run["paged_layers"] == (2 if paged else 0)
         assert (run["rows_read"] > 0) == paged and 0 < run["cache_hit_rate"] <= 1
     assert out["db_to_budget_10pct"] == out["db_bytes"] / out["budget_bytes_10pct"] > 1
-    assert [r["budget"] for r in out["train"]["runs"]] == ["100%", "10%"]
+    assert [r["budget"] for r in out["train"]["runs"]] == ["100%", "10%"]  # one round
     assert "THP_MEM_ALLOC_ENABLE=test" in out["machine"]["env"]
 
 
