@@ -359,9 +359,8 @@ def build(args) -> tuple[Path, Path]:
     train_teacher(read_texts(args.train), teacher_dir, spec, progress=False)
     log(f"distilling the student ({args.memory_rows:,} extra rows per layer, "
         f"{args.distill_steps} steps) into {student_dir} ...")  # fmt: skip
-    # eval_blocks=0: the run's own held-out evaluations are not what is measured here, and a
-    # paged run's final evaluation (after the timed steps) would page its rows outside the
-    # checkpoint interval's transaction, which the trainer refuses once dirty rows must leave
+    # eval_blocks=0: the run's own held-out evaluations are not what is measured here (each
+    # resumed training run would otherwise end with one, paging rows of its own)
     config = DistillConfig(steps=args.distill_steps, batch_size=args.batch_size, eval_blocks=0,
                            checkpoint_every=0, seed=args.seed)  # fmt: skip
     job = DistillJob(teacher=str(teacher_dir), data=[args.train], out=str(student_dir),
