@@ -7,10 +7,13 @@ Builds once, cached under ``--work``: a small GPT-2-architecture teacher (2 bloc
 4 heads, n_inner 512, byte-level BPE 4096, context 128) trained on ``--train``, and a student
 distilled from it for ``--distill-steps`` steps with ``--memory-rows`` extra product-key rows per
 memory layer (``memstore distill gpt2 --memory-rows``; one head of 32 reads, values of width 128
-in a SQLite file), so that the rows it read are no longer zero. With 1,048,576 rows per layer the
-database is about 10x the rows' 10 % budget (printed: ``db_bytes``, ``budget_bytes_10pct``,
-``db_to_budget_10pct``; a cached row costs its value, its key and 66 bytes of bookkeeping, a
-stored row about as much, so the ratio stays a little under 10 at this width).
+in a SQLite file), so that the rows it read are no longer zero.
+
+**A budget is a share of the database's size**: ``10%`` is ``--memory-budget <db bytes / 10>B``,
+so the database is exactly 10x the 10 % budget (``db_bytes``, ``budget_bytes_10pct``,
+``db_to_budget_10pct``). A cached row costs its value, its key and 66 bytes of bookkeeping
+(``PagedRows.bytes_per_slot``), a stored row a little less, so that budget caches a little under
+10 % of the rows (``cache_rows`` per run).
 
 Then, for each ``--budgets`` (default 100 %, 25 %, 10 %, 1 %; 100 % means no budget: every row
 resident), **one fresh process per measurement** loads the student with ``load_student(...,
@@ -32,6 +35,10 @@ shows each budget's round with the best tokens/s, JSON ``runs`` every round):
   the rows' tensors (the cache and its bookkeeping, or the whole table at 100 %) + the rest,
   ``overhead_mb``, which is measured, not assumed (load-time copies, batched reads, activations,
   the allocator);
+* prefetch: the 10 % budget also runs with read-ahead switched off (``ProductKeyMemory.prefetch
+  = False``; label ``10% np``), so ``tokens_per_s_10pct_no_prefetch`` and
+  ``train_step_ratio_10pct_no_prefetch`` say what reading the rows ahead (in a worker thread,
+  while the block's featural memory computes) buys;
 * the OS file cache: **warm** reads the database file (and its ``-wal``) through before the student
   loads, so every page is in the OS cache; **cold** first evicts the file's pages with
   ``posix_fadvise(POSIX_FADV_DONTNEED)`` (after ``fdatasync``). The model's own row cache starts
@@ -51,7 +58,8 @@ too (``train_rows_identical``: every run, resident or paged, trained exactly the
 
 Prints the tables and the machine; ``--json`` prints one JSON object as the last line with
 ``tokens_per_s_full``, ``tokens_per_s_10pct``, ``ppl_full``, ``ppl_10pct``,
-``train_step_ratio_10pct``, ``cache_hit_rate_10pct``, ``peak_rss_mb_10pct`` (all warm), plus
+``train_step_ratio_10pct``, ``cache_hit_rate_10pct``, ``peak_rss_mb_10pct`` (all warm), the
+``*_no_prefetch`` pair, plus
 ``runs`` (every measurement), ``train``, the identity flags, ``db_bytes`` and ``machine``.
 """
 
@@ -142,7 +150,12 @@ def run_worker(spec: dict, in_process: bool = False) -> dict:
     is the result. ``in_process`` (smoke runs: no interpreter start-up) runs it here instead, so
     its memory figures then describe this whole process."""
     if in_process:
-        return WORKERS[spec["task"]](spec)
+        from memstore_torch import ProductKeyMemory
+
+        try:
+            return WORKERS[spec["task"]](spec)
+        finally:  # set_prefetch changed the class default for this process
+            ProductKeyMemory.prefetch = True
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
@@ -211,7 +224,8 @@ def eval_worker(spec: dict) -> dict:
         warm_os_cache(db_path)
     read_before = disk_read_bytes()
     rss_before = proc_status_mb("VmRSS")
-    budget = None if spec["budget"] == "100%" else MemoryBudget.parse(spec["budget"])
+    budget = None if spec["memory_budget"] is None else MemoryBudget.parse(spec["memory_budget"])
+    set_prefetch(spec)
 
     started = time.perf_counter()
     student = load_student(spec["student"], memory_budget=budget)
@@ -219,6 +233,7 @@ def eval_worker(spec: dict) -> dict:
     load_read = disk_read_bytes() - read_before
     model = student.model
     dense_bytes, rows_bytes = model_memory_bytes(model)
+    cache_rows = sum(m.index.capacity for m in model.modules() if getattr(m, "paged", False))
 
     started = time.perf_counter()
     tokens = sample_tokens(model, prompt, max_new_tokens=spec["gen_tokens"], temperature=0.8,
@@ -238,6 +253,8 @@ def eval_worker(spec: dict) -> dict:
     new_tokens = len(tokens) - len(prompt)
     return {
         "budget": spec["budget"],
+        "memory_budget": spec["memory_budget"],
+        "cache_rows": cache_rows,
         "os_cache": spec["os_cache"],
         "tokens": tokens[len(prompt) :],
         "tokens_per_s": new_tokens / gen_s,
@@ -275,9 +292,10 @@ def train_worker(spec: dict) -> dict:
     rss_before = proc_status_mb("VmRSS")
     config = DistillConfig(steps=spec["steps"], checkpoint_every=0, log_every=1000)
     options = {"steps", "checkpoint_every", "log_every"}
+    set_prefetch(spec)
     budget = {}
-    if spec["budget"] != "100%":
-        budget = {"memory_budget": spec["budget"]}
+    if spec["memory_budget"] is not None:
+        budget = {"memory_budget": spec["memory_budget"]}
         options.add("memory_budget")
     job = DistillJob(teacher=spec["teacher"], data=[spec["train"]], out=spec["student"],
                      resume=True, config=config, progress=False, device="cpu",
@@ -291,6 +309,20 @@ def train_worker(spec: dict) -> dict:
         "peak_rss_mb": proc_status_mb("VmHWM"),
         "student_ppl": summary.get("student_ppl"),
     }
+
+
+def set_prefetch(spec: dict) -> None:
+    """A label ending in " np" runs with read-ahead off (the worker is its own process)."""
+    from memstore_torch import ProductKeyMemory
+
+    ProductKeyMemory.prefetch = not spec["budget"].endswith(" np")
+
+
+def budget_arg(label: str, db_bytes: int) -> str | None:
+    """``--memory-budget`` for a label: ``"10%"`` (or ``"10% np"``) -> 10 % of the database's
+    bytes; ``"100%"`` -> None (no budget: every row resident)."""
+    share = float(label.split("%")[0]) / 100
+    return None if share >= 1 else f"{int(share * db_bytes)}B"
 
 
 def rows_digest(student_dir: str) -> str:
@@ -378,20 +410,17 @@ def student_db(student_dir: Path) -> Path:
     return Path(url.removeprefix("sqlite:///"))
 
 
-def budget_bytes(student_dir: Path, share: float) -> tuple[int, int]:
-    """(rows per layer summed over layers, nominal bytes a ``share`` of them costs in the cache:
-    ``PagedRows.bytes_per_slot`` each)."""
+def table_rows(student_dir: Path) -> int:
+    """Product-key rows of the student, all layers."""
     from memstore_gpt2.student import read_manifest
-    from memstore_torch import PagedRows, ProductKeyMemory
+    from memstore_torch import ProductKeyMemory
 
-    rows, cost = 0, 0.0
+    rows = 0
     for entry in read_manifest(student_dir)["layers"].values():
         for part in entry.get("parts", [entry]):
             if part.get("class") == "ProductKeyMemory":
-                config, _ = ProductKeyMemory.split_saved_config(part["config"])
-                rows += config.n_rows
-                cost += share * config.n_rows * PagedRows.bytes_per_slot(2, config.row_value_dim)
-    return rows, int(cost)
+                rows += ProductKeyMemory.split_saved_config(part["config"])[0].n_rows
+    return rows
 
 
 def write_data(args, teacher_dir: Path) -> Path:
@@ -429,14 +458,14 @@ def machine(threads: int) -> dict:
 
 
 def format_runs(runs: list[dict], full: dict) -> str:
-    header = (f"| {'budget':>6} | {'OS cache':>8} | {'gen tok/s':>9} | {'x 100%':>6} | "
+    header = (f"| {'budget':>7} | {'OS cache':>8} | {'gen tok/s':>9} | {'x 100%':>6} | "
               f"{'same tokens':>11} | {'test ppl':>9} | {'same ppl':>8} | {'hit rate':>8} | "
               f"{'rows read':>10} | {'queries':>7} | {'disk MB':>7} | {'RSS before':>10} | "
               f"{'peak RSS':>8} | {'dense':>5} | {'rows':>6} | {'overhead':>8} |")  # fmt: skip
     lines = [header, "|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|"]
     for r in runs:
         lines.append(
-            f"| {r['budget']:>6} | {r['os_cache']:>8} | {r['tokens_per_s']:9.1f} | "
+            f"| {r['budget']:>7} | {r['os_cache']:>8} | {r['tokens_per_s']:9.1f} | "
             f"{r['tokens_per_s'] / full['tokens_per_s']:5.2f}x | {str(r['tokens_identical']):>11} | "
             f"{r['ppl']:9.3f} | {str(r['ppl_identical']):>8} | {r['cache_hit_rate']:8.4f} | "
             f"{r['rows_read']:10,} | {r['read_queries']:7,} | {r['disk_read_mb']:7.1f} | "
@@ -469,19 +498,21 @@ def parse_budgets(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- main
-def measure_training(args, teacher_dir: Path, student_dir: Path) -> dict:
-    """Resume fresh copies of the run for --train-steps, fully resident and at 10 %, in
-    ``--train-rounds`` rounds of alternating order; each budget's best step time counts."""
+def measure_training(args, teacher_dir: Path, student_dir: Path, db_bytes: int) -> dict:
+    """Resume fresh copies of the run for --train-steps, fully resident, at 10 % and at 10 %
+    without read-ahead, in ``--train-rounds`` rounds of alternating order; each budget's best
+    step time counts."""
     base = json.loads((student_dir / "distill_summary.json").read_text())["steps"]
     runs, digests = [], set()
     for round_ in range(args.train_rounds):
-        for budget in ("100%", "10%")[:: 1 - 2 * (round_ % 2)]:
-            copy = Path(args.work) / f"train_{budget.rstrip('%')}pct"
+        for budget in ("100%", "10%", "10% np")[:: 1 - 2 * (round_ % 2)]:
+            copy = Path(args.work) / f"train_{budget.replace('%', 'pct').replace(' ', '_')}"
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(student_dir, copy, ignore=shutil.ignore_patterns("tensorboard"))
             log(f"training {args.train_steps} steps at {budget}, round {round_ + 1} ...")
             runs.append({"round": round_ + 1} | run_worker({
                 "task": "train", "budget": budget, "student": str(copy),
+                "memory_budget": budget_arg(budget, db_bytes),
                 "teacher": str(teacher_dir), "train": str(Path(args.train).resolve()),
                 "steps": base + args.train_steps, "db_path": str(student_db(copy)),
                 "threads": args.threads,
@@ -491,8 +522,11 @@ def measure_training(args, teacher_dir: Path, student_dir: Path) -> dict:
                 shutil.rmtree(copy, ignore_errors=True)
     full = min(r["step_time_s"] for r in runs if r["budget"] == "100%")
     paged = min(r["step_time_s"] for r in runs if r["budget"] == "10%")
+    plain = min(r["step_time_s"] for r in runs if r["budget"] == "10% np")
     return {
         "train_step_ratio_10pct": full / paged,
+        "train_step_ratio_10pct_no_prefetch": full / plain,
+        "step_time_s_10pct_no_prefetch": plain,
         "step_time_s_full": full,
         "step_time_s_10pct": paged,
         "train_rows_identical": len(digests) == 1,
@@ -554,9 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     data = write_data(args, teacher_dir)
     db_path = student_db(student_dir)
     db_bytes = sum(p.stat().st_size for p in db_files(db_path))
-    table_rows, budget_10 = budget_bytes(student_dir, 0.10)
-    log(f"database {db_path}: {db_bytes / MB:,.1f} MB, {table_rows:,} product-key rows; "
+    n_rows = table_rows(student_dir)
+    budget_10 = int(budget_arg("10%", db_bytes)[:-1])
+    log(f"database {db_path}: {db_bytes / MB:,.1f} MB, {n_rows:,} product-key rows; "
         f"10% budget {budget_10 / MB:,.1f} MB ({db_bytes / budget_10:.1f}x)")  # fmt: skip
+    if "10%" in budgets:  # what read-ahead buys, at the budget the issue's keys are about
+        budgets.insert(budgets.index("10%") + 1, "10% np")
 
     # warm rounds alternate their order, so slow spells of a shared machine hit every budget
     plan = [(b, "warm", i) for i in range(args.rounds) for b in budgets[:: 1 - 2 * (i % 2)]]
@@ -566,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"evaluating at {budget}, OS cache {os_cache}, round {round_ + 1} ...")
         runs.append({"round": round_ + 1} | run_worker({
             "task": "eval", "budget": budget, "os_cache": os_cache, "student": str(student_dir),
+            "memory_budget": budget_arg(budget, db_bytes),
             "db_path": str(db_path), "data": str(data), "gen_tokens": args.gen_tokens,
             "seed": args.seed, "threads": args.threads, "eval_batch": args.eval_batch,
         }, args.in_process))  # fmt: skip
@@ -575,10 +613,10 @@ def main(argv: list[str] | None = None) -> int:
         r["ppl_identical"] = r["ppl"] == reference["ppl"]
     best = [best_run(runs, b, c) for b in budgets for c in ("warm", "cold") if find(runs, b, c)]
     full = find(best, "100%")
-    train = measure_training(args, teacher_dir, student_dir) if args.train_steps else None
+    train = measure_training(args, teacher_dir, student_dir, db_bytes) if args.train_steps else None
 
     info = machine(args.threads)
-    print(f"# memstore paging: {table_rows:,} product-key rows in {db_bytes / MB:,.1f} MB of "
+    print(f"# memstore paging: {n_rows:,} product-key rows in {db_bytes / MB:,.1f} MB of "
           f"SQLite ({db_bytes / budget_10:.1f}x the 10% budget of {budget_10 / MB:,.1f} MB); "
           f"generation {args.gen_tokens} tokens, test ppl on {args.test_blocks} blocks of {args.context}")  # fmt: skip
     print(f"# machine: {info['cores']} cores ({info['cpu']}), torch {info['torch']} "
@@ -589,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     if train:
         print(f"training: {args.train_steps} steps, fully resident {train['step_time_s_full']:.3f}"
               f" s/step, 10% {train['step_time_s_10pct']:.3f} s/step: throughput ratio "
-              f"{train['train_step_ratio_10pct']:.2f} (1.0 = no slowdown); same trained rows: "
+              f"{train['train_step_ratio_10pct']:.2f} (1.0 = no slowdown); without read-ahead "
+              f"{train['step_time_s_10pct_no_prefetch']:.3f} s/step, ratio "
+              f"{train['train_step_ratio_10pct_no_prefetch']:.2f}; same trained rows: "
               f"{train['train_rows_identical']}")  # fmt: skip
     ten = find(best, "10%") or {}
     results = {
@@ -601,13 +641,17 @@ def main(argv: list[str] | None = None) -> int:
         "cache_hit_rate_10pct": ten.get("cache_hit_rate"),
         "peak_rss_mb_10pct": ten.get("peak_rss_mb"),
         "tokens_per_s_10pct_cold": (find(best, "10%", "cold") or {}).get("tokens_per_s"),
+        "tokens_per_s_10pct_no_prefetch": (find(best, "10% np") or {}).get("tokens_per_s"),
+        "train_step_ratio_10pct_no_prefetch": (
+            train["train_step_ratio_10pct_no_prefetch"] if train else None
+        ),
         "tokens_identical": all(r["tokens_identical"] for r in runs),
         "ppl_identical": all(r["ppl_identical"] for r in runs),
         "train_rows_identical": train["train_rows_identical"] if train else None,
         "db_bytes": db_bytes,
         "budget_bytes_10pct": budget_10,
         "db_to_budget_10pct": db_bytes / budget_10,
-        "memory_rows": table_rows,
+        "memory_rows": n_rows,
         "best": [{k: v for k, v in r.items() if k != "tokens"} for r in best],
         "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs],
         "train": train,
