@@ -11,7 +11,7 @@ in a SQLite file), so that the rows it read are no longer zero.
 
 **A budget is a share of the database's size**: ``10%`` is ``--memory-budget <db bytes / 10>B``,
 so the database is exactly 10x the 10 % budget (``db_bytes``, ``budget_bytes_10pct``,
-``db_to_budget_10pct``). A cached row costs its value, its key and 66 bytes of bookkeeping
+``db_to_budget_10pct``). A cached row costs its value, its key and 58 bytes of bookkeeping
 (``PagedRows.bytes_per_slot``), a stored row a little less, so that budget caches a little under
 10 % of the rows (``cache_rows`` per run).
 

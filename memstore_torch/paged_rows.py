@@ -32,7 +32,8 @@ connection sees only committed rows, so rows this cache wrote back since the cal
 reported a commit (:meth:`committed`) are read by the caller's own connection instead.
 
 Memory: the cache's tensors (``capacity`` slots of one value row, key and bookkeeping each,
-:meth:`bytes_per_slot`) plus a slot map of 4 bytes per table row -- 4 MB for a million rows.
+:meth:`bytes_per_slot`) plus 5 bytes per table row -- the slot map and the "written back since
+the last commit" flag: 5 MB for a million rows.
 """
 
 from __future__ import annotations
@@ -149,9 +150,10 @@ class PagedRows:
 
     @staticmethod
     def bytes_per_slot(key_dim: int, value_dim: int, value_bytes: int = 4) -> int:
-        """Memory one cached row costs: its value and key, and 66 bytes of bookkeeping (row
-        number, stored LRFU fields, the cache's LRFU, dirty and pinned flags)."""
-        return value_dim * value_bytes + key_dim * 4 + 8 * 7 + 2 + 8
+        """Memory one cached row costs: its value and key, and 58 bytes of bookkeeping (row
+        number, the four stored LRFU fields, the cache's two LRFU fields: 8 bytes each; dirty
+        and pinned flags)."""
+        return value_dim * value_bytes + key_dim * 4 + 8 * 7 + 2
 
     def relocate(self, device: str | torch.device) -> None:
         """Move the bookkeeping tensors to ``device`` (the storage tensors move with their
