@@ -206,42 +206,31 @@ def test_a_run_recorded_before_the_new_options_still_resumes(tmp_path, teacher_d
     assert json.loads(resumed.output.strip().splitlines()[-1])["steps"] == 3
 
 
-def test_rows_read_together_with_near_duplicate_values_are_recombined(
-    teacher, blocks, store, tmp_path
+@pytest.mark.parametrize(
+    ("option", "value", "history", "counter"),
+    [
+        # rows one step read together merge when their values are near (a generous threshold
+        # here: any two trained rows)
+        ("memory_rows_recombine", 10.0, "memory_rows_recombined", "recombinations"),
+        # the step's weakest-matched queries claim the coldest row they read
+        ("memory_rows_novel", 0.05, "memory_rows_novel", "novel_inserts"),
+    ],
+)
+def test_upkeep_recombines_and_inserts_novel_rows_and_counts_them(
+    teacher, blocks, store, tmp_path, option, value, history, counter
 ):
-    """--memory-rows-recombine: at each upkeep step the rows that step read together merge when
-    their values are near (a generous threshold here: any two trained rows), counted as
-    recombinations in the collection; the freed rows restart their Adagrad accumulators."""
+    """--memory-rows-recombine / --memory-rows-novel run at each upkeep step on the rows that
+    step read; what they did is counted in the collections' stats (memstore inspect)."""
     model, _ = teacher
     grown = student(model, blocks[0], store, 64, extra_heads=2, extra_k=4)
     config = DistillConfig(steps=4, batch_size=4, eval_blocks=2, memory_rows_reuse_every=2,
-                           memory_rows_reuse_fraction=0.01, memory_rows_recombine=10.0)  # fmt: skip
+                           memory_rows_reuse_fraction=0.01, **{option: value})  # fmt: skip
     distiller = Distiller(grown, model, blocks[0], blocks[1], config, tmp_path / "run",
                           tensorboard=False)  # fmt: skip
     distiller.run()
-    merged = [h["memory_rows_recombined"] for h in distiller.state.history
-              if "memory_rows_recombined" in h]  # fmt: skip
-    assert len(merged) == 2 and sum(merged) > 0
+    done = [h[history] for h in distiller.state.history if history in h]
+    assert len(done) == 2 and sum(done) > 0
     stats = [store.collection(f"layer{i}.extra").stats() for i in (0, 1)]
-    assert sum(s["recombinations"] for s in stats) == sum(merged)
-    with pytest.raises(InvalidInputError, match="memory_rows_recombine"):
-        DistillConfig(memory_rows_recombine=-1.0).validate()
-
-
-def test_weakly_matched_queries_claim_cold_rows_counted_as_novel_inserts(
-    teacher, blocks, store, tmp_path
-):
-    model, _ = teacher
-    grown = student(model, blocks[0], store, 64, extra_heads=2, extra_k=4)
-    config = DistillConfig(steps=4, batch_size=4, eval_blocks=2, memory_rows_reuse_every=2,
-                           memory_rows_reuse_fraction=0.01, memory_rows_novel=0.05)  # fmt: skip
-    distiller = Distiller(grown, model, blocks[0], blocks[1], config, tmp_path / "run",
-                          tensorboard=False)  # fmt: skip
-    distiller.run()
-    claimed = [h["memory_rows_novel"] for h in distiller.state.history
-               if "memory_rows_novel" in h]  # fmt: skip
-    assert len(claimed) == 2 and sum(claimed) > 0
-    stats = [store.collection(f"layer{i}.extra").stats() for i in (0, 1)]
-    assert sum(s["novel_inserts"] for s in stats) == sum(claimed)
-    with pytest.raises(InvalidInputError, match="memory_rows_novel"):
-        DistillConfig(memory_rows_novel=2.0).validate()
+    assert sum(s[counter] for s in stats) == sum(done)
+    with pytest.raises(InvalidInputError, match=option):
+        DistillConfig(**{option: -1.0}).validate()
