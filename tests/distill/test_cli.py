@@ -5,54 +5,42 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from memstore_gpt2.cli import main
-
-
-def _run(args):
-    return CliRunner().invoke(main, args, catch_exceptions=False)
-
-
-def _error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code != 0
-    assert lines and lines[-1].startswith("Error: ")
-    return lines[-1]
+from tests.distill.cli_results import error_line, run_cli
 
 
 def test_missing_teacher_names_the_teacher_flag(tmp_path, corpus_dir):
-    result = _run(["distill", "gpt2", "--teacher", "no-such-model-xyz", "--data", str(corpus_dir),
+    result = run_cli(["distill", "gpt2", "--teacher", "no-such-model-xyz", "--data", str(corpus_dir),
                    "--out", str(tmp_path / "s")])  # fmt: skip
-    line = _error_line(result)
+    line = error_line(result)
     assert "--teacher DIR" in line and "no-such-model-xyz" in line
 
 
 def test_empty_data_is_a_one_line_error(tmp_path, teacher_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    result = _run(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(empty),
+    result = run_cli(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(empty),
                    "--out", str(tmp_path / "s")])  # fmt: skip
-    assert "no text" in _error_line(result)
+    assert "no text" in error_line(result)
 
 
 @pytest.mark.parametrize("layers", ["7", "0,a", "2-1"])
 def test_bad_layer_list_is_a_one_line_error(tmp_path, teacher_dir, corpus_dir, layers):
-    result = _run(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+    result = run_cli(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
                    "--out", str(tmp_path / "s"), "--layers", layers])  # fmt: skip
-    assert "--layers" in _error_line(result)
+    assert "--layers" in error_line(result)
     assert not (tmp_path / "s").exists(), "a rejected run must not leave files behind"
 
 
 def test_resume_without_a_run_is_a_one_line_error(tmp_path, teacher_dir, corpus_dir):
-    result = _run(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+    result = run_cli(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
                    "--out", str(tmp_path / "s"), "--resume"])  # fmt: skip
-    assert "not a memstore student directory" in _error_line(result)
+    assert "not a memstore student directory" in error_line(result)
 
 
 def test_teacher_train_json_and_generate(tmp_path, corpus_dir):
     out = tmp_path / "t"
-    result = _run(["teacher", "train", "--data", str(corpus_dir), "--out", str(out), "--steps", "3",
+    result = run_cli(["teacher", "train", "--data", str(corpus_dir), "--out", str(out), "--steps", "3",
                    "--layers", "1", "--width", "16", "--heads", "2", "--context", "16",
                    "--vocab", "300", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -62,23 +50,23 @@ def test_teacher_train_json_and_generate(tmp_path, corpus_dir):
 
     model, tokenizer = load_teacher(out)
     assert model.config.n_layer == 1 and len(tokenizer) == 300
-    sampled = _run(["generate", str(out), "--prompt", "The for", "--max-new-tokens", "5",
+    sampled = run_cli(["generate", str(out), "--prompt", "The for", "--max-new-tokens", "5",
                     "--seed", "1"])  # fmt: skip
     assert sampled.exit_code == 0 and sampled.output.startswith("The for")
 
 
 def test_teacher_train_rejects_bad_shapes(tmp_path, corpus_dir):
-    result = _run(["teacher", "train", "--data", str(corpus_dir), "--out", str(tmp_path / "t"),
+    result = run_cli(["teacher", "train", "--data", str(corpus_dir), "--out", str(tmp_path / "t"),
                    "--width", "30", "--heads", "4"])  # fmt: skip
-    assert "divisible" in _error_line(result)
+    assert "divisible" in error_line(result)
 
 
 def test_missing_torch_extra_is_named(monkeypatch, tmp_path):
     import sys
 
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # makes `import tokenizers` fail
-    result = _run(["teacher", "train", "--data", str(tmp_path), "--out", str(tmp_path / "t")])
-    line = _error_line(result)
+    result = run_cli(["teacher", "train", "--data", str(tmp_path), "--out", str(tmp_path / "t")])
+    line = error_line(result)
     assert "tokenizers" in line and "pip install 'memstore[torch]'" in line
 
 
@@ -104,9 +92,9 @@ def test_library_parameter_errors_are_spelled_as_flags(
     tmp_path, teacher_dir, corpus_dir, args, expected
 ):
     """The library names its parameters (``batch_size``); the CLI says the flag the user typed."""
-    result = _run(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+    result = run_cli(["distill", "gpt2", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
                    "--out", str(tmp_path / "s"), *args])  # fmt: skip
-    assert _error_line(result) == expected
+    assert error_line(result) == expected
 
 
 def test_library_errors_name_parameters_not_flags():

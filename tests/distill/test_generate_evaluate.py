@@ -10,15 +10,13 @@ reads, so rows are evicted and read again.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from memstore import Store
-from memstore_gpt2.cli import main
+from tests.distill.cli_results import error_line, last_json, run_cli
 
 EXTRA_ROWS = 4096
 GENERATE_BUDGET, EVALUATE_BUDGET = "1%", "2%"  # evaluation reads whole 32-token blocks at once
@@ -28,24 +26,8 @@ PAGED_LAYERS = 2
 PROMPT = "The for statement"
 
 
-def _run(args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def _json(result) -> dict:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output.strip().splitlines()[-1])
-
-
-def _error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 1, result.output
-    assert lines and lines[-1].startswith("Error: ")
-    return lines[-1]
-
-
 def _distill(out, teacher_dir, corpus_dir, *extra):
-    result = _run(["distill", "gpt2", "--teacher", teacher_dir, "--data", corpus_dir,
+    result = run_cli(["distill", "gpt2", "--teacher", teacher_dir, "--data", corpus_dir,
                    "--out", out, "--k", 16, "--batch-size", 4, "--eval-blocks", 2, "--steps", 1,
                    "--device", "cpu", "--json", *extra])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -75,7 +57,7 @@ def plain_student(tmp_path_factory, teacher_dir, corpus_dir):
 
 
 def _generate(student, *extra):
-    return _run(["generate", student, "--prompt", PROMPT, "--max-new-tokens", 40, "--seed", 3,
+    return run_cli(["generate", student, "--prompt", PROMPT, "--max-new-tokens", 40, "--seed", 3,
                  "--device", "cpu", *extra])  # fmt: skip
 
 
@@ -83,8 +65,8 @@ def _generate(student, *extra):
 def generations(grown_student) -> dict:
     """``generate --json`` summaries of the grown student, fully resident and under a budget."""
     return {
-        "full": _json(_generate(grown_student, "--json")),
-        "paged": _json(_generate(grown_student, "--memory-budget", GENERATE_BUDGET, "--json")),
+        "full": last_json(_generate(grown_student, "--json")),
+        "paged": last_json(_generate(grown_student, "--memory-budget", GENERATE_BUDGET, "--json")),
     }
 
 
@@ -111,15 +93,15 @@ def test_generate_without_json_prints_only_the_text(grown_student, generations):
 
 
 def test_a_budget_on_a_student_without_extra_rows_pages_nothing(plain_student):
-    full = _json(_generate(plain_student, "--json"))
-    budget = _json(_generate(plain_student, "--memory-budget", "10%", "--json"))
+    full = last_json(_generate(plain_student, "--json"))
+    budget = last_json(_generate(plain_student, "--memory-budget", "10%", "--json"))
     assert budget["text"] == full["text"]
     assert budget["paged_layers"] == 0 and budget["rows_read"] == 0
     assert budget["resident_rows"] == full["resident_rows"] == PAGED_LAYERS * 128
 
 
 def _evaluate(student, corpus_dir, *extra):
-    return _run(["evaluate", student, "--data", corpus_dir, "--blocks", 16, "--batch-size", 1,
+    return run_cli(["evaluate", student, "--data", corpus_dir, "--blocks", 16, "--batch-size", 1,
                  "--device", "cpu", *extra])  # fmt: skip
 
 
@@ -128,8 +110,8 @@ def test_evaluate_perplexity_is_the_distillation_measure_at_any_budget(grown_stu
     from memstore_gpt2.student import load_student
     from memstore_gpt2.text_data import load_blocks
 
-    full = _json(_evaluate(grown_student, corpus_dir, "--json"))
-    paged = _json(
+    full = last_json(_evaluate(grown_student, corpus_dir, "--json"))
+    paged = last_json(
         _evaluate(grown_student, corpus_dir, "--memory-budget", EVALUATE_BUDGET, "--json")
     )
     assert paged["perplexity"] == full["perplexity"]  # exactly: paging never changes results
@@ -151,11 +133,11 @@ def test_evaluate_prints_one_line_and_takes_a_plain_gpt2_directory(teacher_dir, 
     from memstore_gpt2.teacher import load_teacher
     from memstore_gpt2.text_data import load_blocks
 
-    result = _run(["evaluate", teacher_dir, "--data", corpus_dir, "--context", 16])
+    result = run_cli(["evaluate", teacher_dir, "--data", corpus_dir, "--context", 16])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("perplexity ")
-    summary = _json(_run(["evaluate", teacher_dir, "--data", corpus_dir, "--context", 16,
+    summary = last_json(run_cli(["evaluate", teacher_dir, "--data", corpus_dir, "--context", 16,
                           "--json"]))  # fmt: skip
     model, tokenizer = load_teacher(teacher_dir)
     blocks = load_blocks(tokenizer, [corpus_dir], 16)
@@ -167,7 +149,7 @@ def test_evaluate_prints_one_line_and_takes_a_plain_gpt2_directory(teacher_dir, 
 @pytest.mark.parametrize("command", ["generate", "evaluate"])
 def test_a_malformed_budget_names_the_flag(grown_student, corpus_dir, command):
     run = _generate if command == "generate" else lambda s, *a: _evaluate(s, corpus_dir, *a)
-    line = _error_line(run(grown_student, "--memory-budget", "abc"))
+    line = error_line(run(grown_student, "--memory-budget", "abc"))
     assert line.startswith("Error: --memory-budget must be bytes such as 512MB")
     assert "'abc'" in line
 
@@ -175,7 +157,7 @@ def test_a_malformed_budget_names_the_flag(grown_student, corpus_dir, command):
 @pytest.mark.parametrize("command", ["generate", "evaluate"])
 def test_a_budget_too_small_for_one_forward_names_the_flag(grown_student, corpus_dir, command):
     run = _generate if command == "generate" else lambda s, *a: _evaluate(s, corpus_dir, *a)
-    line = _error_line(run(grown_student, "--memory-budget", "1B"))
+    line = error_line(run(grown_student, "--memory-budget", "1B"))
     assert line.startswith("Error: --memory-budget keeps 1 rows of this memory layer")
     assert "memory_budget" not in line
 
@@ -189,5 +171,5 @@ def test_a_budget_too_small_for_one_forward_names_the_flag(grown_student, corpus
     ],
 )
 def test_evaluate_errors_name_flags(teacher_dir, corpus_dir, args, expected):
-    result = _run(["evaluate", teacher_dir, "--data", corpus_dir, *args])
-    assert _error_line(result).startswith(expected)
+    result = run_cli(["evaluate", teacher_dir, "--data", corpus_dir, *args])
+    assert error_line(result).startswith(expected)
