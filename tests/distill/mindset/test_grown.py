@@ -22,6 +22,7 @@ from memstore_gpt2.mindset.explain import explain_rows
 from memstore_gpt2.mindset.rows import list_rows
 from memstore_gpt2.mindset.session import Mindset, check_student
 from memstore_gpt2.mindset.trace import trace_prompt
+from tests.distill.mindset.layer_io import layer_io
 
 PROMPT = "The for statement is used to iterate"
 NAMES = ["layer0", "layer0.extra", "layer1", "layer1.extra"]
@@ -89,29 +90,12 @@ def test_a_database_without_the_extra_rows_is_one_clear_error(grown_student):
 
 
 # -- trace -----------------------------------------------------------------------------------------
-def _layer_io(mindset, prompt):
-    caught, hooks = {}, []
-    for name, entry in mindset.layers.items():
-        hooks.append(
-            entry.layer.register_forward_hook(
-                lambda m, i, o, name=name: caught.__setitem__(
-                    name, (i[0].detach()[0], o.detach()[0])
-                )
-            )
-        )
-    try:
-        with torch.no_grad():
-            mindset.model(input_ids=torch.tensor([mindset.encode(prompt)]), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return caught
 
 
 def test_trace_lists_the_extra_rows_the_forward_read(grown):
     trace = trace_prompt(grown, PROMPT, top=0)
     assert list(trace.layers) == NAMES  # per block: featural rows, then extra rows
-    caught = _layer_io(grown, PROMPT)
+    caught = layer_io(grown, PROMPT)
     for name in ("layer0.extra", "layer1.extra"):
         layer = grown.layer(name).layer
         read = trace.layers[name]

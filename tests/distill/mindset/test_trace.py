@@ -7,33 +7,14 @@ import torch
 
 from memstore.errors import InvalidInputError
 from memstore_gpt2.mindset.trace import trace_prompt
+from tests.distill.mindset.layer_io import layer_io
 
 PROMPT = "The for statement is used to iterate"
 
 
-def _layer_io(mindset, prompt):
-    """Each memory layer's (input, output) for the prompt, caught by forward hooks (no recording)."""
-    caught, hooks = {}, []
-    for name, entry in mindset.layers.items():
-        hooks.append(
-            entry.layer.register_forward_hook(
-                lambda m, i, o, name=name: caught.__setitem__(
-                    name, (i[0].detach()[0], o.detach()[0])
-                )
-            )
-        )
-    try:
-        with torch.no_grad():
-            mindset.model(input_ids=torch.tensor([mindset.encode(prompt)]), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return caught
-
-
 def test_trace_is_the_forward_selection_and_rebuilds_each_output(mindset):
     trace = trace_prompt(mindset, PROMPT, top=0)
-    caught = _layer_io(mindset, PROMPT)
+    caught = layer_io(mindset, PROMPT)
     assert set(trace.layers) == {"layer0", "layer1"}
     for name, layer_trace in trace.layers.items():
         layer = mindset.layer(name).layer
