@@ -3,13 +3,12 @@ changed neither the generated tokens nor the perplexity at any budget."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import load_benchmark
+
 ISSUE_KEYS = (
     "tokens_per_s_full", "tokens_per_s_10pct", "ppl_full", "ppl_10pct", "train_step_ratio_10pct",
     "cache_hit_rate_10pct", "peak_rss_mb_10pct",
@@ -20,12 +19,7 @@ ISSUE_KEYS = (
 def paging_benchmark(monkeypatch):
     import torch
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # its helper modules, as when run as a script
-    for name in ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY"):  # restored after the test
-        monkeypatch.setenv(name, "test")
-    spec = importlib.util.spec_from_file_location("paging_benchmark", BENCHMARKS / "paging.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark(monkeypatch, "paging.py", cpu_env=True)
     threads = torch.get_num_threads()
     yield module
     torch.set_num_threads(threads)  # the in-process workers set it

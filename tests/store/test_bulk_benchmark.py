@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture
 def bulk_rows(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # its helper modules, as when run as a script
-    spec = importlib.util.spec_from_file_location(
-        "bulk_rows_benchmark", BENCHMARKS / "bulk_rows.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(monkeypatch, "bulk_rows.py")
 
 
 def test_tiny_run_reports_store_and_raw_rates(bulk_rows, tmp_path):

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from memstore_torch import knn
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture
 def knn_benchmark(monkeypatch):
     pytest.importorskip("faiss")  # the benchmark compares against FAISS's IndexFlatIP
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # its helper modules, as when run as a script
-    spec = importlib.util.spec_from_file_location("knn_benchmark", BENCHMARKS / "knn.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(monkeypatch, "knn.py")
 
 
 def test_torch_kernel_column_runs_the_torch_kernel(knn_benchmark, monkeypatch):

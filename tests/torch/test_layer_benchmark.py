@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture
 def layer_benchmark(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # its helper modules, as when run as a script
-    for name in ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY"):  # restored after the test
-        monkeypatch.setenv(name, "test")
-    spec = importlib.util.spec_from_file_location("layer_benchmark", BENCHMARKS / "layer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(monkeypatch, "layer.py", cpu_env=True)
 
 
 def run(module, monkeypatch, capsys, *flags: str) -> dict:
