@@ -26,9 +26,10 @@ class GrownMemory(nn.Module):
         self.extras = nn.ModuleList(extras)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Extras that search first (ProductKeyMemory.start) read their rows ahead while the base
-        # layer computes: a paged memory's database read overlaps the base's arithmetic.
-        # Each extra is still called as a module (its hooks run), handed its own search.
+        # Extras that search first (ProductKeyMemory.start) may read their rows ahead (when their
+        # ``prefetch`` is on) while the base layer computes: a paged memory's database read
+        # overlaps the base's arithmetic. Each extra is still called as a module (its hooks
+        # run), handed its own search.
         started = [
             extra.start(x, read_ahead=True) if hasattr(extra, "start") else None
             for extra in self.extras

@@ -29,7 +29,8 @@ Prefetch. A layer knows which rows it will read once its search ran, before it r
 connection), and the next :meth:`fetch` of those rows installs them. A product-key memory inside a
 :class:`~memstore_torch.grown.GrownMemory` computes the base layer meanwhile. The worker's
 connection sees only committed rows, so rows this cache wrote back since the caller last
-reported a commit (:meth:`committed`) are read by the caller's own connection instead.
+reported a commit (:meth:`committed`) are read by the caller's own connection instead. The layer
+switch, ``ProductKeyMemory.prefetch``, is off by default (measured: docs/benchmarks.md, Paging).
 
 Memory: the cache's tensors (``capacity`` slots of one value row, key and bookkeeping each,
 :meth:`bytes_per_slot`) plus 5 bytes per table row -- the slot map and the "written back since

@@ -66,9 +66,11 @@ class _Searched:
 class ProductKeyMemory(MemoryLayer):
     """``(..., d) -> (..., d)`` memory layer over ``n_keys ** 2`` value rows."""
 
-    #: A paged memory reads the rows its search picked ahead, in a worker thread (a runtime
-    #: switch, not part of the config: results are the same either way).
-    prefetch: bool = True
+    #: A paged memory inside a GrownMemory reads the rows its search picked ahead, in a worker
+    #: thread, while the base layer computes (a runtime switch, not part of the config: results
+    #: are the same either way). Off by default: measured on 2 cores with SQLite, it bought
+    #: nothing in training and cost 15-20 % in generation (docs/benchmarks.md, Paging).
+    prefetch: bool = False
 
     config_class = ProductKeyConfig
     #: ``self.query_norm`` is the normalisation submodule; the choice is ``config.query_norm``.

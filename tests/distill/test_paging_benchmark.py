@@ -55,7 +55,7 @@ def test_toy_run_keys_and_identical_results(paging_benchmark, corpus_dir, tmp_pa
     assert [r["budget"] for r in out["train"]["runs"]] == ["100%", "10%", "10% np"]  # one round
     from memstore_torch import ProductKeyMemory
 
-    assert ProductKeyMemory.prefetch  # the in-process runs restored the default
+    assert not ProductKeyMemory.prefetch  # the in-process runs restored the default
     assert "THP_MEM_ALLOC_ENABLE=test" in out["machine"]["env"]
 
 

@@ -179,6 +179,8 @@ def test_rows_are_read_ahead_by_a_worker_without_changing_results(url):
     store, resident, paged = _pair(url, cache_rows=40)
     base = torch.nn.Linear(D, D)
     grown_resident, grown_paged = GrownMemory(base, resident), GrownMemory(base, paged)
+    assert not paged.prefetch  # off by default
+    paged.prefetch = True
     grown_resident.eval(), grown_paged.eval()
     with torch.no_grad():
         for _ in range(4):
@@ -196,6 +198,7 @@ def test_rows_written_back_are_not_read_ahead_until_committed(url):
     those are read by the caller's connection (else a stale value would come back), and prefetch
     covers them again once the caller reports the commit."""
     store, resident, paged = _pair(url, cache_rows=40)
+    paged.prefetch = True
     opts = [RowwiseAdagrad(m.memory_parameters(), lr=0.5) for m in (resident, paged)]
     g = torch.Generator().manual_seed(1)
     with store.transaction():
@@ -290,6 +293,7 @@ def test_a_paged_memory_trains_on_cuda(tmp_path):
     """The cache, its slot map and the rows read in live on the GPU; results match resident."""
     store, resident, paged = _pair(f"sqlite:///{tmp_path / 'mem.db'}", cache_rows=48)
     resident.cuda(), paged.cuda()
+    paged.prefetch = True  # the worker's rows land on the GPU too
     assert paged.index._slot.is_cuda and paged.memory_values.is_cuda
     opts = [RowwiseAdagrad(m.memory_parameters(), lr=0.1) for m in (resident, paged)]
     with store.transaction():
