@@ -112,7 +112,6 @@ class PagedRows:
         self.device = torch.device(device)
         self.clock = 0
         self.counters = {"inserts": 0, "recombinations": 0, "evictions": 0}
-        self.storage_version = 0
         self.stats = {
             "lookups": 0, "misses": 0, "queries": 0, "written_back": 0, "prefetched": 0
         }  # fmt: skip
@@ -174,17 +173,9 @@ class PagedRows:
         """Rows held in the cache now."""
         return int((self._row >= 0).sum())
 
-    @property
-    def dirty_count(self) -> int:
-        return int(self._dirty.sum())
-
     def rows_of(self, slots: torch.Tensor) -> torch.Tensor:
         """Row numbers held by ``slots`` (-1 for an empty slot)."""
         return self._row[slots.to(self.device)]
-
-    def cached(self, rows: torch.Tensor) -> torch.Tensor:
-        """Whether each of ``rows`` is in the cache."""
-        return self._slot[rows.to(self.device)] >= 0
 
     # ------------------------------------------------------------------ reading rows in
     def _check_rows(self, flat: torch.Tensor) -> None:
