@@ -31,6 +31,7 @@ from memstore_gpt2.checkpoint import (
     remove_checkpoint_files,
 )
 from memstore_gpt2.errors import StudentFormatError
+from memstore_gpt2.text_data import default_context
 from memstore_gpt2.trainer import DistillConfig, Distiller, write_summary
 from memstore_torch.budget import MemoryBudget
 
@@ -257,7 +258,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         job.config.validate()
     teacher, tokenizer = load_teacher(job.teacher)
     layers = parse_layers(job.layers, teacher.config.n_layer)
-    context = job.context or min(teacher.config.n_positions, 128)
+    context = job.context or default_context(teacher.config.n_positions)
     if context > teacher.config.n_positions:
         raise InvalidInputError(
             f"--context {context} exceeds the teacher's {teacher.config.n_positions} positions"

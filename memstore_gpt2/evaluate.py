@@ -16,13 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from memstore.errors import bad_parameter
-from memstore_gpt2.lm_training import autocast, model_device, perplexity
-from memstore_gpt2.text_data import load_blocks
-
-#: Longest default block: the distillation's default ``--context`` is min(model positions, 128).
-DEFAULT_MAX_CONTEXT = 128
-#: Blocks per forward: the batch size the distillation's held-out evaluation uses.
-DEFAULT_BATCH_SIZE = 16
+from memstore_gpt2.lm_training import EVAL_BATCH_SIZE, autocast, model_device, perplexity
+from memstore_gpt2.text_data import default_context, load_blocks
 
 
 def evaluation_blocks(
@@ -34,7 +29,7 @@ def evaluation_blocks(
 ) -> np.ndarray:
     """``(n_blocks, context)`` token blocks of ``data`` for a model of ``n_positions`` positions;
     ``context`` defaults as the distillation's does, ``max_blocks`` keeps the first ones."""
-    context = context if context is not None else min(n_positions, DEFAULT_MAX_CONTEXT)
+    context = context if context is not None else default_context(n_positions)
     if context < 2 or context > n_positions:
         raise bad_parameter(
             "context", f"must be between 2 and the model's {n_positions} positions, got {context}"
@@ -62,7 +57,7 @@ class Evaluation:
 
 
 def evaluate_perplexity(
-    model, blocks: np.ndarray, *, batch_size: int = DEFAULT_BATCH_SIZE, precision: str = "fp32"
+    model, blocks: np.ndarray, *, batch_size: int = EVAL_BATCH_SIZE, precision: str = "fp32"
 ) -> Evaluation:
     """Perplexity of ``model`` over ``blocks`` (``batch_size`` blocks per forward, under
     ``precision`` as in training), timed."""

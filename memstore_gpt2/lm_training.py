@@ -97,8 +97,14 @@ def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str 
     )
 
 
+#: Blocks per forward when a run measures held-out perplexity (and ``memstore evaluate``'s default).
+EVAL_BATCH_SIZE = 16
+
+
 @torch.no_grad()
-def perplexity(model, blocks: np.ndarray, batch_size: int = 16, max_blocks: int | None = None):
+def perplexity(
+    model, blocks: np.ndarray, batch_size: int = EVAL_BATCH_SIZE, max_blocks: int | None = None
+):
     """exp(mean next-token cross-entropy) over every predicted token of ``blocks``.
 
     Runs in eval mode and restores the model's previous mode, so it can be called mid-training.

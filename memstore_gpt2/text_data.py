@@ -104,6 +104,16 @@ def pack_blocks(tokens: np.ndarray, block_len: int) -> np.ndarray:
     return tokens[: n_blocks * block_len].reshape(n_blocks, block_len)
 
 
+#: Longest block a run uses by default: ``--context`` defaults to min(model positions, this).
+MAX_DEFAULT_CONTEXT = 128
+
+
+def default_context(n_positions: int) -> int:
+    """The block length of a model with ``n_positions`` positions when none is given: the same
+    for distillation and evaluation, so their perplexities compare."""
+    return min(n_positions, MAX_DEFAULT_CONTEXT)
+
+
 def load_blocks(tokenizer, paths, block_len: int) -> np.ndarray:
     """Files/directories -> packed ``(n_blocks, block_len)`` int64 token blocks."""
     return pack_blocks(tokenize_texts(tokenizer, read_texts(paths)), block_len)
