@@ -228,11 +228,8 @@ class Distiller:
 
     # -- setup ---------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        dense, memory = split_parameters(self.student)
+        dense, memory, rows = split_parameters(self.student)  # rows: sparse gradients
         cfg = self.config
-        sparse = {id(p) for p in sparse_row_parameters(self.student)}
-        rows = [p for p in memory if id(p) in sparse]
-        memory = [p for p in memory if id(p) not in sparse]
         if rows:
             self.row_optimizer = RowwiseAdagrad(rows, lr=cfg.memory_rows_lr)
             for group in self.row_optimizer.param_groups:

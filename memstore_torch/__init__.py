@@ -32,6 +32,8 @@ _EXPORTS: dict[str, str] = {
     "recording_reads": "memstore_torch.model_memory",
     "memory_parameters": "memstore_torch.model_memory",
     "split_parameters": "memstore_torch.model_memory",
+    "sparse_parameters": "memstore_torch.model_memory",
+    "ParameterSplit": "memstore_torch.model_memory",
     "paging_stats": "memstore_torch.model_memory",
     "PagedRows": "memstore_torch.paged_rows",
     "MemoryBudget": "memstore_torch.budget",

@@ -275,6 +275,12 @@ class MemoryLayer(nn.Module):
             return []
         return [self.memory_keys, self.memory_values]
 
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The row Parameters whose gradient is a sparse tensor (none here: the rows are read by
+        a gather, whose gradient is dense). They need an optimizer that accepts sparse gradients
+        (:class:`~memstore_torch.optim.RowwiseAdagrad`); ``split_parameters`` keeps them apart."""
+        return []
+
     def dense_parameters(self) -> list[nn.Parameter]:
         """Every other trainable Parameter (projections, biases)."""
         memory = {id(p) for p in (self.memory_keys, self.memory_values)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from torch import nn
 
@@ -54,17 +55,47 @@ def memory_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(out.values())
 
 
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(dense, memory) trainable parameters in a stable order (optimizer state relies on it).
+class ParameterSplit(NamedTuple):
+    """A model's trainable parameters by the optimizer they need (see :func:`split_parameters`)."""
 
-    Memory rows usually want their own learning rate and no weight decay, hence the split.
+    #: Everything that is not a memory row: AdamW with weight decay.
+    dense: list[nn.Parameter]
+    #: Memory rows with dense gradients (featural, associative): AdamW, own lr, no weight decay.
+    memory: list[nn.Parameter]
+    #: Memory rows with *sparse* gradients (product-key values): an optimizer that takes sparse
+    #: gradients (:class:`~memstore_torch.optim.RowwiseAdagrad`); AdamW raises on them.
+    sparse: list[nn.Parameter]
+
+
+def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every trainable memory-row Parameter of ``model`` whose gradient is a sparse tensor
+    (:meth:`MemoryLayer.sparse_parameters` of each layer, whatever its kind), without
+    duplicates."""
+    out: dict[int, nn.Parameter] = {}
+    for layer in memory_layers(model).values():
+        out.update((id(p), p) for p in layer.sparse_parameters())
+    return list(out.values())
+
+
+def split_parameters(model: nn.Module) -> ParameterSplit:
+    """``(dense, memory, sparse)`` trainable parameters, each in a stable order (optimizer state
+    relies on it).
+
+    Memory rows want their own learning rate and no weight decay, hence ``memory``; rows trained
+    by sparse gradients cannot go to AdamW at all (it raises on a sparse gradient), hence
+    ``sparse`` -- every memory layer says which of its rows those are, so the split holds for
+    any model and any layer kind.
     """
-    memory_ids = {id(p) for p in memory_parameters(model)}
-    dense, memory = [], []
+    sparse_ids = {id(p) for p in sparse_parameters(model)}
+    memory_ids = {id(p) for p in memory_parameters(model)} - sparse_ids
+    dense, memory, sparse = [], [], []
     for param in model.parameters():  # .parameters() de-duplicates tied weights already
         if param.requires_grad:
-            (memory if id(param) in memory_ids else dense).append(param)
-    return dense, memory
+            if id(param) in sparse_ids:
+                sparse.append(param)
+            else:
+                (memory if id(param) in memory_ids else dense).append(param)
+    return ParameterSplit(dense, memory, sparse)
 
 
 def is_memory_row_key(state_key: str, model: nn.Module) -> bool:

@@ -213,6 +213,10 @@ class ProductKeyMemory(MemoryLayer):
         gradients, such as ``torch.optim.SparseAdam``)."""
         return [self.memory_values] if self.trainable_rows else []
 
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """All of :meth:`memory_parameters`: the values' gradient is sparse (``SparseRowRead``)."""
+        return self.memory_parameters()
+
     def flush(self, all_rows: bool = False) -> dict[str, int]:
         """Write the rows that changed (touched or read with gradient since the last flush) to
         the collection in one transaction; ``all_rows`` writes every row (after editing values

@@ -46,8 +46,8 @@ def test_surgery_with_memory_layers_keeps_other_weights(teacher, blocks, store):
     for name, tensor in non_mlp_state(model).items():
         assert torch.equal(tensor, non_mlp_state(student)[name]), name
     assert len(store.collection("layer1")) == model.config.n_inner
-    dense, memory = split_parameters(student)
-    assert memory and all(p.requires_grad for p in dense + memory)
+    dense, memory, sparse = split_parameters(student)
+    assert memory and not sparse and all(p.requires_grad for p in dense + memory)
 
 
 def test_full_k_featural_student_reproduces_the_teacher(teacher, blocks, store):

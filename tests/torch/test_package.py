@@ -53,7 +53,8 @@ def test_memory_layers_are_found_anywhere_in_a_model(tmp_path):
         inner = FeaturalMemory(8, n_rows=16, k=4, store=store, collection="deep")
         model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.ReLU(), inner))
         assert list(memory_layers(model)) == ["1.1"]
-        dense, memory = split_parameters(model)
+        dense, memory, sparse = split_parameters(model)
+        assert sparse == []
         assert {id(p) for p in memory} == {id(inner.memory_keys), id(inner.memory_values)}
         assert all(id(p) not in {id(q) for q in memory} for p in dense)
         with torch.no_grad():
