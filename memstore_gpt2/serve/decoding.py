@@ -1,0 +1,283 @@
+"""Decoding a GPT-2 student with a KV cache, one token per step for a whole batch of sequences.
+
+A memory layer replaces a block's MLP and, like the MLP, reads each token on its own, so only the
+attention needs the past: caching its keys and values means every step runs the blocks on the new
+token alone, and only the new token reads memory rows. The forward is written here over the
+model's own modules (``wte``, ``wpe``, each block's ``ln_1``/``attn``/``ln_2``/``mlp``, ``ln_f``,
+``lm_head``) rather than through transformers' ``past_key_values``, whose cache classes and
+argument names change between versions (``memstore_gpt2.generate`` avoids them for that reason).
+
+A :class:`KVBatch` holds the cache of several sequences of different lengths, left-padded to one
+length with a mask, so one step runs them all. Sequences join (after a prefill of their prompt on
+their own) and leave between steps; the columns every remaining sequence pads are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from memstore.errors import bad_parameter
+from memstore_gpt2.lm_training import model_device
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_context(device: torch.device, precision: str):
+    """``torch.autocast`` to bf16/fp16 on ``device`` (weights stay fp32), nothing for fp32.
+
+    bf16 is what ``memstore generate --precision bf16`` runs (``lm_training.autocast``); fp16 is
+    offered for GPUs, where it is as fast and keeps three more mantissa bits.
+    """
+    if precision not in PRECISIONS:
+        raise bad_parameter(
+            "precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class KVBatch:
+    """Keys and values of every block for ``B`` sequences, left-padded to a common length ``L``.
+
+    ``keys[i]``/``values[i]``: block ``i``'s ``(B, heads, L, head_dim)``; ``mask``: ``(B, L)``,
+    True where a real token sits; ``lengths``: each sequence's real token count, which is also the
+    position of its next token.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    lengths: list[int] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def append(self, other: KVBatch) -> KVBatch:
+        """This batch followed by ``other``'s sequences (the shorter side left-padded)."""
+        width = max(self.width, other.width)
+        a, b = self._padded(width), other._padded(width)
+        return KVBatch(
+            [torch.cat([x, y]) for x, y in zip(a.keys, b.keys, strict=True)],
+            [torch.cat([x, y]) for x, y in zip(a.values, b.values, strict=True)],
+            torch.cat([a.mask, b.mask]),
+            a.lengths + b.lengths,
+        )
+
+    def select(self, rows: list[int]) -> KVBatch:
+        """Only the sequences at ``rows`` (in that order), without the columns all of them pad."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        lengths = [self.lengths[r] for r in rows]
+        start = self.width - max(lengths) if lengths else self.width
+        return KVBatch(
+            [k.index_select(0, index)[:, :, start:] for k in self.keys],
+            [v.index_select(0, index)[:, :, start:] for v in self.values],
+            self.mask.index_select(0, index)[:, start:],
+            lengths,
+        )
+
+    def _padded(self, width: int) -> KVBatch:
+        extra = width - self.width
+        if extra == 0:
+            return self
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            zeros = t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3])
+            return torch.cat([zeros, t], dim=2)
+
+        mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], extra), self.mask], dim=1)
+        return KVBatch([pad(k) for k in self.keys], [pad(v) for v in self.values], mask,
+                       list(self.lengths))  # fmt: skip
+
+
+class Decoder:
+    """Prefill and batched single-token steps of a GPT-2 (teacher or memory student).
+
+    Runs where the model's weights are, under ``precision`` (fp32, bf16, fp16 autocast). Not
+    thread-safe: one thread (the scheduler) owns it.
+    """
+
+    def __init__(self, model, precision: str = "fp32") -> None:
+        config = model.config
+        if getattr(config, "reorder_and_upcast_attn", False):
+            raise bad_parameter(
+                "model", "GPT-2 configs with reorder_and_upcast_attn are not served"
+            )
+        if getattr(config, "add_cross_attention", False):
+            raise bad_parameter("model", "GPT-2 models with cross-attention are not served")
+        precision_context(torch.device("cpu"), precision)  # validates the name
+        self.model = model.eval()
+        self.precision = precision
+        self.device = model_device(model)
+        self.context = int(config.n_positions)
+        self.transformer = model.transformer
+        self.blocks = list(self.transformer.h)
+
+    # -- forwards ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> tuple[KVBatch, torch.Tensor]:
+        """Run one sequence's prompt: its cache (a batch of one) and its logits ``(T, V)`` fp32
+        (every position's, so a request can score its prompt)."""
+        if not ids:
+            raise bad_parameter("prompt", "is empty after tokenization: give some text")
+        if len(ids) > self.context:
+            raise bad_parameter("prompt", f"has {len(ids)} tokens; the model reads {self.context}")
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(ids), device=self.device).unsqueeze(0)
+        keys, values = [], []
+        with precision_context(self.device, self.precision):
+            hidden = self._embed(tokens, positions)
+            for index, block in enumerate(self.blocks):
+                hidden, k, v = self._block(index, block, hidden, None, None, None)
+                keys.append(k)
+                values.append(v)
+            logits = self._logits(hidden)
+        mask = torch.ones(1, len(ids), dtype=torch.bool, device=self.device)
+        return KVBatch(keys, values, mask, [len(ids)]), logits[0].float()
+
+    @torch.no_grad()
+    def step(self, batch: KVBatch, tokens: list[int]) -> tuple[KVBatch, torch.Tensor]:
+        """Feed one new token per sequence: the extended cache and the next logits ``(B, V)``."""
+        if len(tokens) != batch.size:
+            raise bad_parameter("tokens", f"{len(tokens)} tokens for {batch.size} sequences")
+        if max(batch.lengths) >= self.context:
+            raise bad_parameter("tokens", f"a sequence would pass the {self.context}-token context")
+        new = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
+        positions = torch.tensor(batch.lengths, dtype=torch.long, device=self.device).unsqueeze(1)
+        ones = torch.ones(batch.size, 1, dtype=torch.bool, device=self.device)
+        mask = torch.cat([batch.mask, ones], dim=1)  # (B, L+1)
+        attend = mask[:, None, None, :]  # (B, 1, 1, L+1): SDPA's boolean mask, True attends
+        keys, values = [], []
+        with precision_context(self.device, self.precision):
+            hidden = self._embed(new, positions)
+            for index, block in enumerate(self.blocks):
+                hidden, k, v = self._block(index, block, hidden, batch.keys[index],
+                                           batch.values[index], attend)  # fmt: skip
+                keys.append(k)
+                values.append(v)
+            logits = self._logits(hidden)
+        lengths = [n + 1 for n in batch.lengths]
+        return KVBatch(keys, values, mask, lengths), logits[:, -1].float()
+
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.transformer.drop(self.transformer.wte(tokens) + self.transformer.wpe(positions))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.transformer.ln_f(hidden))
+
+    def _block(self, index, block, hidden, past_k, past_v, attend):
+        """One GPT-2 block on ``hidden`` ``(B, T, D)`` after ``past_k``/``past_v`` (None: no
+        past, causal over ``T``); returns (output, all keys, all values)."""
+        attn = block.attn
+        heads = attn.num_heads
+        head_dim = attn.head_dim
+        residual = hidden
+        q, k, v = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=2)
+        shape = (hidden.shape[0], hidden.shape[1], heads, head_dim)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        if past_k is not None:
+            k = torch.cat([past_k.to(k.dtype), k], dim=2)
+            v = torch.cat([past_v.to(v.dtype), v], dim=2)
+        scale = getattr(attn, "scaling", None)
+        if scale is None:  # older transformers: the same factor from the config's flags
+            scale = head_dim**-0.5 if attn.scale_attn_weights else 1.0
+            if attn.scale_attn_by_inverse_layer_idx:
+                scale /= float(index + 1)
+        if attend is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attend,
+                                                 scale=scale)  # fmt: skip
+        out = out.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[1], -1)
+        hidden = attn.c_proj(out) + residual
+        hidden = block.mlp(block.ln_2(hidden)) + hidden
+        return hidden, k, v
+
+
+@dataclass
+class SamplingParams:
+    """How a request picks its tokens: greedy when ``temperature`` is 0; else the logits are
+    divided by it, cut to the ``top_k`` best and to the smallest set of probability ``top_p``,
+    and drawn from with a generator seeded by ``seed`` (the same draw as ``memstore generate``)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not 0 <= self.temperature <= 100:
+            raise bad_parameter("temperature", f"must be within [0, 100], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise bad_parameter("top_p", f"must be within (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise bad_parameter("top_k", f"must be >= 0 (0: no cut), got {self.top_k}")
+
+
+class Sampler:
+    """One sequence's token picker (owns its seeded generator, so draws never mix between
+    requests that share a batch)."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        params.validate()
+        self.params = params
+        self.generator = (
+            torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        )
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from fp32 CPU logits ``(V,)``: the same operations, in the same order,
+        as :func:`memstore_gpt2.generate.sample_tokens` (top-p is applied after them)."""
+        p = self.params
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k is not None and 0 < p.top_k < logits.numel():
+            threshold = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+            sorted_probs = sorted_probs.masked_fill(before >= p.top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def greedy_decode(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int,
+                  eos_id: int | None = None) -> list[int]:  # fmt: skip
+    """Prompt followed by up to ``max_new_tokens`` greedy tokens, one sequence, with the cache
+    (what the tests compare with ``sample_tokens`` and the batched scheduler)."""
+    return decode(decoder, prompt_ids, max_new_tokens, Sampler(SamplingParams(0.0)), eos_id)
+
+
+def decode(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
+           eos_id: int | None = None) -> list[int]:  # fmt: skip
+    """Prompt followed by up to ``max_new_tokens`` tokens from ``sampler``, one sequence."""
+    ids = list(prompt_ids)
+    if max_new_tokens <= 0:
+        return ids
+    if len(ids) + max_new_tokens > decoder.context:
+        raise bad_parameter("max_new_tokens", f"prompt + new tokens pass the {decoder.context}-token"
+                            " context")  # fmt: skip
+    batch, logits = decoder.prefill(ids)
+    next_logits = logits[-1]
+    for n in range(max_new_tokens):
+        token = sampler.pick(next_logits.cpu())
+        ids.append(token)
+        if (eos_id is not None and token == eos_id) or n == max_new_tokens - 1:
+            break
+        batch, step_logits = decoder.step(batch, [token])
+        next_logits = step_logits[0]
+    return ids
