@@ -36,6 +36,8 @@ _EXPORTS: dict[str, str] = {
     "ParameterSplit": "memstore_torch.model_memory",
     "paging_stats": "memstore_torch.model_memory",
     "PagedRows": "memstore_torch.paged_rows",
+    "save_memory_model": "memstore_torch.saving",
+    "load_memory_state": "memstore_torch.saving",
     "MemoryBudget": "memstore_torch.budget",
     "TopKMemoryRead": "memstore_torch.functions",
     "StraightThroughQuery": "memstore_torch.functions",
