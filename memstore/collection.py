@@ -6,7 +6,7 @@ import numpy as np
 
 from memstore import catalog, lrfu
 from memstore.distances import pairwise_distances
-from memstore.errors import InvalidInputError, RowNotFoundError
+from memstore.errors import CorruptDataError, InvalidInputError, RowNotFoundError
 from memstore.recombine import merged_rows, plan_merges, plan_novel
 from memstore.schema import COUNTERS
 from memstore.transactions import TransactionHost
@@ -19,6 +19,8 @@ from memstore.validation import (
     check_int64,
     check_k,
     check_nonzero_rows,
+    check_norms,
+    check_threshold,
 )
 
 
@@ -73,6 +75,7 @@ class Collection:
     # ---------------------------------------------------------------- input
     def _keys(self, keys, what: str = "keys") -> np.ndarray:
         out = as_matrix(keys, self.spec.key_dim, what)
+        check_norms(out, what)
         if self.spec.metric == "cosine":
             check_nonzero_rows(out, what)
         return out
@@ -141,14 +144,38 @@ class Collection:
     def get(self, ids) -> RowBlock:
         """Rows in the order of ``ids`` (RowNotFoundError if any is missing)."""
         id_arr = as_ids(ids)
-        with self.store.read() as conn:
-            rows = self._require(conn, id_arr)
-        return rows.take(np.searchsorted(rows.ids, id_arr))
+        try:
+            with self.store.read() as conn:
+                rows = self._require(conn, id_arr)
+        except CorruptDataError as exc:  # the backend's decode: say which collection
+            raise CorruptDataError(f"collection {self.name!r}: {exc}") from None
+        return self._finite(rows).take(np.searchsorted(rows.ids, id_arr))
 
     def export_rows(self) -> RowBlock:
         """Every row, ordered by id (bulk path for memstore_torch's resident index)."""
-        with self.store.read() as conn:
-            return self._backend.fetch_rows(conn, self.spec, None)
+        try:
+            with self.store.read() as conn:
+                rows = self._backend.fetch_rows(conn, self.spec, None)
+        except CorruptDataError as exc:  # the backend's decode: say which collection
+            raise CorruptDataError(f"collection {self.name!r}: {exc}") from None
+        return self._finite(rows)
+
+    def _finite(self, rows: RowBlock) -> RowBlock:
+        """``rows``, or :class:`CorruptDataError` naming the rows whose keys or values are NaN or
+        infinite. The store never writes such values (input is checked), so they mean a damaged
+        or tampered file; handing them on would make every model forward that reads one NaN
+        (a perplexity of null, a crash in sampling). One pass over the data, on reads of rows
+        only (``get``, ``export_rows``: what resident loads and paged reads use)."""
+        bad = ~(np.isfinite(rows.values).all(axis=1) & np.isfinite(rows.keys).all(axis=1))
+        if bad.any():
+            ids = rows.ids[bad].tolist()
+            shown = ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
+            raise CorruptDataError(
+                f"collection {self.name!r} holds NaN or infinite values in {len(ids)} row(s) "
+                f"(id {shown}): the database is damaged (memstore never writes such values); "
+                "delete those rows or restore the file"
+            )
+        return rows
 
     def search(
         self,
@@ -171,14 +198,21 @@ class Collection:
         ``novel_values``, default the queries). With either, every query the changes can affect
         is searched again, so the returned result reflects them, and ``result.changes`` counts
         them. ``touch=False`` without them is a pure read.
+
+        ``queries`` is (m, key_dim); a 1-D array of length key_dim is one query, answered as a
+        batch of one (every result array keeps its leading axis of length 1, as for ``q[None]``),
+        and ``novel_values`` may then be 1-D too.
         """
-        q = self._keys(queries, "queries")
+        one = _is_single_row(queries)
+        q = self._keys(np.asarray(queries)[None] if one else queries, "queries")
         k = check_k(k)
         if novel is not None:
-            novel = float(novel)
+            novel = check_threshold(novel, "novel", self.spec.metric)
+            if one and novel_values is not None and _is_single_row(novel_values):
+                novel_values = np.asarray(novel_values)[None]
             nv = self._values(novel_values, len(q), q, "novel_values")
         if recombine is not None:
-            recombine = float(recombine)
+            recombine = check_threshold(recombine, "recombine", self.spec.metric)
         if tick is not None:
             tick = check_count(tick, "tick")
         if not touch and recombine is None and novel is None:
@@ -258,28 +292,16 @@ class Collection:
             return result
 
     def _knn(self, conn, queries: np.ndarray, k: int) -> SearchResult:
-        """The backend's kNN, refusing results whose distances overflowed float32.
-
-        Finite inputs near float32's limit (3.4e38) can have distances beyond it; they would come
-        back as +inf, indistinguishable from padding, or -inf for ``ip``. Raised inside the
-        transaction, so a touching search that hits this changes nothing.
-        """
-        result = self._backend.knn(conn, self.spec, queries, k)
-        overflowed = (result.ids >= 0) & ~np.isfinite(result.distances)
-        if overflowed.any():
-            row = int(np.argwhere(overflowed)[0][0])
-            raise InvalidInputError(
-                f"the {self.spec.metric} distance between query {row} and a stored key overflows "
-                f"float32 (it, or a vector's norm, exceeds {float(np.finfo(np.float32).max):.3g}):"
-                " the vectors are too large for float32 arithmetic; scale queries and keys down"
-            )
-        return result
+        """The backend's kNN. Its distances are always finite: keys and queries are bounded by
+        :data:`memstore.validation.MAX_NORM` on the way in, so no distance can overflow float32."""
+        return self._backend.knn(conn, self.spec, queries, k)
 
     def recombine(self, queries, threshold: float, k: int = 16) -> int:
         """Merge near-duplicates around ``queries`` without counting hits: each query's k nearest
         rows within ``threshold`` become one row (:mod:`memstore.recombine`), which keeps the id of
         the member nearest to the query.
         Returns how many merges were made."""
+        threshold = check_threshold(threshold, "threshold", self.spec.metric)
         result = self.search(queries, k, touch=False, recombine=threshold)
         return int(result.changes.get("recombinations", 0))
 
@@ -446,3 +468,14 @@ class Collection:
             **{name: state[name] for name in COUNTERS},
             "score": score,
         }
+
+
+def _is_single_row(array: object) -> bool:
+    """Whether ``array`` is one vector (1-D) rather than a batch: :meth:`Collection.search` then
+    answers it as a batch of one."""
+    if not isinstance(array, (np.ndarray, list, tuple)):
+        return False
+    try:
+        return np.ndim(array) == 1
+    except ValueError:  # a ragged list: as_matrix says what is wrong with it
+        return False

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from memstore.errors import InvalidInputError
-from memstore.validation import check_lrfu_lambda, check_positive_int
+from memstore.validation import check_dim, check_lrfu_lambda, check_positive_int
 
 METRICS = ("l2", "cosine", "ip")
 #: Index kinds a collection may ask for. sqlite-vec serves the ``rescore-*`` kinds; PostgreSQL serves
@@ -46,10 +46,8 @@ class CollectionOptions:
     oversample: int = 8
 
     def __post_init__(self) -> None:
-        key_dim = check_positive_int(self.key_dim, "key_dim")
-        value_dim = (
-            key_dim if self.value_dim is None else check_positive_int(self.value_dim, "value_dim")
-        )
+        key_dim = check_dim(self.key_dim, "key_dim")
+        value_dim = key_dim if self.value_dim is None else check_dim(self.value_dim, "value_dim")
         if self.metric not in METRICS:
             raise InvalidInputError(
                 f"unknown metric {self.metric!r}: use one of {', '.join(METRICS)}"

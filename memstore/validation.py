@@ -27,6 +27,18 @@ INT64_MAX = 2**63 - 1
 #: padding (k = 10**9 needs gigabytes per query). 2**20 neighbours per query is far beyond any
 #: kNN use and still a bounded allocation.
 MAX_K = 2**20
+#: The largest key_dim / value_dim a collection accepts (a vector of 256 KiB). Far beyond any
+#: embedding width, and it keeps one row's blob, and a bulk statement's (memstore.backends.sqlite
+#: sizes its batches by it), well inside SQLite's 1 GB value limit: a value_dim of 10**9 would be a
+#: 4 GB blob per row. Backends add their own, lower, index limits (sqlite-vec 8192, pgvector 2000).
+MAX_DIM = 2**16
+#: The largest Euclidean norm a key or query may have: 2**62 (about 4.6e18). Then every distance
+#: between two such vectors, and every float32 intermediate that sqlite-vec, pgvector or torch
+#: computes on the way (|q - k|^2 <= (|q| + |k|)^2 <= 2**126, |q . k| <= 2**124, the ip index's
+#: augmented coordinate), stays below float32's maximum (about 2**128): a finite input can never
+#: produce an inf distance that would look like padding, or a -inf one. Checked on the way in
+#: (insert, update, upserts and queries), so nothing overflowing is ever stored or searched.
+MAX_NORM = 2.0**62
 
 
 def check_name(name: object) -> str:
@@ -64,6 +76,52 @@ def check_count(value: object, what: str) -> int:
     ):
         raise bad_parameter(what, f"must be a non-negative integer, got {value!r}")
     return check_int64(int(value), what)
+
+
+def check_dim(value: object, name: str) -> int:
+    """A positive vector width of at most :data:`MAX_DIM` (``key_dim``, ``value_dim``)."""
+    dim = check_positive_int(value, name)
+    if dim > MAX_DIM:
+        raise bad_parameter(
+            name, f"must be at most {MAX_DIM} (2**16, memstore.validation.MAX_DIM), got {dim}"
+        )
+    return dim
+
+
+def check_threshold(value: object, name: str, metric: str) -> float:
+    """A recombination / novelty distance threshold: a finite number, and >= 0 for ``l2`` and
+    ``cosine`` (whose distances are never negative, so a negative threshold could only be a
+    mistake: it would merge nothing, or call every query novel). ``ip`` distances ``-(q . k)`` take
+    any sign, so any finite threshold is meaningful there. NaN compares false with everything and
+    would silently merge nothing; inf would merge every hit: both are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise bad_parameter(name, f"must be a finite number (a distance), got {value!r}")
+    threshold = float(value)
+    if not math.isfinite(threshold):
+        raise bad_parameter(name, f"must be a finite number (a distance), got {threshold!r}")
+    if metric != "ip" and threshold < 0:
+        raise bad_parameter(
+            name, f"must be >= 0: {metric} distances are never negative, got {threshold!r}"
+        )
+    return threshold
+
+
+def check_norms(arr: np.ndarray, what: str) -> None:
+    """Refuse rows of a float32 (n, d) array whose norm exceeds :data:`MAX_NORM` (see there)."""
+    if arr.size == 0:
+        return
+    # Fast path: max|x| * sqrt(d) bounds every row's norm; exact float64 norms only if it fails.
+    if float(np.abs(arr).max()) * math.sqrt(arr.shape[1]) <= MAX_NORM:
+        return
+    norms = np.sqrt(np.einsum("ij,ij->i", arr.astype(np.float64), arr.astype(np.float64)))
+    too_long = norms > MAX_NORM
+    if too_long.any():
+        row = int(np.argmax(too_long))
+        raise InvalidInputError(
+            f"{what} row {row} has norm {norms[row]:.3g}, above the limit 2**62 (4.6e+18, "
+            "memstore.validation.MAX_NORM) that keeps every distance finite in float32; "
+            "scale the vectors down"
+        )
 
 
 def check_lrfu_lambda(value: object, name: str = "lrfu_lambda") -> float:

@@ -44,7 +44,7 @@ from sqlalchemy.pool import QueuePool, StaticPool
 from memstore import distances
 from memstore.backends import sqlite_lrfu
 from memstore.backends.base import VectorBackend
-from memstore.errors import DatabaseError, InvalidInputError
+from memstore.errors import CorruptDataError, DatabaseError, InvalidInputError
 from memstore.naming import rows_table as _rows
 from memstore.naming import vec_table as _vec
 from memstore.sqlite_driver import prepare_connection, sqlite_module
@@ -55,6 +55,8 @@ from memstore.types import SQLITE_INDEX_KINDS, CollectionSpec, RowBlock, SearchR
 BULK_ROWS = 65_536
 #: Distances computed at once by an ``index="none"`` scan (float64 elements: 128 MiB).
 SCAN_ELEMENTS = 1 << 24
+#: sqlite-vec's largest vector column (its own limit, checked here before any SQL runs).
+VEC0_MAX_DIM = 8192
 #: sqlite-vec refuses kNN queries with k above this; larger k falls back to an exact scan.
 MAX_KNN_K = 4096
 #: Norm-bound headroom for ``ip``: fewer index rebuilds as keys grow, little precision lost.
@@ -73,10 +75,22 @@ def _index_dim(spec: CollectionSpec) -> int:
 
 def _decode(blobs: list[bytes], dim: int) -> np.ndarray:
     """float32 rows from their blobs: one copy (a ``bytearray`` is writable, so numpy can use it
-    as it is)."""
+    as it is). Blobs of another length than ``dim`` float32 (a damaged or tampered file) are
+    :class:`CorruptDataError`, not numpy's reshape error."""
     if not blobs:
         return np.empty((0, dim), np.float32)
-    return np.frombuffer(bytearray().join(blobs), dtype=np.float32).reshape(len(blobs), dim)
+    try:
+        joined = bytearray().join(blobs)
+    except TypeError:  # a NULL blob
+        joined = None
+    if joined is None or len(joined) != 4 * dim * len(blobs):
+        lengths = sorted({-1 if b is None else len(b) for b in blobs} - {4 * dim})
+        shown = ", ".join("NULL" if n < 0 else f"{n} bytes" for n in lengths[:5])
+        raise CorruptDataError(
+            f"the database is damaged: stored vectors of {shown} where {dim} float32 "
+            f"({4 * dim} bytes) belong"
+        )
+    return np.frombuffer(joined, dtype=np.float32).reshape(len(blobs), dim)
 
 
 def exact_distances(metric: str, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -194,6 +208,15 @@ class SqliteBackend(VectorBackend):
             raise InvalidInputError(
                 f"index {spec.index!r} is a PostgreSQL (pgvector) index: on SQLite use one of "
                 f"{', '.join(SQLITE_INDEX_KINDS)}"
+            )
+        if _indexed(spec) and _index_dim(spec) > VEC0_MAX_DIM:
+            ip = spec.metric == "ip"
+            raise InvalidInputError(
+                f"key_dim must be at most {VEC0_MAX_DIM - ip} for an indexed SQLite "
+                f"{spec.metric} collection, got {spec.key_dim}: sqlite-vec indexes at most "
+                f"{VEC0_MAX_DIM} dimensions{' (ip adds one)' if ip else ''}; "
+                'index="none" has no such limit',
+                parameter="key_dim",
             )
         conn.exec_driver_sql(
             f"CREATE TABLE {_rows(spec)} ("
@@ -579,7 +602,7 @@ class SqliteBackend(VectorBackend):
                     chosen = np.arange(len(ids))
                 chosen = chosen[np.lexsort((ids[chosen], d[chosen]))]
                 out.ids[row, :take] = ids[chosen]
-                with np.errstate(over="ignore"):  # beyond float32: refused by Collection._knn
+                with np.errstate(over="ignore"):  # cannot overflow: inputs are bounded (MAX_NORM)
                     out.distances[row, :take] = d[chosen]
                 out.keys[row, :take] = keys[chosen]
         hit = np.unique(out.ids[out.ids >= 0])
@@ -625,7 +648,7 @@ class SqliteBackend(VectorBackend):
         order = np.argsort(dist, kind="stable")[:k]
         c = len(order)
         out.ids[row, :c] = ids[order]
-        with np.errstate(over="ignore"):  # beyond float32: +-inf, refused by Collection._knn
+        with np.errstate(over="ignore"):  # cannot overflow: inputs are bounded (MAX_NORM)
             out.distances[row, :c] = dist[order]
         out.keys[row, :c] = keys[order]
         out.values[row, :c] = _decode([found[j][3] for j in order], spec.value_dim)

@@ -140,6 +140,66 @@ CASES = [
     ),
     ("update nothing", lambda c: c.update([1]), errors.InvalidInputError, "keys, values"),
     (
+        "NaN recombine threshold",
+        lambda c: c.search(GOOD_KEYS, 1, recombine=float("nan")),
+        errors.InvalidInputError,
+        "recombine must be a finite number",
+    ),
+    (
+        "NaN novel threshold",
+        lambda c: c.search(GOOD_KEYS, 1, novel=float("nan")),
+        errors.InvalidInputError,
+        "novel must be a finite number",
+    ),
+    (
+        "inf novel threshold",
+        lambda c: c.search(GOOD_KEYS, 1, novel=float("inf")),
+        errors.InvalidInputError,
+        "novel must be a finite number",
+    ),
+    (
+        "negative cosine recombine threshold",
+        lambda c: c.search(GOOD_KEYS, 1, recombine=-0.5),
+        errors.InvalidInputError,
+        "recombine must be >= 0: cosine distances are never negative",
+    ),
+    (
+        "NaN recombine() threshold",
+        lambda c: c.recombine(GOOD_KEYS, float("nan")),
+        errors.InvalidInputError,
+        "threshold must be a finite number",
+    ),
+    (
+        "text novel threshold",
+        lambda c: c.search(GOOD_KEYS, 1, novel="near"),
+        errors.InvalidInputError,
+        "novel must be a finite number",
+    ),
+    (
+        "key beyond the norm bound",
+        lambda c: c.insert(np.full((2, 4), 3e38, np.float32), GOOD_VALUES),
+        errors.InvalidInputError,
+        "keys row 0 has norm 6e\\+38, above the limit 2\\*\\*62",
+    ),
+    (
+        "query beyond the norm bound",
+        lambda c: c.search(np.array([[1, 1, 1, 1], [3e38, 0, 0, 0]], np.float32), 1),
+        errors.InvalidInputError,
+        "queries row 1 has norm 3e\\+38, above the limit 2\\*\\*62",
+    ),
+    (
+        "updated key beyond the norm bound",
+        lambda c: c.update([1], keys=np.full((1, 4), -1e19, np.float32)),
+        errors.InvalidInputError,
+        "keys row 0 has norm 2e\\+19",
+    ),
+    (
+        "1-D query of the wrong length",
+        lambda c: c.search(np.ones(5, np.float32), 1),
+        errors.DimensionMismatchError,
+        "dimension 5",
+    ),
+    (
         "NaN novel threshold values",
         lambda c: c.search(
             GOOD_KEYS, 1, novel=0.1, novel_values=np.full((2, 2), np.nan, np.float32)
@@ -205,6 +265,8 @@ def test_unknown_collection(filled):
         ({"key_dim": 4, "lrfu_lambda": 1.5}, "lrfu_lambda"),
         ({"key_dim": 4, "capacity": 0}, "capacity"),
         ({"key_dim": 4, "oversample": 0}, "oversample"),
+        ({"key_dim": 100_000}, "key_dim must be at most 65536 \\(2\\*\\*16"),
+        ({"key_dim": 4, "value_dim": 10**9}, "value_dim must be at most 65536"),
     ],
 )
 def test_bad_collection_options(filled, options, fragment):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memstore import errors
+from memstore import Store, errors
 from memstore.types import RowBlock
-from memstore.validation import INT64_MAX, MAX_K
+from memstore.validation import INT64_MAX, MAX_DIM, MAX_K, MAX_NORM
 
 BIG = [2**63, 2**64, 10**30]
 
@@ -71,20 +71,39 @@ def test_the_clock_stops_at_int64_max(coll):
         coll.apply_changes(block)
 
 
-@pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_distances_beyond_float32_are_an_error_not_padding(store, metric):
-    """Finite float32 inputs whose distances overflow float32 (3e38 and -3e38 are 6e38 apart;
-    their inner product 3.6e77). Cosine distances stay in [0, 2] and need no such rule."""
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_vectors_whose_distances_could_overflow_float32_are_refused(store, metric):
+    """Keys and queries longer than MAX_NORM (2**62) are refused on the way in, so no distance
+    can overflow float32 (3e38 and -3e38 are 6e38 apart; their inner product is -3.6e77, which
+    came back as a -inf ip distance). Vectors at the bound give finite distances everywhere."""
     coll = store.create_collection("big", key_dim=4, metric=metric)
     huge = np.full((1, 4), 3e38, np.float32)
-    try:
+    with pytest.raises(errors.InvalidInputError, match="above the limit 2\\*\\*62"):
         coll.insert(huge)
-    except errors.InvalidInputError as exc:  # SQLite's ip index cannot hold such a norm
-        assert metric == "ip" and "too long for an ip collection" in str(exc)
-        assert len(coll) == 0
-        return
-    coll.insert(np.ones((1, 4), np.float32))
-    with pytest.raises(errors.InvalidInputError, match="overflows float32"):
+    assert len(coll) == 0
+    edge = np.array([[MAX_NORM, 0, 0, 0], [0, -MAX_NORM, 0, 0]], np.float32)
+    coll.insert(edge)
+    for query in (-edge[:1], edge[1:], np.ones((1, 4), np.float32)):
+        res = coll.search(query, 2)
+        assert np.isfinite(res.distances).all(), (metric, query, res.distances)
+    with pytest.raises(errors.InvalidInputError, match="queries row 0 has norm 6e\\+38"):
         coll.search(-huge, 2)
-    assert coll.clock == 0 and coll.stats()["searches"] == 0  # the touching search was undone
-    assert int(coll.export_rows().hits.sum()) == 0
+    with pytest.raises(errors.InvalidInputError, match="queries row 0 has norm"):
+        coll.search(-huge[0], 2)  # a 1-D query is checked as its one row
+    assert coll.clock == 3 and coll.stats()["searches"] == 3  # the refused searches changed nothing
+
+
+def test_sqlite_refuses_key_dims_its_index_cannot_hold():
+    """sqlite-vec indexes at most 8192 dimensions (ip adds one): a memstore error naming key_dim
+    and the limit before any SQL runs, not sqlite-vec's own message; index="none" is unlimited
+    up to MAX_DIM."""
+    with Store("sqlite://") as store:
+        for options, limit in (({}, 8192), ({"metric": "ip"}, 8191)):
+            with pytest.raises(errors.InvalidInputError, match=f"key_dim must be at most {limit}"):
+                store.create_collection("wide", key_dim=limit + 1, **options)
+            assert not store.has_collection("wide")
+            store.create_collection("wide", key_dim=limit, **options)
+            store.drop_collection("wide")
+        store.create_collection("flat", key_dim=MAX_DIM, index="none")
+        with pytest.raises(errors.InvalidInputError, match="key_dim must be at most 65536"):
+            store.create_collection("flatter", key_dim=MAX_DIM + 1, index="none")

@@ -147,3 +147,23 @@ def test_k_beyond_sqlite_vec_limit_falls_back_to_exact_scan(store, brute_force, 
     assert_matches_brute_force(
         coll.search(queries, 4150, touch=False), queries, keys, "ip", 4150, brute_force
     )
+
+
+def test_a_one_dimensional_query_is_one_row(store, rng):
+    """A 1-D query of length key_dim (``q`` rather than ``q[None]``) is answered as a batch of one:
+    the same (1, k) arrays as the 2-D form, and it counts as one touching search. With ``novel``,
+    1-D ``novel_values`` go with it."""
+    coll = store.create_collection("one", key_dim=4, value_dim=2)
+    keys = rng.standard_normal((6, 4)).astype(np.float32)
+    coll.insert(keys, rng.standard_normal((6, 2)).astype(np.float32))
+    q = rng.standard_normal(4).astype(np.float32)
+    flat, batch = coll.search(q, 3, touch=False), coll.search(q[None], 3, touch=False)
+    for field in ("ids", "distances", "keys", "values"):
+        np.testing.assert_array_equal(getattr(flat, field), getattr(batch, field))
+    assert flat.ids.shape == (1, 3) and flat.keys.shape == (1, 3, 4)
+    coll.search(q.tolist(), 3)  # a plain list too
+    assert coll.stats()["searches"] == 1
+    far = np.full(4, 50.0, np.float32)
+    res = coll.search(far, 1, novel=1.0, novel_values=np.array([7.0, 8.0], np.float32))
+    assert res.changes["novel_inserts"] == 1 and res.ids.shape == (1, 1)
+    np.testing.assert_array_equal(res.values[0, 0], [7.0, 8.0])
