@@ -88,6 +88,15 @@ def remove_checkpoint_files(out_dir: str | os.PathLike) -> None:
         Path(out_dir, name).unlink(missing_ok=True)
 
 
+def remove_spare_checkpoint(out_dir: str | os.PathLike) -> None:
+    """After a finished run: delete ``checkpoint.prev.pt`` (and a stray temporary file). The
+    previous file only matters while a memory commit may still be at it; once the run's last
+    commit and its finished manifest are in place, ``checkpoint.pt`` alone is what a
+    ``--resume --steps N`` that extends the run reads."""
+    for name in (PREVIOUS_FILE, TEMPORARY_FILE):
+        Path(out_dir, name).unlink(missing_ok=True)
+
+
 # -- the file half -----------------------------------------------------------------------------------
 def write_checkpoint_file(out_dir: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Durably install ``payload`` as ``checkpoint.pt``, keeping the one it replaces as

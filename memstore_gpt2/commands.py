@@ -161,7 +161,7 @@ def teacher_train(data, out, eval_data, steps, layers, width, heads, context, in
     resolved = resolve_device(device)
     texts = read_texts(list(data))
     eval_texts = read_texts(list(eval_data)) if eval_data else None
-    summary = train_teacher(texts, out, spec, eval_texts=eval_texts, progress=not as_json,
+    summary = train_teacher(texts, out, spec, eval_texts=eval_texts, progress=True,
                             device=resolved)  # fmt: skip
     if as_json:
         _emit_json(summary)
@@ -278,7 +278,7 @@ def distill_gpt2(teacher, data, eval_data, db, out, steps, kind, k, init, layers
         kind=kind, k=k, init=init or ("mlp" if kind == "featural" else "random"), layers=layers,
         resume=resume, context=context, heads=heads, capacity=capacity, config=config,
         memory_rows=memory_rows, memory_rows_heads=memory_rows_heads, memory_rows_k=memory_rows_k,
-        device=device, memory_budget=memory_budget, progress=not as_json,
+        device=device, memory_budget=memory_budget, progress=True,
         explicit=_explicit_options(click.get_current_context()),
     )  # fmt: skip
     try:
@@ -481,8 +481,10 @@ def demo_command(data, out, teacher_steps, steps, as_json) -> None:
     require_torch()
     from memstore_gpt2.demo import run_demo
 
+    # progress and the narration on stderr under --json: stdout holds the JSON line alone
+    log = (lambda text: click.echo(text, err=True)) if as_json else click.echo
     summary = run_demo(list(data) or None, out, teacher_steps=teacher_steps,
-                       distill_steps=steps, log=click.echo, progress=not as_json)  # fmt: skip
+                       distill_steps=steps, log=log, progress=True)  # fmt: skip
     if as_json:
         _emit_json(summary)
 

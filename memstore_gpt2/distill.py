@@ -14,6 +14,7 @@ and starts again.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,7 @@ from memstore_gpt2.checkpoint import (
     new_run_id,
     read_checkpoint,
     remove_checkpoint_files,
+    remove_spare_checkpoint,
 )
 from memstore_gpt2.errors import StudentFormatError
 from memstore_gpt2.text_data import default_context
@@ -191,7 +193,9 @@ def _saved_run(out: Path) -> tuple[str, dict[str, Any]]:
 
 
 def _prepare_fresh_directory(out: Path) -> None:
-    """Refuse a directory holding a run; clear one whose run never committed a checkpoint."""
+    """Refuse a directory holding a run with trained steps; clear one whose run stopped before
+    its first step (never committed a checkpoint, or only the step-0 one: a resume would gain
+    nothing over starting again, and refusing would block the same command forever)."""
     from memstore import Store
     from memstore.errors import DatabaseError
     from memstore_gpt2.student import STUDENT_FILE, read_manifest, resolve_db_url, run_unfinished
@@ -216,7 +220,8 @@ def _prepare_fresh_directory(out: Path) -> None:
         store = None  # its database was never created: nothing to clear there
     try:
         if store is not None:
-            if committed_stamp(store, str(run.get("id"))) is not None:
+            stamp = committed_stamp(store, str(run.get("id")))
+            if stamp is not None and stamp[0] > 0:  # trained steps that --resume would keep
                 raise refuse
             for name in run.get("collections", []):
                 if store.has_collection(name):
@@ -231,6 +236,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the summary that ``--json`` prints."""
     import torch
 
+    from memstore_gpt2.db_lock import release_writer
     from memstore_gpt2.lm_training import resolve_device
     from memstore_gpt2.student import (
         build_student_skeleton,
@@ -263,6 +269,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         raise InvalidInputError(
             f"--context {context} exceeds the teacher's {teacher.config.n_positions} positions"
         )
+    check_budget_covers_a_step(job, budget, teacher.config.n_embd, len(layers), context)
     train_blocks, eval_blocks = prepare_data(tokenizer, job, context)
     current = {
         "teacher": job.teacher,
@@ -330,6 +337,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         result = distiller.run()
         run = {**run, "id": distiller.run_id, "finished": True}
         save_student(student, tokenizer, out, db_url, info=info, run=run)
+        remove_spare_checkpoint(out)
         slots = memory_slots(student)
         counts = {str(key): slot_rows(module) for key, module in slots.items()}
         rows = {key: total for key, (total, _) in counts.items()}
@@ -338,7 +346,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         paging = paging_stats(student)
     finally:
         store.close()
-        writer.release()
+        release_writer(writer, remove_file=bool(run.get("finished")))
     summary = {
         **result,
         "db": db_url,
@@ -364,6 +372,54 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     }
     write_summary(out, summary)
     return summary
+
+
+def check_budget_covers_a_step(
+    job: DistillJob, budget: MemoryBudget | None, n_embd: int, n_layers: int, context: int
+) -> None:
+    """Refuse, before any work, a ``--memory-budget`` too small for one step of this run.
+
+    A paged layer must hold every distinct row one forward reads at once (a training forward's
+    rows also stay pinned until the optimizer step), so the need is the worst case of one step,
+    known from the options alone: ``min(rows, blocks x context x heads x k)`` for the training
+    batch (``--batch-size``) and for an evaluation batch (``EVAL_BATCH_SIZE`` blocks, at most
+    ``--eval-blocks``). What one batch happens to read is data-dependent and smaller, which is
+    why a need measured at the first fetch differed from run to run and from step to step.
+    """
+    from memstore_gpt2.lm_training import EVAL_BATCH_SIZE
+    from memstore_gpt2.student import extra_rows_shape
+    from memstore_torch.paged_rows import PagedRows
+
+    n_keys = extra_rows_shape(job.memory_rows)
+    if budget is None or not n_keys:
+        return
+    n_rows = n_keys**2
+    table = (n_rows, PagedRows.bytes_per_slot(2, n_embd))
+    cached = budget.cache_rows([table] * n_layers)[0]
+    if cached is None:  # every row resident: nothing pages
+        return
+    k = min(job.memory_rows_k, n_rows)
+    reads = context * job.memory_rows_heads * k  # rows one block reads
+    cfg = job.config
+    batches = {"--batch-size": cfg.batch_size}  # the training forward (its rows stay pinned)
+    if cfg.eval_blocks != 0:  # an evaluation forward, EVAL_BATCH_SIZE blocks at most
+        batches["--eval-blocks"] = min(EVAL_BATCH_SIZE, cfg.eval_blocks or EVAL_BATCH_SIZE)
+    need = min(n_rows, max(batches.values()) * reads)
+    if need <= cached:
+        return
+    fits = cached // reads  # blocks per forward this budget holds
+    over = [flag for flag, blocks in batches.items() if blocks > fits]
+    if fits:
+        lower = "lower " + " and ".join(f"{flag} to {fits}" for flag in over)
+    else:
+        lower = "lower --memory-rows-k, --memory-rows-heads or --context"
+    raise bad_parameter(
+        "memory_budget",
+        f"{budget} keeps {cached} of each layer's {n_rows} extra rows in memory, but one step "
+        f"may read {need} of them at once ({max(batches.values())} blocks x {context} tokens x "
+        f"{job.memory_rows_heads} --memory-rows-heads x {k} --memory-rows-k, at most every "
+        f"row); raise it to at least {math.ceil(100 * need / n_rows)}%, or {lower}",
+    )
 
 
 def _open_locked(db_url: str, out: Path, **store_options):

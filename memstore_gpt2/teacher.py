@@ -137,8 +137,7 @@ def train_teacher(
     Returns a summary (``teacher_ppl`` on ``eval_texts`` or a held-out 10 % slice, ``steps``,
     seconds, parameter count), also written to ``out_dir/teacher_train.json``.
     """
-    from tqdm.auto import tqdm
-
+    from memstore_gpt2.interrupts import progress_bar
     from memstore_gpt2.text_data import holdout_split, pack_blocks, tokenize_texts
 
     spec.validate()
@@ -158,9 +157,9 @@ def train_teacher(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, spec.steps, spec.warmup)
     )
-    bar = tqdm(range(spec.steps), desc="teacher", disable=not progress, mininterval=1.0)
+    bar = progress_bar(total=spec.steps, desc="teacher", disable=not progress)
     loss_value = float("nan")
-    for step in bar:
+    for step in range(spec.steps):
         ids = batch_for_step(train_blocks, step, spec.batch_size, spec.seed).to(device)
         with autocast(device, spec.precision):
             logits = lm_logits(model, ids)
@@ -173,6 +172,7 @@ def train_teacher(
         loss_value = float(loss.detach())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss_value:.3f}")
+        bar.update(1)
     bar.close()
     model.eval()
     with autocast(device, spec.precision):

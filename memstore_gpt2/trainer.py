@@ -40,7 +40,7 @@ from memstore_gpt2.checkpoint import (
     write_checkpoint_file,
 )
 from memstore_gpt2.errors import RunInterrupted, StudentFormatError
-from memstore_gpt2.interrupts import StopRequests
+from memstore_gpt2.interrupts import StopRequests, progress_bar
 from memstore_gpt2.lm_training import (
     autocast,
     batch_for_step,
@@ -524,17 +524,11 @@ class Distiller:
             self._log_scalar("eval/student_ppl", self.state.student_init_ppl, 0)
 
     def _train(self, stop_at: int | None, stop: StopRequests) -> tuple[float, int]:
-        from tqdm.auto import tqdm
-
         cfg = self.config
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         self.student.train()
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.state.step,
-            desc="distill",
-            disable=not self.progress,
-            mininterval=1.0,
+        bar = progress_bar(
+            total=cfg.steps, initial=self.state.step, desc="distill", disable=not self.progress
         )
         started = time.perf_counter()
         first_step = self.state.step
