@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 import numpy as np
@@ -183,7 +185,7 @@ def import_command(
         for name, value in given.items()
         if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
     }
-    with open_store(url) as store:
+    with writing(url, "import"), open_store(url) as store:
         options = typed if store.has_collection(collection) else given
         # Create-if-missing and insert are one transaction: a concurrent import of the same new
         # collection cannot make this one fail, and a crash or a rejected file leaves nothing.
@@ -313,6 +315,58 @@ def _print_stats(s: dict) -> None:
     )
 
 
+@contextmanager
+def writing(url: str, command: str, *, dry_run: bool = False) -> Iterator[None]:
+    """Hold the database's writer lock (:mod:`memstore.writer_lock`) while ``command`` writes, so
+    it cannot run under a distillation run (whose next checkpoint would write its resident rows
+    back over the change) or another writer: one line naming the holder instead. A dry run
+    writes nothing and takes no lock."""
+    from memstore.writer_lock import hold_database_file
+
+    writer = None if dry_run else hold_database_file(normalise_url(url), command)
+    try:
+        yield
+    finally:
+        if writer is not None:
+            writer.release()
+
+
+def addressed_rows(coll) -> bool:
+    """True for a product-key table (memstore_torch's ``ProductKeyMemory``): row ``r`` is id
+    ``r + 1`` with key ``[r // n, r % n]`` for ever, so its ids are addresses and the table must
+    hold all ``n * n`` of them. Such a collection is made with ``key_dim=2``, ``index="none"`` and
+    ``capacity=n * n``, and its lowest row's key is its address; both are checked (the rows only
+    cheaply: two of them)."""
+    capacity = coll.capacity
+    if coll.key_dim != 2 or coll.index != "none" or not capacity:
+        return False
+    n = math.isqrt(int(capacity))
+    if n * n != capacity:
+        return False
+    from memstore.errors import RowNotFoundError
+
+    for row_id in (1, int(capacity)):
+        try:
+            key = coll.get(np.asarray([row_id], np.int64)).keys[0]
+        except RowNotFoundError:
+            continue  # already missing: the options alone say what the table is
+        r = row_id - 1
+        if key.tolist() != [float(r // n), float(r % n)]:
+            return False
+    return True
+
+
+def refuse_addressed_rows(coll) -> None:
+    """Prune (and any eviction by id) would leave holes a product-key table cannot have."""
+    if addressed_rows(coll):
+        n = math.isqrt(int(coll.capacity))
+        raise InvalidInputError(
+            f"{coll.name} is a product-key table: its row ids are addresses (id r + 1 is the "
+            f"key [r // {n}, r % {n}]), so it must keep all {coll.capacity} rows and cannot be "
+            "pruned; its model reuses cold rows itself"
+        )
+
+
 @click.command("prune")
 @URL_ARG
 @click.argument("collection")
@@ -337,8 +391,9 @@ def prune_command(url, collection, capacity, min_score, dry_run, as_json) -> Non
         raise InvalidInputError("give exactly one of --capacity N or --min-score S")
     if capacity is not None and capacity < 0:
         raise InvalidInputError(f"--capacity must be >= 0, got {capacity}")
-    with open_store(url, create=False) as store:
+    with writing(url, "prune", dry_run=dry_run), open_store(url, create=False) as store:
         coll = store.collection(collection)
+        refuse_addressed_rows(coll)
         rows_before, size_before = len(coll), store.size_bytes()
         evicted = coll.evict(capacity, min_score=min_score, dry_run=dry_run)
         if not dry_run:
@@ -383,7 +438,7 @@ def upgrade_command(url, as_json) -> None:
         raise DatabaseError(
             f"{normalise_url(url)} is not a memstore database; refusing to modify it"
         )
-    with open_store(url, upgrade=True) as store:
+    with writing(url, "upgrade"), open_store(url, upgrade=True) as store:
         after = store.schema_revision()
     if as_json:
         emit_json({"url": normalise_url(url), "from": before, "to": after})

@@ -65,6 +65,16 @@ class DiskFullError(DatabaseError):
     """
 
 
+class DatabaseInUseError(DatabaseError):
+    """Another process writes the database right now (a training run, an edit, a prune, ...):
+    see :mod:`memstore.writer_lock`."""
+
+
+class CorruptDataError(DatabaseError):
+    """Stored rows cannot be used as they are: non-finite values, blobs of the wrong length, a
+    damaged file. Nothing was written; the message names the collection (and rows when known)."""
+
+
 class SchemaTooNewError(DatabaseError):
     """The database was written by a newer memstore; opening it could corrupt it."""
 

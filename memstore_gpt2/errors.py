@@ -6,7 +6,7 @@ line like every store error; they live here because the store knows nothing of t
 
 from __future__ import annotations
 
-from memstore.errors import DatabaseError, MemstoreError
+from memstore.errors import DatabaseInUseError, MemstoreError
 
 
 class TeacherNotFoundError(MemstoreError, LookupError):
@@ -32,5 +32,14 @@ class RunInterrupted(MemstoreError):
         self.exit_code = 128 + signum
 
 
-class DatabaseInUseError(DatabaseError):
-    """Another process is writing the student's memory database (a training run, or an edit)."""
+class NonFiniteLossError(MemstoreError, ArithmeticError):
+    """A model's loss came out NaN or infinite, so it has no perplexity to report."""
+
+
+__all__ = [
+    "NonFiniteLossError",
+    "DatabaseInUseError",  # lives in memstore.errors: the store's commands raise it too
+    "RunInterrupted",
+    "StudentFormatError",
+    "TeacherNotFoundError",
+]

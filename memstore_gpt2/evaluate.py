@@ -8,6 +8,7 @@ batch size) and with the teacher's.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from memstore.errors import bad_parameter
+from memstore_gpt2.errors import NonFiniteLossError
 from memstore_gpt2.lm_training import EVAL_BATCH_SIZE, autocast, model_device, perplexity
 from memstore_gpt2.text_data import default_context, load_blocks
 
@@ -67,5 +69,13 @@ def evaluate_perplexity(
     with autocast(model_device(model), precision):
         value = perplexity(model, blocks, batch_size=batch_size)
     seconds = time.perf_counter() - started
+    if not math.isfinite(value):
+        # a NaN or infinite loss has no perplexity: exiting 0 with null would pass for a result
+        raise NonFiniteLossError(
+            f"the loss over the {len(blocks)} evaluation block(s) is {value}: the model's "
+            "weights or memory hold NaN or infinite values"
+            + (f" (or {precision} overflowed: try --precision fp32)" if precision != "fp32" else "")
+            + "; there is no perplexity to report"
+        )
     n_blocks, context = blocks.shape
     return Evaluation(value, int(blocks.size), int(n_blocks), int(context), seconds)

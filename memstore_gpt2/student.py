@@ -370,6 +370,9 @@ def build_student_skeleton(
     unset); under ``memory_budget`` product-key values page from the store instead of loading."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from memstore_gpt2.model_dir import check_model_size
+
+    check_model_size(student_dir)  # absurd sizes refused before GPT2LMHeadModel allocates
     try:
         config = GPT2Config.from_pretrained(student_dir, local_files_only=True)
     except (OSError, ValueError) as exc:  # missing or unparsable config.json

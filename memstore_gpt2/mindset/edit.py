@@ -73,7 +73,9 @@ def make_edit(mindset, layer: str, action: str, ids, factor: float | None = None
             raise bad_parameter("factor", f"must be finite, got {factor}")
     elif factor is not None:
         raise bad_parameter("factor", f"applies to scale only, not to {action}")
-    entry.collection.get(np.asarray(id_list, np.int64))  # RowNotFoundError names missing ids
+    rows = entry.collection.get(np.asarray(id_list, np.int64))  # RowNotFoundError: missing ids
+    if action == "scale":
+        scaled_values(entry.name, rows, factor)  # refuses a factor that overflows float32
     if action == "delete" and entry.product_keys:
         n = entry.layer.config.n_keys
         shown = ",".join(map(str, id_list[:10])) + (",..." if len(id_list) > 10 else "")
@@ -92,13 +94,37 @@ def make_edit(mindset, layer: str, action: str, ids, factor: float | None = None
     return Edit(entry.name, action, tuple(id_list), factor)
 
 
+def scaled_values(layer: str, rows, multiplier: float) -> np.ndarray:
+    """``rows.values * multiplier`` as float32, or :func:`bad_parameter` naming the rows whose
+    values it would make infinite (a finite factor such as 1e38 overflows float32): a memory with
+    an infinite value makes every forward that reads it NaN, so such an edit is refused whole,
+    before anything is written or previewed. Zeroing gives zeros whatever the values held
+    (``0 * inf`` would be NaN: zeroing is how a damaged row is switched off)."""
+    if multiplier == 0:
+        return np.zeros_like(rows.values)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = rows.values * np.float32(multiplier)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        ids = rows.ids[bad].tolist()
+        shown = ",".join(map(str, ids[:10])) + (",..." if len(ids) > 10 else "")
+        largest = float(np.abs(rows.values[bad]).max())
+        raise bad_parameter(
+            "factor",
+            f"{multiplier:g} would make the values of {layer} row(s) {shown} non-finite "
+            f"(|value| up to {largest:g} times {multiplier:g} overflows float32); nothing was "
+            "changed",
+        )
+    return values
+
+
 def edited_rows(block, edit: Edit):
     """The rows of ``block`` (a RowBlock) as they are after ``edit``."""
     mask = np.isin(block.ids, np.asarray(edit.ids, np.int64))
     if edit.action == "delete":
         return block.take(~mask)
     values = block.values.copy()
-    values[mask] *= np.float32(edit.multiplier)
+    values[mask] = scaled_values(edit.layer, block.take(mask), edit.multiplier)
     return type(block)(
         block.ids, block.keys, values, block.crf, block.last_tick, block.hits, block.created_tick
     )
@@ -112,7 +138,7 @@ def preview(mindset, edit: Edit) -> None:
     coll = entry.collection
     if entry.product_keys:  # zero or scale: a delete was refused by make_edit
         ids = np.asarray(edit.ids, np.int64)
-        values = torch.from_numpy(coll.get(ids).values * np.float32(edit.multiplier))
+        values = torch.from_numpy(scaled_values(edit.layer, coll.get(ids), edit.multiplier))
         index = entry.layer.index
         with torch.no_grad():
             index.value_storage[index.slots_of(ids)] = values.to(index.value_storage)
@@ -150,7 +176,8 @@ def write(mindset, edit: Edit) -> int:
         rows = coll.get(ids)  # inside the transaction: the rows cannot vanish before the write
         if edit.action == "delete":
             return coll.delete(ids)
-        coll.update(ids, values=rows.values * np.float32(edit.multiplier))
+        # checked again here: the rows may have changed since make_edit read them
+        coll.update(ids, values=scaled_values(edit.layer, rows, edit.multiplier))
         return len(ids)
 
 
