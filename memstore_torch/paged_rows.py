@@ -89,7 +89,8 @@ class Prefetch:
 
 
 class PagedRows:
-    """``capacity`` of the ``n_rows`` rows (ids ``1..n_rows``) of ``collection``, on ``device``."""
+    """``capacity`` of the ``n_rows`` rows (ids ``1..n_rows``) of ``collection``, on ``device``:
+    the paged :class:`~memstore_torch.row_table.RowTable` of a product-key memory."""
 
     def __init__(
         self,
@@ -172,6 +173,31 @@ class PagedRows:
     def resident_rows(self) -> int:
         """Rows held in the cache now."""
         return int((self._row >= 0).sum())
+
+    @property
+    def fetch_limit(self) -> int:
+        """The most rows one :meth:`fetch` of a chunk brings in: half the cache, so what other
+        rows the caller holds (pinned, or the other half of a pair) still fits."""
+        return max(1, self.capacity // 2)
+
+    def describe(self) -> str:
+        """What the layer's ``extra_repr`` adds: the cache size."""
+        return f", cached_rows={self.capacity}"
+
+    def bind_values(self, values: torch.nn.Parameter) -> None:
+        """Rows of the values Parameter are cache slots, not table rows: RowwiseAdagrad keeps
+        its state per table row through this map (``values.paged_rows``), so paging never
+        changes what the optimizer computes."""
+        values.paged_rows = self
+
+    def holds_table(self, keys_of) -> bool:
+        """True: :meth:`load_collection` checked the row count; rows are read (and a missing
+        one refused) on demand."""
+        return True
+
+    def lrfu_state(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(crf, last_tick)`` of cached ``slots``, as stored."""
+        return self._crf[slots], self._last_tick[slots]
 
     def rows_of(self, slots: torch.Tensor) -> torch.Tensor:
         """Row numbers held by ``slots`` (-1 for an empty slot)."""
@@ -348,11 +374,19 @@ class PagedRows:
         self.collection = collection
         self.clock = int(collection.clock)
 
-    def create(self, keys_of: Callable[[torch.Tensor], torch.Tensor], values_of=None) -> None:
-        """Write a new table of ``n_rows`` rows straight to the collection, chunk by chunk, in
-        one transaction: row ``r`` gets id ``r + 1``, key ``keys_of(rows)``, value
-        ``values_of(start, n)`` (default zero) and the LRFU state of a row inserted now; the
-        cache stays empty. Counted as that many ``inserts``."""
+    def create(
+        self,
+        keys_of: Callable[[torch.Tensor], torch.Tensor],
+        values_of=None,
+        collection: PagedSource | None = None,
+    ) -> None:
+        """Write a new table of ``n_rows`` rows straight to the collection (``collection``, to
+        which the cache binds, or the one bound), chunk by chunk, in one transaction: row ``r``
+        gets id ``r + 1``, key ``keys_of(rows)``, value ``values_of(start, n)`` (default zero)
+        and the LRFU state of a row inserted now; the cache stays empty. Counted as that many
+        ``inserts``."""
+        if collection is not None:
+            self.collection = collection
         dv = self.value_dim
         with self.collection.store.transaction():
             for start in range(0, self.n_rows, CREATE_CHUNK):
@@ -401,7 +435,7 @@ class PagedRows:
             self._dirty[slots.to(self.device)] = True
 
     @torch.no_grad()
-    def update(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+    def update(self, slots: torch.Tensor, *, values: torch.Tensor) -> None:
         slots = slots.reshape(-1).to(self.device)
         self.value_storage[slots] = values.detach().to(self.device, self.value_storage.dtype)
         self._dirty[slots] = True

@@ -14,7 +14,7 @@ memory layer (docs/layers.md, Large memory; docs/design.md, Product-key memory):
   nothing until it is trained.
 
 Where the rows live. The values are the table of a bounded
-:class:`~memstore_torch.resident.ResidentIndex` whose slot ``r`` is row ``r`` and holds id
+:class:`~memstore_torch.row_table.ResidentRows` whose slot ``r`` is row ``r`` and holds id
 ``r + 1`` for ever (nothing is inserted, merged or deleted, so no row moves). In the collection a
 row's key is its address ``[i, j]`` (two floats): the implicit key ``[C1[i], C2[j]]`` differs per
 head and changes whenever a sub-key trains, so storing it would rewrite every row at each flush;
@@ -24,6 +24,10 @@ forward is one tick and touches every row read (counted per read); the coldest r
 (:meth:`ProductKeyMemory.coldest_rows`) are those :meth:`~ProductKeyMemory.reuse_rows` hands to
 new content. ``flush()`` writes the rows touched or read with gradient since the last flush --
 the only rows a sparse gradient, hence any optimizer that accepts one, can have changed.
+
+Resident or paged, the layer calls one :class:`~memstore_torch.row_table.RowTable` protocol:
+:class:`~memstore_torch.row_table.ResidentRows` or :class:`~memstore_torch.paged_rows.PagedRows`
+(``cache_rows``).
 """
 
 from __future__ import annotations
@@ -45,9 +49,9 @@ from . import lrfu
 from .cofiring import cofiring_pairs, first_occurrences, near_duplicates
 from .config import ProductKeyConfig
 from .memory_layer import MemoryLayer, MemoryRead
-from .paged_rows import CREATE_CHUNK, PagedRows, Prefetch
+from .paged_rows import PagedRows, Prefetch
 from .product_keys import product_topk
-from .resident import ResidentIndex
+from .row_table import ResidentRows, RowTable, fetched_chunks
 from .rows_source import CollectionStore, row_block
 from .sparse_rows import sparse_row_read
 
@@ -108,31 +112,28 @@ class ProductKeyMemory(MemoryLayer):
             torch.empty(heads, 2, cfg.n_keys, dk // 2).uniform_(-bound, bound)
         )
         self.out_proj = None if cfg.value_dim is None else nn.Linear(cfg.value_dim, d, bias=False)
-        self.paged = cache_rows is not None and cache_rows < cfg.n_rows
-        if self.paged:
+        index: RowTable
+        if cache_rows is not None and cache_rows < cfg.n_rows:  # the one choice of table
             if store is None or not collection:
                 raise InvalidInputError("a paged memory (cache_rows) needs store= and collection=")
-            index: ResidentIndex | PagedRows = PagedRows(
+            index = PagedRows(
                 None, cfg.n_rows, cache_rows, key_dim=2, value_dim=cfg.row_value_dim,
                 lrfu_lambda=cfg.lrfu_lambda,
             )  # fmt: skip
         else:
-            index = ResidentIndex(
-                2, cfg.row_value_dim, "l2", lrfu_lambda=cfg.lrfu_lambda, max_rows=cfg.n_rows
+            index = ResidentRows(
+                cfg.n_rows, key_dim=2, value_dim=cfg.row_value_dim, lrfu_lambda=cfg.lrfu_lambda
             )
         self._init_memory(index, store, collection)
         self._bind()
         if self._loaded:
             self._check_loaded_rows()
-        elif _init_rows and self.paged:
-            index.collection = self._collection
-            index.create(self.addresses, self._initial_values())
         elif _init_rows:
-            self._init_table()
-            if self._collection is not None:
-                self.flush()
+            index.create(self.addresses, self._initial_values(), self._collection)
 
     n_rows = property(lambda self: self.config.n_rows)
+    #: Whether the rows are paged through a cache (:class:`PagedRows`) rather than resident.
+    paged = property(lambda self: isinstance(self.index, PagedRows))
     row_value_dim = property(lambda self: self.config.row_value_dim)
 
     # -------------------------------------------------------------- rows and their home
@@ -154,10 +155,7 @@ class ProductKeyMemory(MemoryLayer):
         values = nn.Parameter(self.index.value_storage, requires_grad=self.trainable_rows)
         self.index.key_storage, self.index.value_storage = keys, values
         self.memory_keys, self.memory_values = keys, values
-        if isinstance(self.index, PagedRows):
-            # rows of this Parameter are cache slots: RowwiseAdagrad keeps its state per table
-            # row through this map, so paging never changes what the optimizer computes
-            values.paged_rows = self.index
+        self.index.bind_values(values)  # paged: the optimizer finds table rows through the cache
 
     def _snapshot(self) -> None:
         """Nothing to remember: rows that can change are marked dirty when read (below), so no
@@ -181,27 +179,9 @@ class ProductKeyMemory(MemoryLayer):
         dv = self.row_value_dim
         return lambda start, n: torch.empty(n, dv).normal_(0.0, std, generator=g)
 
-    @torch.no_grad()
-    def _init_table(self) -> None:
-        n = self.n_rows
-        self.index.insert_blank(self.addresses(torch.arange(n)).float())  # ids 1..n, values 0
-        values_of = self._initial_values()
-        if values_of is not None:
-            values = self.index.value_storage
-            for start in range(0, n, CREATE_CHUNK):  # drawn on the CPU, chunk by chunk
-                chunk = values_of(start, min(CREATE_CHUNK, n - start))
-                values[start : start + chunk.shape[0]] = chunk
-
     def _check_loaded_rows(self) -> None:
-        if self.paged:
-            return  # PagedRows.load_collection checked the row count; rows are read on demand
-        n = self.n_rows
-        index = self.index
-        ok = index.n == n and bool(
-            torch.equal(index.ids.cpu(), torch.arange(1, n + 1))
-            and torch.equal(index.keys.detach().cpu(), self.addresses(torch.arange(n)).float())
-        )
-        if not ok:
+        if not self.index.holds_table(self.addresses):
+            n = self.n_rows
             raise InvalidInputError(
                 f"collection {self.collection_name!r} does not hold the {n} rows (ids 1..{n}, "
                 f"keys [i, j]) of a product-key memory with n_keys={self.config.n_keys}"
@@ -229,21 +209,12 @@ class ProductKeyMemory(MemoryLayer):
     def coldest_rows(self, m: int) -> torch.Tensor:
         """Row numbers of the ``m`` rows with the lowest LRFU score (ties: older ``last_tick``,
         then lower id), the store's eviction order."""
-        if self.paged:
-            return self.index.coldest_rows(m)
-        return self.index.eviction_order()[:m]
+        return self.index.coldest_rows(m)
 
     def _cached_chunks(self, rows: torch.Tensor):
-        """``(chunk of rows, their slots)``: resident rows are their own slots; a paged memory
-        reads rows into its cache at most half a cache at a time."""
-        rows = rows.reshape(-1).to(self.index.device)
-        if not self.paged:
-            yield rows, rows
-            return
-        step = max(1, self.index.capacity // 2)
-        for start in range(0, rows.numel(), step):
-            chunk = rows[start : start + step]
-            yield chunk, self.index.fetch(chunk)
+        """``(chunk of rows, their slots)``: resident rows are their own slots (one chunk); a
+        paged memory reads rows into its cache at most half a cache at a time."""
+        return fetched_chunks(self.index, rows)
 
     @torch.no_grad()
     def row_values(self, rows: torch.Tensor) -> torch.Tensor:
@@ -277,7 +248,7 @@ class ProductKeyMemory(MemoryLayer):
             .clamp_min(torch.finfo(torch.float64).tiny)
             .log()
         )  # merge_group's "distances": the token's own weights, renormalised over the pair
-        step = max(1, self.index.capacity // 4) if self.paged else keepers.numel()
+        step = max(1, self.index.fetch_limit // 2)  # pairs per chunk: both rows must fit
         for start in range(0, keepers.numel(), step):
             part = slice(start, start + step)
             self._merge_pairs(keepers[part], blanks[part], nearness[part])
@@ -286,7 +257,7 @@ class ProductKeyMemory(MemoryLayer):
 
     def _merge_pairs(self, keepers: torch.Tensor, blanks: torch.Tensor, nearness) -> None:
         pair_rows = torch.cat([keepers, blanks])
-        slots = self.index.fetch(pair_rows) if self.paged else pair_rows
+        slots = self.index.fetch(pair_rows)
         block = row_block(self.index, slots, pair_rows + 1)
         n, lam = keepers.numel(), self.config.lrfu_lambda
         groups = [
@@ -320,7 +291,7 @@ class ProductKeyMemory(MemoryLayer):
         candidates = rows[novel]  # (n, k)
         index, lam = self.index, self.config.lrfu_lambda
         key = torch.cat([  # each chunk's stored LRFU state read before the next is fetched
-            lrfu.order_key(index._crf[slots], index._last_tick[slots], index.clock, lam)
+            lrfu.order_key(*index.lrfu_state(slots), index.clock, lam)
             for _, slots in self._cached_chunks(candidates.reshape(-1))
         ]).reshape(candidates.shape)  # fmt: skip
         # coldest first, then the lower row: sort each token's candidates by (key, row)
@@ -392,7 +363,7 @@ class ProductKeyMemory(MemoryLayer):
             raise InvalidInputError(f"expected (..., {self.d_model}) input, got {tuple(x.shape)}")
         h = x.reshape(-1, self.d_model)
         scores, rows = self.search(h)  # (T, H, k)
-        ahead = self.index.prefetch(rows) if read_ahead and self.paged and self.prefetch else None
+        ahead = self.index.prefetch(rows) if read_ahead and self.prefetch else None
         return _Searched(x.shape[:-1], h, scores, rows, ahead)
 
     def finish(self, searched: _Searched) -> torch.Tensor:
@@ -413,9 +384,7 @@ class ProductKeyMemory(MemoryLayer):
         rows = rows.reshape(t, reads)
         may_train = values.requires_grad and torch.is_grad_enabled()
         # a paged memory reads missing rows in (one query) and reads them from their cache slots
-        slots = (
-            self.index.fetch(rows, pin=may_train, prefetched=searched.ahead) if self.paged else rows
-        )
+        slots = self.index.fetch(rows, pin=may_train, prefetched=searched.ahead)
         out = sparse_row_read(weights.reshape(t, reads), slots, values)  # (T, dv)
         with torch.no_grad():
             if may_train:
@@ -447,6 +416,5 @@ class ProductKeyMemory(MemoryLayer):
         return (
             f"d_model={cfg.d_model}, rows={cfg.n_rows} ({cfg.n_keys}^2), heads={cfg.heads}, "
             f"k={cfg.k}, key_dim={cfg.key_dim}, value_dim={cfg.row_value_dim}, "
-            f"collection={self.collection_name!r}"
-            + (f", cached_rows={self.index.capacity}" if self.paged else "")
+            f"collection={self.collection_name!r}" + self.index.describe()
         )
