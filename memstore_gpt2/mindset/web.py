@@ -6,12 +6,18 @@ as the command line (trace, rows, explain, edit), so the UI shows nothing the CL
 Safety, because a local server is reachable by every page the user's browser opens:
 
 * it listens on ``127.0.0.1`` only, and answers only requests whose ``Host`` is that address or
-  ``localhost`` with its port (a DNS-rebinding page gets 403);
+  ``localhost`` *with the port it listens on* (a DNS-rebinding page, or a page of another local
+  server, gets 403), and whose ``Origin``, when the browser sends one, is that same origin;
 * API calls that change anything are ``POST`` with a JSON body, which a foreign page cannot send
   without a CORS preflight this server never approves;
 * it is read-only unless started with ``--allow-edits``; even then an edit is written only when
   the request confirms it (the page first shows a dry run and asks), and never while a training
   run holds the database (:mod:`memstore_gpt2.db_lock`).
+
+Every parameter is checked here before it reaches the model or the database: a bad request is a
+4xx JSON ``{"error": "<parameter> <problem>"}``, never a 500 (numbers must be finite whole numbers
+in range, texts valid Unicode, row ids at most as many as the layer holds, counted before any range
+is expanded).
 
 Requests are served one model call at a time (one lock): the loaded model and its switched-off
 rows are shared state. After an edit the student is loaded again, so the page sees what the next
@@ -23,6 +29,7 @@ from __future__ import annotations
 import threading
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from memstore.errors import (
     InvalidInputError,
@@ -32,12 +39,16 @@ from memstore.errors import (
     bad_parameter,
 )
 from memstore_gpt2.errors import DatabaseInUseError
-from memstore_gpt2.mindset.session import DEFAULT_NEW_TOKENS, Mindset, check_student, parse_ids
+from memstore_gpt2.mindset.session import DEFAULT_NEW_TOKENS, Mindset, check_student
 
 FLASK_HINT = "pip install 'memstore[mindset]'"
 #: The most tokens one UI generation may ask for.
 MAX_NEW_TOKENS = 200
 EDITS_OFF = "edits are off: start the UI with `memstore mindset STUDENT --allow-edits` to edit"
+#: The host names the UI answers to (it listens on 127.0.0.1 only).
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+#: Row ids are SQLite/PostgreSQL 64-bit integers; anything larger cannot name a row.
+MAX_ROW_ID = 2**63 - 1
 
 
 class EditsNotAllowedError(MemstoreError, PermissionError):
@@ -73,6 +84,7 @@ class MindsetService:
         from memstore_gpt2.mindset.rows import describe_rows, row_facts
         from memstore_gpt2.mindset.trace import trace_prompt
 
+        prompt = _text(prompt, "prompt")
         top = _int(top, "top", 0, 256)
         with self.lock:
             trace = trace_prompt(self.mindset, prompt, None, top)
@@ -92,9 +104,22 @@ class MindsetService:
         """Greedy text as stored, and with the rows in ``off`` ({layer: ids}) switched off."""
         from memstore_gpt2.mindset.edit import switched_off
 
+        prompt = _text(prompt, "prompt")
         n = _int(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
-        off = {name: parse_ids(ids) for name, ids in (off or {}).items() if ids}
+        if off is None:
+            off = {}
+        if not isinstance(off, dict):
+            raise bad_parameter(
+                "off", f"must be a JSON object {{layer: row ids}}, got {type(off).__name__}"
+            )
         with self.lock:
+            chosen = {}
+            for name, ids in off.items():
+                if ids in (None, "", []):
+                    continue
+                entry = self.mindset.layer(name, parameter="off")
+                chosen[entry.name] = row_ids(entry, ids, f"off[{name!r}]")
+            off = chosen
             normal = self.mindset.greedy(prompt, n)
             if not off:
                 return {"normal": normal, "ablated": normal, "off": {}}
@@ -107,6 +132,7 @@ class MindsetService:
         from memstore_gpt2.mindset.rows import list_rows
 
         limit = _int(limit, "limit", 0, 100_000)
+        promotes = _text(promotes, "promotes") if promotes else None
         with self.lock:
             return list_rows(self.mindset, layer, promotes=promotes or None, sort=sort or None,
                              limit=limit, ascending=ascending)  # fmt: skip
@@ -115,7 +141,8 @@ class MindsetService:
         from memstore_gpt2.mindset.explain import explain_rows
 
         with self.lock:
-            return explain_rows(self.mindset, layer, parse_ids(ids), top=10)
+            entry = self.mindset.layer(layer)
+            return explain_rows(self.mindset, entry.name, row_ids(entry, ids), top=10)
 
     def edit(self, layer, action, ids, factor=None, prompt=None, confirm=False, max_new_tokens=20):
         """Without ``confirm``: the dry run (what would change, text before and after). With it:
@@ -126,10 +153,14 @@ class MindsetService:
         if not self.allow_edits:
             raise EditsNotAllowedError(EDITS_OFF)
         n = _int(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
+        prompt = _text(prompt, "prompt") if prompt else None
+        if not isinstance(confirm, bool):  # "confirm": "no" must not write
+            raise bad_parameter("confirm", f"must be true or false, got {confirm!r}")
         with self.lock:
             ms = self.mindset
             if prompt:
                 ms.encode(prompt)
+            ids = row_ids(ms.layer(layer), ids)
             edit = make_edit(ms, layer, action, ids, factor)
             entry = ms.layer(edit.layer)
             rows_before = len(entry.collection)
@@ -153,17 +184,120 @@ class MindsetService:
 
 
 def _int(value, name: str, low: int, high: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise bad_parameter(name, f"must be a whole number, got {value!r}") from None
+    """A whole number in ``low..high`` from a JSON number or a query string. ``int()`` alone
+    would raise OverflowError on JSON's ``Infinity`` (a 500), and silently read ``true`` as 1 and
+    ``2.5`` as 2; all three are refused."""
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        number = int(value) if value.is_integer() else None  # inf and nan are not integers
+    elif isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:  # also a string of more digits than Python converts
+            number = None
+    else:
+        number = None
+    if number is None:
+        raise bad_parameter(name, f"must be a whole number, got {_shown(value)}")
     if not low <= number <= high:
-        raise bad_parameter(name, f"must be in {low}..{high}, got {number}")
+        raise bad_parameter(name, f"must be in {low}..{high}, got {_shown(number)}")
     return number
+
+
+def _text(value, name: str) -> str:
+    """``value`` as text the tokenizer can read: a string of valid Unicode. JSON may carry a lone
+    surrogate (``"\\ud800"``), which the tokenizer rejects with a TypeError (a 500)."""
+    if not isinstance(value, str):
+        raise bad_parameter(name, f"must be text, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_parameter(
+            name, f"is not valid Unicode: a lone surrogate {value[exc.start]!r} at character "
+            f"{exc.start}"
+        ) from None  # fmt: skip
+    return value
+
+
+def _shown(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a 5,000-digit number stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...({len(text)} characters)"
+
+
+def row_ids(entry, value, parameter: str = "ids") -> list[int]:
+    """The row ids of ``entry`` (a MindsetLayer) a request names, in the grammar of ``session.parse_ids``
+    (``"102,162"``, ``"5-9"``, a number or a list), checked before anything is expanded or looked
+    up: at most as many distinct ids as the layer holds (``0-1000000`` against 128 rows is refused
+    at once instead of expanding and looking up a million ids), each in ``0..2**63-1`` (a larger
+    one cannot be bound to SQL). Ids in range that the layer lacks are left to the store's
+    RowNotFoundError (404)."""
+    if isinstance(value, (list, tuple)):
+        parts = value
+    elif isinstance(value, (str, int)) and not isinstance(value, bool):
+        parts = str(value).replace(" ", ",").split(",")
+    else:
+        raise bad_parameter(
+            parameter, f"must be row ids like '102,162', '5-9' or a list, got {_shown(value)}"
+        )
+    spans: list[tuple[int, int]] = []
+    for part in parts:
+        if isinstance(part, bool) or not isinstance(part, (str, int)):
+            raise bad_parameter(parameter, f"{_shown(part)} is not a row id")
+        text = str(part).strip()
+        if not text:
+            continue
+        lo, sep, hi = text.partition("-")
+        try:
+            low, high = (int(lo), int(hi)) if sep and lo else (int(text), int(text))
+        except ValueError:
+            raise bad_parameter(
+                parameter, f"{_shown(text)}: expected row ids like '102,162' or '5-9'"
+            ) from None
+        if low > high:
+            raise bad_parameter(parameter, f"{_shown(text)}: a range goes from low to high")
+        if low < 0 or high > MAX_ROW_ID:
+            raise bad_parameter(
+                parameter, f"{_shown(text)} is out of range: row ids are 0..2**63-1"
+            )
+        spans.append((low, high))
+    if not spans:
+        raise bad_parameter(parameter, "is empty: give at least one row id")
+    distinct, reach = 0, -1  # distinct ids of the merged spans, counted without expanding them
+    for low, high in sorted(spans):
+        if high > reach:
+            distinct += high - max(low, reach + 1) + 1
+            reach = high
+    rows = len(entry.collection)
+    if distinct > rows:
+        raise bad_parameter(parameter, f"names {distinct:,} rows but {entry.name} holds {rows:,}")
+    return sorted({i for low, high in spans for i in range(low, high + 1)})
 
 
 def _truthy(value) -> bool:
     return str(value).lower() in ("1", "true", "yes", "on")
+
+
+def _is_local(host: str, port: str) -> bool:
+    """Whether a ``Host`` header names this server: a local name and the port it listens on
+    (no port means 80). A page of another local server (``127.0.0.1:3000``) is refused too."""
+    name, sep, given = host.rpartition(":")
+    if not sep:
+        name, given = host, "80"
+    return name.lower() in LOCAL_HOSTS and given == port
+
+
+def _is_local_origin(origin: str, port: str) -> bool:
+    """Whether an ``Origin`` header is this server's own page (``http://127.0.0.1:<port>``)."""
+    try:
+        parts = urlsplit(origin)
+        given = parts.port or 80
+    except ValueError:  # a port that is not a number
+        return False
+    return parts.scheme == "http" and (parts.hostname or "") in LOCAL_HOSTS and str(given) == port
 
 
 def require_flask() -> None:
@@ -178,6 +312,7 @@ def create_app(service: MindsetService):
     """The Flask application over ``service`` (its static page and JSON API)."""
     require_flask()
     from flask import Flask, jsonify, request
+    from werkzeug.exceptions import HTTPException
 
     static = Path(str(resources.files("memstore_gpt2.mindset") / "static"))
     app = Flask("memstore_mindset", static_folder=str(static), static_url_path="/static")
@@ -185,10 +320,20 @@ def create_app(service: MindsetService):
 
     @app.before_request
     def only_local_pages():
-        host = (request.host or "").rsplit(":", 1)[0].strip("[]")
-        if host not in ("127.0.0.1", "localhost"):
-            return jsonify(error=f"host {request.host!r} refused: open http://127.0.0.1"), 403
+        # the port this server answers on (the real one behind port 0; 80 under the test client)
+        port = str(request.environ.get("SERVER_PORT", ""))
+        if not _is_local(request.host or "", port):
+            return jsonify(
+                error=f"host {request.host!r} refused: open http://127.0.0.1:{port}/"
+            ), 403  # fmt: skip
+        origin = request.headers.get("Origin")
+        if origin is not None and not _is_local_origin(origin, port):
+            return jsonify(error=f"origin {origin!r} refused: only this page may call the API"), 403
         return None
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):  # unknown paths, wrong methods, bodies too large: JSON too
+        return jsonify(error=f"{exc.code} {exc.name}: {request.method} {request.path}"), exc.code
 
     @app.errorhandler(MemstoreError)
     def memstore_error(exc):
@@ -202,7 +347,10 @@ def create_app(service: MindsetService):
         return jsonify(error=str(exc).splitlines()[0]), status
 
     def body() -> dict:
-        data = request.get_json(silent=True)
+        try:
+            data = request.get_json(silent=True)
+        except RecursionError:  # JSON nested deeper than Python's decoder goes
+            data = None
         if not isinstance(data, dict) or not request.is_json:
             raise InvalidInputError("send a JSON object (Content-Type: application/json)")
         return data
@@ -241,7 +389,7 @@ def create_app(service: MindsetService):
         data = body()
         return jsonify(service.edit(data.get("layer", ""), data.get("action", ""),
                                     data.get("ids", ""), data.get("factor"), data.get("prompt"),
-                                    bool(data.get("confirm")),
+                                    data.get("confirm", False),
                                     data.get("max_new_tokens", 20)))  # fmt: skip
 
     return app
