@@ -19,6 +19,7 @@ from memstore.cli_group import MemstoreGroup
 from memstore.cli_store import add_store_commands
 from memstore_gpt2.commands import add_train_commands
 from memstore_gpt2.mindset.commands import add_mindset_commands
+from memstore_gpt2.serve.commands import add_serve_commands
 
 
 @click.group(cls=MemstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,3 +31,4 @@ def main() -> None:
 add_store_commands(main)
 add_train_commands(main)
 add_mindset_commands(main)
+add_serve_commands(main)

@@ -1,0 +1,135 @@
+"""``memstore serve STUDENT``: the OpenAI-compatible server as a CLI command.
+
+Imported by the CLI at every start, so torch and flask are imported only when the command runs.
+The student is opened as ``memstore generate`` opens it (``--db``, ``--memory-budget``,
+``--device``), then one scheduler thread decodes for all HTTP threads.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from memstore.errors import InvalidInputError, bad_parameter
+from memstore_gpt2.commands import memory_budget_option, require_torch
+
+DEFAULT_PORT = 8000
+
+
+class Server:
+    """A loaded student behind the HTTP API: model, scheduler thread, werkzeug server."""
+
+    def __init__(self, student_dir: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 db: str | None = None, memory_budget: str | None = None, device: str = "auto",
+                 precision: str = "fp32", max_batch: int = 16,
+                 api_key: str | None = None) -> None:  # fmt: skip
+        from werkzeug.serving import make_server
+
+        from memstore_gpt2.commands import _open_for_run
+        from memstore_gpt2.serve.app import LOOPBACK_NAMES, ServeState, create_app, require_flask
+        from memstore_gpt2.serve.decoding import Decoder
+        from memstore_gpt2.serve.scheduler import Scheduler
+        from memstore_torch.model_memory import paging_stats
+
+        require_flask()  # before the student loads: a missing extra is the first thing said
+        if api_key is not None and not api_key.strip():
+            raise bad_parameter("api_key", "is empty")
+        self.run = _open_for_run(student_dir, db, memory_budget, device)
+        try:
+            model = self.run.model
+            decoder = Decoder(model, precision)
+            self.state = None
+
+            def snapshot() -> None:
+                self.state.paging = paging_stats(model)
+
+            self.scheduler = Scheduler(decoder, max_batch=max_batch, on_step=snapshot)
+            name = Path(student_dir).resolve().name
+            self.state = ServeState(name, self.run.tokenizer, self.scheduler, api_key=api_key,
+                                    loopback_only=host in LOOPBACK_NAMES)  # fmt: skip
+            snapshot()
+            try:
+                self.http = make_server(host, port, create_app(self.state), threaded=True)
+            except OSError as exc:
+                raise bad_parameter(
+                    "port", f"{port} cannot be used on {host} ({exc.strerror})"
+                ) from None
+            self.http.daemon_threads = True
+            self.scheduler.start()
+        except BaseException:
+            self.run.opened.close()
+            raise
+        self.host, self.port = host, self.http.server_port
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}"
+
+    def serve_forever(self) -> None:
+        self.http.serve_forever()
+
+    def close(self) -> None:
+        self.http.server_close()
+        self.scheduler.stop()
+        self.run.opened.close()
+
+
+@click.command("serve")
+@click.argument("student_dir", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; a non-loopback address exposes the model.")  # fmt: skip
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int,
+              help="0: any free port (the first line printed names it).")  # fmt: skip
+@click.option("--db", default=None, help="Use this memory database instead of the saved one.")
+@click.option("--pack", "packs", multiple=True, help="Knowledge pack (not implemented yet).")
+@memory_budget_option
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="auto: CUDA when available, else CPU.")  # fmt: skip
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="bf16/fp16: forwards under torch.autocast.")  # fmt: skip
+@click.option("--max-batch", default=16, show_default=True, type=int,
+              help="Sequences decoded together per step (1: batching off).")  # fmt: skip
+@click.option("--api-key", default=None, envvar="MEMSTORE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/ (or set MEMSTORE_API_KEY).")  # fmt: skip
+def serve_command(student_dir, host, port, db, packs, memory_budget, device, precision, max_batch,
+                  api_key) -> None:  # fmt: skip
+    """Serve a student (or any GPT-2 directory) over the OpenAI HTTP API.
+
+    \b
+    Endpoints: GET /health, GET /v1/models, POST /v1/completions,
+    POST /v1/chat/completions (both stream with "stream": true), GET /metrics.
+    Example:
+      memstore serve student/ --port 8000
+      curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+          -d '{"prompt": "The for statement", "max_tokens": 20}'
+    """
+    if packs:
+        raise InvalidInputError("--pack: knowledge packs are not implemented yet", parameter="pack")
+    if max_batch < 1:
+        raise bad_parameter("max_batch", f"must be >= 1, got {max_batch}")
+    if not 0 <= port <= 65535:
+        raise bad_parameter("port", f"must be within [0, 65535], got {port}")
+    require_torch()
+    server = Server(student_dir, host=host, port=port, db=db, memory_budget=memory_budget,
+                    device=device, precision=precision, max_batch=max_batch,
+                    api_key=api_key)  # fmt: skip
+
+    def stop(signum, frame) -> None:  # SIGTERM ends the server as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    click.echo(f"memstore serve: {server.url}/v1 (model {server.state.model_name!r}, "
+               f"device {server.run.device}, max batch {max_batch}); Ctrl-C stops it")  # fmt: skip
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+def add_serve_commands(group: click.Group) -> None:
+    """Register ``serve`` on the ``memstore`` group (called by ``memstore_gpt2.cli``)."""
+    group.add_command(serve_command)
