@@ -382,67 +382,28 @@ class Distiller:
 
     @torch.no_grad()
     def _recombine_rows(self, recorded: dict) -> int:
-        """Recombination for product-key memories: rows this step read together whose values
-        are near-duplicates merge (``ProductKeyMemory.recombine_rows``); the rows freed restart
-        their Adagrad accumulators, as reused rows do. Returns the rows merged away."""
-        from memstore_torch import ProductKeyMemory
-
-        total = 0
-        for layer in recorded.values():
-            read = layer.last_read
-            if not isinstance(layer, ProductKeyMemory) or read is None:
-                continue
-            if not layer.memory_parameters():
-                continue
-            blanks = layer.recombine_rows(
-                read.ids - 1, read.weights, self.config.memory_rows_recombine
-            )
-            if blanks.numel():
-                self.row_optimizer.reset_rows(layer.memory_values, blanks)
-                total += blanks.numel()
-        return total
+        """Recombination (``MemoryLayer.recombine_last_read``): rows this step read together
+        whose values are near-duplicates merge; the rows freed restart their Adagrad
+        accumulators. Returns the rows merged away."""
+        threshold, optimizer = self.config.memory_rows_recombine, self.row_optimizer
+        return sum(layer.recombine_last_read(threshold, optimizer) for layer in recorded.values())
 
     @torch.no_grad()
     def _insert_novel(self, recorded: dict) -> int:
-        """Novelty for product-key memories: this step's weakest-matched queries each claim the
-        coldest row they read (``ProductKeyMemory.insert_novel``), whose Adagrad accumulator
-        restarts. Returns the rows claimed."""
-        from memstore_torch import ProductKeyMemory
-
-        total = 0
-        for layer in recorded.values():
-            read = layer.last_read
-            if not isinstance(layer, ProductKeyMemory) or read is None or read.scores is None:
-                continue
-            if not layer.memory_parameters():
-                continue
-            claimed = layer.insert_novel(read.ids - 1, read.scores, self.config.memory_rows_novel)
-            if claimed.numel():
-                self.row_optimizer.reset_rows(layer.memory_values, claimed)
-                total += claimed.numel()
-        return total
+        """Novelty (``MemoryLayer.insert_novel_last_read``): this step's weakest-matched queries
+        each claim the coldest row they read, whose Adagrad accumulator restarts. Returns the
+        rows claimed."""
+        share, optimizer = self.config.memory_rows_novel, self.row_optimizer
+        return sum(layer.insert_novel_last_read(share, optimizer) for layer in recorded.values())
 
     @torch.no_grad()
     def _reuse_cold_rows(self) -> int:
-        """LRFU eviction for product-key memories, whose table is always full: of each layer's
-        coldest ``memory_rows_reuse_fraction`` rows, those holding trained content (a non-zero
-        value) become blank rows again (``ProductKeyMemory.reuse_rows``: counted as evictions and
-        inserts) and their Adagrad accumulators restart, so whatever reads them next writes new
-        content at a full learning rate. Returns the rows reused."""
-        from memstore_torch import ProductKeyMemory
-
-        total = 0
-        for layer in memory_layers(self.student).values():
-            if not isinstance(layer, ProductKeyMemory) or not layer.memory_parameters():
-                continue
-            m = math.ceil(self.config.memory_rows_reuse_fraction * layer.n_rows)
-            cold = layer.coldest_rows(m)
-            cold = cold[layer.row_values(cold).abs().amax(dim=1) > 0]
-            if cold.numel():
-                layer.reuse_rows(cold)
-                self.row_optimizer.reset_rows(layer.memory_values, cold)
-                total += cold.numel()
-        return total
+        """LRFU eviction for always-full tables (``MemoryLayer.reuse_cold_rows``): the coldest
+        ``memory_rows_reuse_fraction`` rows holding trained content become blank again and
+        restart their Adagrad accumulators. Returns the rows reused."""
+        fraction, optimizer = self.config.memory_rows_reuse_fraction, self.row_optimizer
+        layers = memory_layers(self.student).values()
+        return sum(layer.reuse_cold_rows(fraction, optimizer) for layer in layers)
 
     def run(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train from the current step to ``config.steps`` (or ``stop_at``); returns a summary.

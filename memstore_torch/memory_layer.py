@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,6 +27,9 @@ from memstore.types import CollectionOptions
 
 from .resident import ResidentHits, ResidentIndex
 from .rows_source import CollectionStore, LayerCollection
+
+#: The optimizer(s) a layer's upkeep resets row state in: one, several, or None (no state).
+OptimizerArg = torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None
 
 
 @dataclass
@@ -281,6 +284,25 @@ class MemoryLayer(nn.Module):
         (:class:`~memstore_torch.optim.RowwiseAdagrad`); ``split_parameters`` keeps them apart."""
         return []
 
+    # -------------------------------------------------------------- upkeep between steps
+    # A training loop calls these after an optimizer step (``optimizer``: the one holding the
+    # rows, whose per-row state restarts for rows given new content). Layers whose novelty and
+    # recombination happen inside their own forward (featural, associative) do nothing here.
+    def recombine_last_read(self, threshold: float, optimizer: OptimizerArg = None) -> int:
+        """Merge near-duplicate rows that :attr:`last_read` read together; returns the rows
+        merged away (0 for a kind that recombines in its forward)."""
+        return 0
+
+    def insert_novel_last_read(self, share: float, optimizer: OptimizerArg = None) -> int:
+        """Let the weakest-matched reads of :attr:`last_read` claim rows; returns the rows
+        claimed (0 for a kind that inserts in its forward)."""
+        return 0
+
+    def reuse_cold_rows(self, fraction: float, optimizer: OptimizerArg = None) -> int:
+        """Hand the coldest ``fraction`` of rows that hold content back as blank rows; returns
+        the rows reused (0 for a kind whose table evicts on insert)."""
+        return 0
+
     def dense_parameters(self) -> list[nn.Parameter]:
         """Every other trainable Parameter (projections, biases)."""
         memory = {id(p) for p in (self.memory_keys, self.memory_values)}
@@ -291,6 +313,27 @@ class MemoryLayer(nn.Module):
         self.index.key_storage, self.index.value_storage = self.memory_keys, self.memory_values
         self.index.relocate(self.memory_keys.device)
         return result
+
+
+def reset_optimizer_rows(optimizer: OptimizerArg, param: torch.Tensor, rows: torch.Tensor) -> None:
+    """Forget the per-row optimizer state of table ``rows`` of ``param`` (rows given new
+    content), in every optimizer of ``optimizer`` (one, several or None) that holds ``param``.
+
+    Such an optimizer must have ``reset_rows(param, rows)``
+    (:class:`~memstore_torch.optim.RowwiseAdagrad`); one without it would carry the old
+    content's state into the new one, and is refused."""
+    if optimizer is None or rows.numel() == 0:
+        return
+    for opt in [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer:
+        if not any(p is param for group in opt.param_groups for p in group["params"]):
+            continue
+        reset = getattr(opt, "reset_rows", None)
+        if reset is None:
+            raise InvalidInputError(
+                f"{type(opt).__name__} cannot forget the state of reused memory rows (it has no "
+                "reset_rows); train product-key values with RowwiseAdagrad"
+            )
+        reset(param, rows)
 
 
 class _ConfigOption:

@@ -60,11 +60,22 @@ CREATE_CHUNK = 65_536
 
 #: Live caches, unpinned when an optimizer holding their values Parameter steps.
 _LIVE: weakref.WeakSet[PagedRows] = weakref.WeakSet()
-_HOOKED = False
+#: The handle of the process-wide hook (:func:`unpin_after_step`), registered by the first
+#: :class:`PagedRows` made in the process; ``OPTIMIZER_HOOK.remove()`` would take it off again.
+OPTIMIZER_HOOK = None
 
 
-def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """A step consumed the gradients of its parameters: their cached rows may leave again."""
+def unpin_after_step(optimizer: torch.optim.Optimizer, args=(), kwargs=None) -> None:
+    """The process-wide optimizer hook of paged memories: after ``optimizer.step()`` of *any*
+    optimizer, every live cache whose values Parameter that optimizer holds unpins its rows.
+
+    Why a hook, and a process-wide one: rows a forward read with gradient are pinned (they must
+    stay where the backward and the step expect them), and only a step says that their gradient
+    was consumed -- after one forward, or after several forwards of gradient accumulation, which
+    is why it is the step and not the backward that unpins. Registering it with
+    ``torch.optim.optimizer.register_optimizer_step_post_hook`` makes every optimizer, built
+    anywhere, release the caches it steps without the training loop knowing about paging. A loop
+    that steps the values some other way calls :meth:`PagedRows.unpin_all` itself."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for pager in list(_LIVE):
         if id(pager.value_storage) in held:
@@ -72,10 +83,9 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
 
 
 def _watch(pager: PagedRows) -> None:
-    global _HOOKED
-    if not _HOOKED:
-        register_optimizer_step_post_hook(_after_optimizer_step)
-        _HOOKED = True
+    global OPTIMIZER_HOOK
+    if OPTIMIZER_HOOK is None:
+        OPTIMIZER_HOOK = register_optimizer_step_post_hook(unpin_after_step)
     _LIVE.add(pager)
 
 
@@ -89,8 +99,11 @@ class Prefetch:
 
 
 class PagedRows:
-    """``capacity`` of the ``n_rows`` rows (ids ``1..n_rows``) of ``collection``, on ``device``:
-    the paged :class:`~memstore_torch.row_table.RowTable` of a product-key memory."""
+    """``capacity`` of the ``n_rows`` rows (ids ``1..n_rows``) of ``collection``, on ``device``.
+
+    The paged :class:`~memstore_torch.row_table.RowTable` of a product-key memory. Making one
+    registers :func:`unpin_after_step` as a process-wide optimizer step hook (once per process):
+    any optimizer that steps the cache's values Parameter unpins its rows."""
 
     def __init__(
         self,

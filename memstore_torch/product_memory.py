@@ -27,7 +27,12 @@ the only rows a sparse gradient, hence any optimizer that accepts one, can have 
 
 Resident or paged, the layer calls one :class:`~memstore_torch.row_table.RowTable` protocol:
 :class:`~memstore_torch.row_table.ResidentRows` or :class:`~memstore_torch.paged_rows.PagedRows`
-(``cache_rows``).
+(``cache_rows``). A paged layer pins the rows a forward reads with gradient until an optimizer
+holding its values steps: a process-wide optimizer hook that the first ``PagedRows`` registers
+(:func:`memstore_torch.paged_rows.unpin_after_step`), so gradient accumulation over several
+forwards works and any optimizer releases them. Upkeep between steps --
+:meth:`ProductKeyMemory.recombine_last_read`, :meth:`~ProductKeyMemory.insert_novel_last_read`,
+:meth:`~ProductKeyMemory.reuse_cold_rows` -- takes the optimizer whose per-row state restarts.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from memstore.types import CollectionOptions
 from . import lrfu
 from .cofiring import cofiring_pairs, first_occurrences, near_duplicates
 from .config import ProductKeyConfig
-from .memory_layer import MemoryLayer, MemoryRead
+from .memory_layer import MemoryLayer, MemoryRead, OptimizerArg, reset_optimizer_rows
 from .paged_rows import PagedRows, Prefetch
 from .product_keys import product_topk
 from .row_table import ResidentRows, RowTable, fetched_chunks
@@ -321,6 +326,47 @@ class ProductKeyMemory(MemoryLayer):
             done += chunk.numel()
         self.index.count("evictions", rows.numel())
         self.index.count("inserts", rows.numel())
+
+    # -------------------------------------------------------------- upkeep between steps
+    @torch.no_grad()
+    def recombine_last_read(self, threshold: float, optimizer: OptimizerArg = None) -> int:
+        """:meth:`recombine_rows` over what the last recorded forward read (``record_reads``;
+        row ``r`` was recorded as id ``r + 1``); the rows made blank restart their state in
+        ``optimizer``. Returns the rows merged away (0 without a record or trainable rows)."""
+        read = self.last_read
+        if read is None or not self.memory_parameters():
+            return 0
+        blanks = self.recombine_rows(read.ids - 1, read.weights, threshold)
+        reset_optimizer_rows(optimizer, self.memory_values, blanks)
+        return int(blanks.numel())
+
+    @torch.no_grad()
+    def insert_novel_last_read(self, share: float, optimizer: OptimizerArg = None) -> int:
+        """:meth:`insert_novel` over what the last recorded forward read; the rows claimed
+        restart their state in ``optimizer``. Returns the rows claimed."""
+        read = self.last_read
+        if read is None or read.scores is None or not self.memory_parameters():
+            return 0
+        claimed = self.insert_novel(read.ids - 1, read.scores, share)
+        reset_optimizer_rows(optimizer, self.memory_values, claimed)
+        return int(claimed.numel())
+
+    @torch.no_grad()
+    def reuse_cold_rows(self, fraction: float, optimizer: OptimizerArg = None) -> int:
+        """LRFU eviction for a table that is always full: of the coldest ``ceil(fraction *
+        n_rows)`` rows, those holding trained content (a non-zero value) become blank rows again
+        (:meth:`reuse_rows`) and restart their state in ``optimizer``, so whatever reads them
+        next writes new content at a full learning rate. Returns the rows reused."""
+        if not 0 <= fraction <= 1:
+            raise bad_parameter("fraction", f"must lie in [0, 1], got {fraction!r}")
+        if not self.memory_parameters():
+            return 0
+        cold = self.coldest_rows(math.ceil(fraction * self.n_rows))
+        cold = cold[self.row_values(cold).abs().amax(dim=1) > 0]
+        if cold.numel():
+            self.reuse_rows(cold)
+            reset_optimizer_rows(optimizer, self.memory_values, cold)
+        return int(cold.numel())
 
     # -------------------------------------------------------------- forward
     def queries(self, x: torch.Tensor) -> torch.Tensor:

@@ -185,3 +185,79 @@ def test_saving_an_unbound_layer_is_refused(tmp_path):
     with pytest.raises(InvalidInputError, match="'1' is not bound to a store"):
         save_memory_model(_model(), tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+
+
+# ------------------------------------------------------------------------- upkeep
+def _pk_twins():
+    """Two equal product-key memories and their row optimizers, after one trained step."""
+    out = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        layer = ProductKeyMemory(8, n_keys=4, heads=2, k=3, key_dim=4, value_init_std=0.1)
+        opt = RowwiseAdagrad(layer.memory_parameters(), lr=0.1)
+        layer.train()(torch.randn(6, 8)).square().mean().backward()
+        opt.step()
+        out.append((layer, opt))
+    return out
+
+
+def test_upkeep_methods_do_what_the_trainer_did_by_hand():
+    """Item 18 (reshape): the trainer reached into product-key internals (``read.ids - 1``,
+    ``reset_rows``); the layer's upkeep methods compute the same rows and state."""
+    (a, opt_a), (b, opt_b) = _pk_twins()
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(4))
+    for layer in (a, b):
+        layer.record_reads = True
+        layer(x)
+    read = b.last_read
+    blanks = b.recombine_rows(read.ids - 1, read.weights, 10.0)
+    opt_b.reset_rows(b.memory_values, blanks)
+    assert a.recombine_last_read(10.0, opt_a) == blanks.numel() > 0
+    claimed = b.insert_novel(read.ids - 1, read.scores, 0.5)
+    opt_b.reset_rows(b.memory_values, claimed)
+    assert a.insert_novel_last_read(0.5, [opt_a]) == claimed.numel() > 0
+    cold = b.coldest_rows(4)
+    cold = cold[b.row_values(cold).abs().amax(dim=1) > 0]
+    b.reuse_rows(cold)
+    opt_b.reset_rows(b.memory_values, cold)
+    assert a.reuse_cold_rows(0.25, opt_a) == cold.numel()
+    assert torch.equal(a.memory_values, b.memory_values)
+    sa, sb = opt_a.state[a.memory_values]["sum"], opt_b.state[b.memory_values]["sum"]
+    assert torch.equal(sa, sb) and bool((sa[cold] == 0).all())
+    for field in ("_crf", "_last_tick", "_hits", "_created_tick"):
+        assert torch.equal(getattr(a.index, field), getattr(b.index, field)), field
+
+
+def test_upkeep_of_other_kinds_and_of_unrecorded_layers_does_nothing():
+    featural = FeaturalMemory(8, n_rows=16, k=4)
+    assert featural.recombine_last_read(1.0) == featural.insert_novel_last_read(0.5) == 0
+    assert featural.reuse_cold_rows(0.5) == 0
+    (layer, opt), _ = _pk_twins()
+    assert layer.recombine_last_read(10.0, opt) == layer.insert_novel_last_read(0.5, opt) == 0
+
+
+def test_upkeep_refuses_an_optimizer_that_cannot_reset_rows():
+    (layer, _), _ = _pk_twins()
+    sparse_adam = torch.optim.SparseAdam(layer.memory_parameters(), lr=0.1)
+    with pytest.raises(InvalidInputError, match="SparseAdam cannot forget the state"):
+        layer.reuse_cold_rows(0.5, sparse_adam)
+
+
+def test_the_process_wide_hook_unpins_after_any_step_not_after_a_backward(tmp_path):
+    """Gradient accumulation: two forwards + backwards keep their rows pinned; the step (of an
+    optimizer built anywhere) releases them through the hook that PagedRows registered."""
+    from memstore_torch import paged_rows
+
+    with Store(f"sqlite:///{tmp_path / 'm.db'}") as store:
+        layer = ProductKeyMemory(
+            8, n_keys=4, heads=2, k=3, key_dim=4, store=store, collection="pk", cache_rows=14
+        )
+        assert paged_rows.OPTIMIZER_HOOK is not None
+        opt = torch.optim.SGD(layer.memory_parameters(), lr=0.1)
+        with store.transaction():
+            for seed in range(2):
+                x = torch.randn(1, 8, generator=torch.Generator().manual_seed(seed))
+                layer.train()(x).square().mean().backward()
+            assert bool(layer.index._pinned.any())
+            opt.step()
+            assert not bool(layer.index._pinned.any())
