@@ -56,6 +56,12 @@ ratio: **(fully resident step time) / (10 % step time)**, so 1.0 means no slowdo
 target "training at 10 % >= 0.5x fully resident" reads ``>= 0.5``. The trained rows are compared
 too (``train_rows_identical``: every run, resident or paged, trained exactly the same rows).
 
+Every path (``--work``, ``--train``, ``--test``) is made absolute first and the measurement
+processes run with this process's working directory and environment, so they read the same files
+and import the same code (an installed memstore, editable or not, or a checkout on
+``PYTHONPATH``); a run that fails says why in one line on stderr, and with ``--json`` its last
+line is ``{"error": "..."}`` (exit status 1).
+
 Prints the tables and the machine; ``--json`` prints one JSON object as the last line with
 ``tokens_per_s_full``, ``tokens_per_s_10pct``, ``ppl_full``, ``ppl_10pct``,
 ``train_step_ratio_10pct``, ``cache_hit_rate_10pct``, ``peak_rss_mb_10pct`` (all warm), the
@@ -73,6 +79,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,7 +92,6 @@ for _name, _value in CPU_ENV.items():
 import numpy as np  # noqa: E402
 from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
 
-ROOT = Path(__file__).resolve().parents[1]
 #: The teacher (width and vocabulary are flags): small enough that the whole benchmark fits a
 #: 2-core machine in minutes; n_inner is 4x the width.
 TEACHER = {"layers": 2, "heads": 4, "context": 128, "batch_size": 16, "lr": 2e-3, "warmup": 20,
@@ -145,10 +151,29 @@ def warm_os_cache(db_path: Path) -> None:
                 pass
 
 
+class BenchmarkError(RuntimeError):
+    """A run cannot go on; the message is the one line the benchmark ends with."""
+
+
+def package_dir() -> str:
+    """Where the ``memstore_gpt2`` this process imports lives (site-packages or a checkout)."""
+    import memstore_gpt2
+
+    return str(Path(memstore_gpt2.__file__).resolve().parent)
+
+
 def run_worker(spec: dict, in_process: bool = False) -> dict:
     """Run ``spec`` in a fresh interpreter (its own peak RSS and row cache); its last stdout line
     is the result. ``in_process`` (smoke runs: no interpreter start-up) runs it here instead, so
-    its memory figures then describe this whole process."""
+    its memory figures then describe this whole process.
+
+    The worker inherits this process's working directory and environment unchanged: a script's
+    ``sys.path`` does not depend on the working directory, so it imports the same code (checked:
+    ``spec["package"]``), and the paths it is given are absolute. It used to run with the
+    working directory and ``PYTHONPATH`` set to the directory above ``benchmarks/``: every run
+    started elsewhere (as a non-editable install is) failed at its first worker, which looked
+    for the default ``--work runs/paging`` there, and from a checkout a non-editable install's
+    workers imported the checkout's code instead of the installed one."""
     if in_process:
         from memstore_torch import ProductKeyMemory
 
@@ -157,13 +182,20 @@ def run_worker(spec: dict, in_process: bool = False) -> dict:
             return WORKERS[spec["task"]](spec)
         finally:  # set_prefetch changed the class default for this process
             ProductKeyMemory.prefetch = default
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    spec = {**spec, "package": package_dir()}
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(command, capture_output=True, text=True)
+    what = f"the {spec['task']} worker at {spec['budget']}"
     if done.returncode != 0:
-        raise RuntimeError(f"worker {spec['task']} failed ({done.returncode}):\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        sys.stderr.write(done.stderr)  # its traceback, above the one line that ends the run
+        last = (done.stderr.strip().splitlines() or ["(it printed nothing on stderr)"])[-1]
+        raise BenchmarkError(f"{what} failed (exit status {done.returncode}): {last}")
+    lines = done.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        shown = lines[-1][:200] if lines else "nothing"
+        raise BenchmarkError(f"{what} printed no JSON result (its last line: {shown!r})") from None
 
 
 # ----------------------------------------------------------------------------- workers
@@ -575,10 +607,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
+        if spec["package"] != package_dir():
+            raise SystemExit(
+                f"the worker imported memstore_gpt2 from {package_dir()}, the benchmark from "
+                f"{spec['package']}: the two would measure different code"
+            )
         print(json.dumps(WORKERS[spec["task"]](spec)))
         return 0
     if not args.train or not args.test:
         parser.error("--train and --test are required")
+    try:
+        results = run(args)
+    except (Exception, KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and not isinstance(exc.code, str):
+            raise  # a plain exit status (argparse has said why)
+        if isinstance(exc, KeyboardInterrupt):
+            message = "interrupted (Ctrl-C)"
+        elif isinstance(exc, (BenchmarkError, SystemExit)):
+            message = str(exc)
+        else:  # not foreseen: the traceback helps whoever fixes it
+            traceback.print_exc()
+            first = (str(exc).strip().splitlines() or [""])[0]
+            message = f"{type(exc).__name__}: {first}".removesuffix(": ")
+        log(f"paging benchmark failed: {message}")
+        if args.json:
+            print(json.dumps({"error": message}), flush=True)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def run(args) -> dict:
+    """The benchmark (``main`` after parsing): builds, measures, prints the tables; the results."""
+    for name in ("train", "test"):
+        path = Path(getattr(args, name)).resolve()
+        if not path.is_file():
+            raise BenchmarkError(f"--{name} {getattr(args, name)}: no such file")
+        setattr(args, name, str(path))
+    args.work = str(Path(args.work).resolve())  # what every worker reads, whatever its cwd
     started = time.perf_counter()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     budgets = parse_budgets(args.budgets)
@@ -659,9 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": train,
         "machine": info,
     }
-    if args.json:
-        print(json.dumps(results))
-    return 0
+    return results
 
 
 if __name__ == "__main__":
