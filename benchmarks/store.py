@@ -1,13 +1,17 @@
 """Benchmark of the memstore SQL store against raw sqlite-vec and numpy, in one run.
 
     python benchmarks/store.py            # table (N=100k, d=64, k=16; rescore at d=64 and d=768)
-    python benchmarks/store.py --json     # {"insert_rows_per_s", "raw_insert_rows_per_s",
+    python benchmarks/store.py --json     # {"insert_rows_per_s",
+                                          #  "insert_distinct_values_rows_per_s",
+                                          #  "raw_insert_rows_per_s",
                                           #  "query_ms", "raw_query_ms",
                                           #  "rescore_recall_at_k", "rescore_speedup"}  (d=768 rescore)
 
 Measures, on clustered data (Gaussian blobs around random centres):
 * insert rows/s of ``Collection.insert`` (keys + values + LRFU state, one transaction) against raw
-  sqlite-vec ``executemany`` into a bare ``vec0`` table (keys only, one transaction);
+  sqlite-vec ``executemany`` into a bare ``vec0`` table (keys only, one transaction): with values
+  equal to the keys (the default, ``insert(keys)``: stored once) and with distinct values (stored
+  beside the keys), and the files' sizes at rest;
 * single-query latency of ``Collection.search`` (one query, k, with and without the LRFU touch)
   against the raw ``SELECT id, distance FROM vec0 WHERE key MATCH ? AND k = ?``; numpy brute force
   (one query against the in-memory keys) as the floor;
@@ -110,10 +114,11 @@ def raw_insert(path: Path, keys: np.ndarray, page_size: int) -> float:
     return len(keys) / elapsed
 
 
-def store_insert(path: Path, keys: np.ndarray, **options) -> tuple[float, Store]:
+def store_insert(path: Path, keys: np.ndarray, values=None, **options) -> tuple[float, Store]:
     store = Store(f"sqlite:///{path}")
     coll = store.create_collection("bench", key_dim=keys.shape[1], **options)
-    values = bench_values(keys, options.get("value_dim"))
+    if values is None:
+        values = bench_values(keys, options.get("value_dim"))
     start = time.perf_counter()
     coll.insert(keys, values)
     elapsed = time.perf_counter() - start
@@ -140,16 +145,25 @@ def main_part(args, workdir: Path, rng: np.random.Generator) -> dict:
     queries = clustered(rng, args.queries, dim, centers)
 
     raw_rates = {name: [] for name in RAW_VARIANTS}
-    store_rates = []
+    store_rates, distinct_rates = [], []
+    distinct = keys[::-1] + np.float32(1)  # as many bytes as the keys, none equal to its key
     store = None
     for rep in range(args.repeats):
         for name, page_size in RAW_VARIANTS.items():
             raw_rates[name].append(raw_insert(fresh(workdir, f"{name}.db"), keys, page_size))
         if store is not None:
             store.close()
+        rate, other = store_insert(fresh(workdir, "distinct.db"), keys, values=distinct)
+        other.close()
+        distinct_rates.append(rate)
         rate, store = store_insert(fresh(workdir, f"store{rep}.db"), keys)
         store_rates.append(rate)
     store.close()  # at rest: the insert's WAL is checkpointed on close, as the raw table's was
+    sizes = {
+        "raw": (workdir / "raw.db").stat().st_size,
+        "store": (workdir / f"store{args.repeats - 1}.db").stat().st_size,
+        "distinct": (workdir / "distinct.db").stat().st_size,
+    }
     store = Store(f"sqlite:///{workdir / f'store{args.repeats - 1}.db'}")
     coll = store.collection("bench")
 
@@ -171,7 +185,9 @@ def main_part(args, workdir: Path, rng: np.random.Generator) -> dict:
     store.close()
     return {
         "insert_rows_per_s": max(store_rates),
+        "insert_distinct_values_rows_per_s": max(distinct_rates),
         "raw_insert_rows_per_s": max(raw_rates["raw"]),
+        **{f"{name}_file_bytes": size for name, size in sizes.items()},
         "raw_default_pages_insert_rows_per_s": max(raw_rates["raw_default_pages"]),
         **{f"{name}_ms": statistics.median(values) for name, values in times.items()},
         **{f"{name}_p10_ms": float(np.percentile(values, 10)) for name, values in times.items()},
@@ -262,6 +278,9 @@ def main() -> None:
             json.dumps(
                 {
                     "insert_rows_per_s": round(main_figures["insert_rows_per_s"], 1),
+                    "insert_distinct_values_rows_per_s": round(
+                        main_figures["insert_distinct_values_rows_per_s"], 1
+                    ),
                     "raw_insert_rows_per_s": round(main_figures["raw_insert_rows_per_s"], 1),
                     "query_ms": round(main_figures["store_ms"], 4),
                     "raw_query_ms": round(main_figures["raw_ms"], 4),
@@ -302,6 +321,17 @@ def main() -> None:
         f"{m['raw_insert_rows_per_s']:,.0f} | {m['insert_rows_per_s'] / m['raw_insert_rows_per_s']:.2f}x | >= 0.7x "
         f"| {m['raw_default_pages_insert_rows_per_s']:,.0f} |"
     )
+    print(
+        f"| insert rows/s, distinct values (keys+values+LRFU vs keys only) | "
+        f"{m['insert_distinct_values_rows_per_s']:,.0f} | {m['raw_insert_rows_per_s']:,.0f} | "
+        f"{m['insert_distinct_values_rows_per_s'] / m['raw_insert_rows_per_s']:.2f}x | | |"
+    )
+    for label, key in (("values = keys", "store"), ("distinct values", "distinct")):
+        print(
+            f"| file MB at rest, {label} | {m[f'{key}_file_bytes'] / 1e6:.1f} | "
+            f"{m['raw_file_bytes'] / 1e6:.1f} | {m[f'{key}_file_bytes'] / m['raw_file_bytes']:.2f}x "
+            "| | |"
+        )
     for label, key in (
         ("search, LRFU touch (default)", "store"),
         ("search, touch=False", "store_no_touch"),

@@ -1,12 +1,24 @@
-"""SQLite + sqlite-vec storage: a ``rows_<id>`` table (the source of truth) and a ``vec0`` index.
+"""SQLite + sqlite-vec storage: a ``rows_<id>`` table and a ``vec0`` index, each key stored once.
 
 Layout per collection (``<id>`` is the catalog's integer id; user names never reach SQL):
 
 * ``rows_<id>(id INTEGER PRIMARY KEY, key BLOB, value BLOB, crf, last_tick, hits, created_tick)``
-  holds the exact float32 key and value and the LRFU state. Exports, gets and LRFU ordering read
-  only this ordinary table (a full scan of a vec0 table costs ~10 us a row; this is ~40x cheaper).
-* ``vec_<id>`` is a sqlite-vec ``vec0`` table used only as the kNN index; it is derived from
-  ``rows_<id>`` and can be rebuilt from it at any time (prune does, to give emptied chunks back).
+  holds the exact float32 value and the LRFU state, and the key where there is no index. Two
+  copies are never stored (the empty blob ``x''`` marks where one is left out):
+
+  - an *indexed* collection's key lives only in ``vec_<id>``, which holds exactly the float32 key
+    (``ip`` appends one coordinate, the bit index pads with zeros: the key is its first key_dim
+    floats). Storing it in both tables doubled the file (twice raw sqlite-vec's for small values)
+    and cost 0.36-0.40x raw ``executemany`` at d=384. A kNN candidate's key is read from the
+    index by id (a point lookup), a full export or index rebuild scans the index once;
+  - a value bit for bit equal to its row's key (values default to the keys: ``insert(keys)``) is
+    stored once, as the key. A key-only ``update`` of such a row first writes its old key out as
+    its value.
+
+  Rows written before this (key and value both in the row table) read as they are: every reader
+  takes the row table's blob where it is not empty, and an update of a key moves it to the index.
+* ``vec_<id>`` is a sqlite-vec ``vec0`` table, the kNN index; prune and ``ip`` norm growth
+  rebuild it (from the keys it holds, read before it is dropped, inside one transaction).
   ``index="none"`` collections have no ``vec_<id>``: their searches scan the row table exactly
   in numpy (:meth:`SqliteBackend._scan_knn`). For memories searched elsewhere (a product-key
   layer searches in torch), whose bulk flushes would otherwise pay for an index nobody queries.
@@ -21,9 +33,10 @@ certifies its candidate set against a float32 rounding bound (fetching more unti
 so results equal brute force up to ties. The bit quantiser needs a multiple of 8
 dimensions, so indexed vectors are zero-padded (zeros change no distance).
 
-Bulk inserts bind the whole batch as one blob and split it in SQL with ``substr`` over a recursive
-counter, so no per-row Python work is done (measured: ~0.9x raw sqlite-vec ``executemany`` while
-also storing values and LRFU state; binding a tuple per row reached 0.57-0.7x). Rows with
+Bulk inserts bind the whole batch as one blob (a zero-copy ``memoryview`` of the numpy array) and
+split it in SQL with ``substr`` over a recursive counter, so no per-row Python work is done
+(benchmarks/store.py measures it against raw sqlite-vec ``executemany``; binding a tuple per row
+reached 0.57-0.7x); statements are cut at BULK_ROWS rows or BULK_BYTES bytes. Rows with
 differing LRFU state (a layer's flush) bind one tuple per row, and an upsert of existing rows is
 one ``UPDATE`` per row for all columns (benchmarks/bulk_rows.py measures both against raw SQLite).
 """
@@ -51,10 +64,14 @@ from memstore.sqlite_driver import prepare_connection, sqlite_module
 from memstore.transactions import is_write_transaction, mark_write_transaction
 from memstore.types import SQLITE_INDEX_KINDS, CollectionSpec, RowBlock, SearchResult
 
-#: Rows per bulk statement (keeps every bound blob far below SQLite's 1 GB limit).
+#: Rows per bulk statement, and bytes of blobs (a bound batch stays far below SQLite's 1 GB
+#: limit at any width: 65,536 rows of 8,192 floats would be 2 GiB).
 BULK_ROWS = 65_536
+BULK_BYTES = 1 << 28
 #: Distances computed at once by an ``index="none"`` scan (float64 elements: 128 MiB).
 SCAN_ELEMENTS = 1 << 24
+#: Bytes of vectors per vec0 chunk (see _chunk_size): 1024 vectors at d=64, 168 at d=384.
+CHUNK_BYTES = 1 << 18
 #: sqlite-vec's largest vector column (its own limit, checked here before any SQL runs).
 VEC0_MAX_DIM = 8192
 #: sqlite-vec refuses kNN queries with k above this; larger k falls back to an exact scan.
@@ -71,6 +88,18 @@ def _index_dim(spec: CollectionSpec) -> int:
     if spec.index == "rescore-bit":
         dim = -(-dim // 8) * 8
     return dim
+
+
+def _chunk_size(spec: CollectionSpec) -> int:
+    """Vectors per vec0 chunk: about CHUNK_BYTES of them (a multiple of 8, 8 to 1024).
+
+    sqlite-vec keeps a chunk's vectors in one blob spread over overflow pages, and reading one
+    vector by id walks that page chain: at its default 1024 vectors of d=384 (1.5 MB), 16 lookups
+    (one query's candidate keys, which live only in the index) took 23 ms; at 256 a chunk, 1 ms,
+    with kNN scans and inserts as fast (measured on 20k rows). So chunks are sized by bytes.
+    """
+    fit = CHUNK_BYTES // (_index_dim(spec) * 4)
+    return int(max(8, min(1024, fit // 8 * 8)))
 
 
 def _decode(blobs: list[bytes], dim: int) -> np.ndarray:
@@ -238,7 +267,8 @@ class SqliteBackend(VectorBackend):
                 f" indexed by rescore(quantizer={quantizer}, oversample={int(spec.oversample)})"
             )
         conn.exec_driver_sql(
-            f"CREATE VIRTUAL TABLE {_vec(spec)} USING vec0(id integer primary key, {column})"
+            f"CREATE VIRTUAL TABLE {_vec(spec)} USING vec0(id integer primary key, {column}, "
+            f"chunk_size={_chunk_size(spec)})"
         )
 
     def drop_storage(self, conn: Connection, spec: CollectionSpec) -> None:
@@ -310,13 +340,15 @@ class SqliteBackend(VectorBackend):
             return
         if bound is None and spec.metric == "ip":
             bound = self._norm_bound(conn, spec)
+        # The keys first: the index being dropped holds them (the row table holds none).
+        result = _fetch_all(conn, f"SELECT id, key FROM {_rows(spec)} ORDER BY id", {})
+        ids = np.fromiter((r[0] for r in result), np.int64, len(result))
+        keys = self._keys_of(conn, spec, ids, [r[1] for r in result], every_row=True)
+        del result
         conn.exec_driver_sql(f"DROP TABLE {_vec(spec)}")
         self._create_index(conn, spec)
-        result = conn.exec_driver_sql(f"SELECT id, key FROM {_rows(spec)} ORDER BY id").fetchall()
-        if not result:
+        if not len(ids):
             return
-        ids = np.fromiter((r[0] for r in result), np.int64, len(result))
-        keys = _decode([r[1] for r in result], spec.key_dim)
         self._insert_index(conn, spec, ids, keys, bound or 0.0)
 
     # ------------------------------------------------------------------ rows
@@ -332,47 +364,55 @@ class SqliteBackend(VectorBackend):
             return
         vectors = self._index_vectors(spec, keys, bound)
         width = vectors.shape[1] * 4
-        for start, stop, consecutive in _runs(ids):
+        for start, stop, consecutive in _runs(ids, width):
             if consecutive:
                 conn.exec_driver_sql(
                     f"INSERT INTO {_vec(spec)}(id, key) "
                     + _COUNTER.format(n=4)
                     + "SELECT ?1 + i, substr(?2, i * ?3 + 1, ?3) FROM s",
-                    (int(ids[start]), vectors[start:stop].tobytes(), width, stop - start),
+                    (int(ids[start]), _blob(vectors[start:stop]), width, stop - start),
                 )
             else:
                 conn.exec_driver_sql(
                     f"INSERT INTO {_vec(spec)}(id, key) VALUES (?, ?)",
-                    [
-                        (int(i), v.tobytes())
-                        for i, v in zip(ids[start:stop], vectors[start:stop], strict=True)
-                    ],
+                    list(
+                        zip(ids[start:stop].tolist(), _row_blobs(vectors[start:stop]), strict=True)
+                    ),
                 )
 
     def insert_rows(self, conn: Connection, spec: CollectionSpec, rows: RowBlock) -> None:
+        """The rows (one ``INSERT ... SELECT`` over a bound blob per consecutive, uniform batch:
+        no per-row Python work), then their index entries. An indexed collection's row table
+        holds no key (the key lives in ``vec_<id>``), and a value equal to its key is not stored
+        twice (see the module docstring): both are the empty blob ``x''``."""
         if len(rows) == 0:
             return
         bound = self._ensure_norm_bound(conn, spec, rows.keys) if spec.metric == "ip" else 0.0
         kw, vw = spec.key_dim * 4, spec.value_dim * 4
+        keys_here = not _indexed(spec)
+        same = _value_is_key(spec, rows.keys, rows.values)  # per row
         uniform = (
             np.all(rows.crf == rows.crf[0])
             and np.all(rows.last_tick == rows.last_tick[0])
             and np.all(rows.hits == rows.hits[0])
             and np.all(rows.created_tick == rows.created_tick[0])
         )
-        for start, stop, consecutive in _runs(rows.ids):
-            if consecutive and uniform:
+        columns = f"INSERT INTO {_rows(spec)}(id, key, value, crf, last_tick, hits, created_tick) "
+        for start, stop, consecutive in _runs(rows.ids, kw * keys_here + vw):
+            sl = slice(start, stop)
+            all_same, none_same = bool(same[sl].all()), not same[sl].any()
+            if consecutive and uniform and (all_same or none_same):
+                key_sql = "substr(?2, i * ?3 + 1, ?3)" if keys_here else "x''"
+                value_sql = "x''" if all_same else "substr(?4, i * ?5 + 1, ?5)"
                 conn.exec_driver_sql(
-                    f"INSERT INTO {_rows(spec)}"
-                    "(id, key, value, crf, last_tick, hits, created_tick) "
+                    columns
                     + _COUNTER.format(n=6)
-                    + "SELECT ?1 + i, substr(?2, i * ?3 + 1, ?3), substr(?4, i * ?5 + 1, ?5), "
-                    "?7, ?8, ?9, ?10 FROM s",
+                    + f"SELECT ?1 + i, {key_sql}, {value_sql}, ?7, ?8, ?9, ?10 FROM s",
                     (
                         int(rows.ids[start]),
-                        rows.keys[start:stop].tobytes(),
+                        _blob(rows.keys[sl]) if keys_here else b"",
                         kw,
-                        rows.values[start:stop].tobytes(),
+                        b"" if all_same else _blob(rows.values[sl]),
                         vw,
                         stop - start,
                         float(rows.crf[0]),
@@ -382,15 +422,13 @@ class SqliteBackend(VectorBackend):
                     ),
                 )
             else:
-                sl = slice(start, stop)
                 conn.exec_driver_sql(
-                    f"INSERT INTO {_rows(spec)}"
-                    "(id, key, value, crf, last_tick, hits, created_tick) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    columns + "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     list(
                         zip(
                             rows.ids[sl].tolist(),
-                            [k.tobytes() for k in rows.keys[sl]],
-                            [v.tobytes() for v in rows.values[sl]],
+                            _row_blobs(rows.keys[sl]) if keys_here else [b""] * (stop - start),
+                            _row_blobs(rows.values[sl], same[sl]),
                             rows.crf[sl].tolist(),
                             rows.last_tick[sl].tolist(),
                             rows.hits[sl].tolist(),
@@ -410,13 +448,15 @@ class SqliteBackend(VectorBackend):
         exists = np.isin(rows.ids, self._existing(conn, spec, rows.ids))
         if exists.any():
             old = rows if exists.all() else rows.take(exists)
+            if spec.metric == "ip":  # before any key changes: a rebuild reads the stored keys
+                self._ensure_norm_bound(conn, spec, old.keys)
             conn.exec_driver_sql(
                 f"UPDATE {_rows(spec)} SET key = ?, value = ?, crf = ?, last_tick = ?, hits = ?, "
                 "created_tick = ? WHERE id = ?",
                 list(
                     zip(
-                        [k.tobytes() for k in old.keys],
-                        [v.tobytes() for v in old.values],
+                        [b""] * len(old) if _indexed(spec) else _row_blobs(old.keys),
+                        _row_blobs(old.values, _value_is_key(spec, old.keys, old.values)),
                         old.crf.tolist(),
                         old.last_tick.tolist(),
                         old.hits.tolist(),
@@ -439,36 +479,44 @@ class SqliteBackend(VectorBackend):
         values: np.ndarray | None,
     ) -> None:
         id_list = ids.tolist()
+        if keys is not None:
+            if spec.metric == "ip":  # before any key changes: a rebuild reads the stored keys
+                self._ensure_norm_bound(conn, spec, keys)
+            if values is None:  # a value stored as "the key" keeps the old key as its value
+                conn.exec_driver_sql(
+                    f"UPDATE {_rows(spec)} AS r SET value = {_key_sql(spec)} "
+                    "WHERE r.id = ? AND length(r.value) = 0",
+                    [(i,) for i in id_list],
+                )
+            # An indexed row's key lives in its index (x'' here, also for rows written before).
+            key_blobs = [b""] * len(id_list) if _indexed(spec) else _row_blobs(keys)
+            conn.exec_driver_sql(
+                f"UPDATE {_rows(spec)} SET key = ? WHERE id = ?",
+                list(zip(key_blobs, id_list, strict=True)),
+            )
         if values is not None:
+            same = (
+                np.zeros(len(values), bool) if keys is None else _value_is_key(spec, keys, values)
+            )
             conn.exec_driver_sql(
                 f"UPDATE {_rows(spec)} SET value = ? WHERE id = ?",
-                [(v.tobytes(), i) for v, i in zip(values, id_list, strict=True)],
+                list(zip(_row_blobs(values, same), id_list, strict=True)),
             )
-        if keys is None:
-            return
-        conn.exec_driver_sql(
-            f"UPDATE {_rows(spec)} SET key = ? WHERE id = ?",
-            [(k.tobytes(), i) for k, i in zip(keys, id_list, strict=True)],
-        )
-        self._update_index(conn, spec, ids, keys)
+        if keys is not None:
+            self._update_index(conn, spec, ids, keys)
 
     def _update_index(
         self, conn: Connection, spec: CollectionSpec, ids: np.ndarray, keys: np.ndarray
     ) -> None:
-        """Bring the vec0 slots of ``ids`` to ``keys`` (their rows already hold them)."""
+        """Bring the vec0 slots of ``ids`` to ``keys`` (the only copy of an indexed collection's
+        keys). For ``ip`` the caller has already raised the norm bound for ``keys``."""
         if not _indexed(spec):
             return
-        if spec.metric == "ip":
-            old = self._norm_bound(conn, spec)
-            bound = self._ensure_norm_bound(conn, spec, keys)
-            if bound != old:  # the index was rebuilt from the (already updated) rows
-                return
-        else:
-            bound = 0.0
+        bound = self._norm_bound(conn, spec) if spec.metric == "ip" else 0.0
         vectors = self._index_vectors(spec, keys, bound)
         conn.exec_driver_sql(
             f"UPDATE {_vec(spec)} SET key = ? WHERE id = ?",
-            [(v.tobytes(), i) for v, i in zip(vectors, ids.tolist(), strict=True)],
+            list(zip(_row_blobs(vectors), ids.tolist(), strict=True)),
         )
 
     def delete_rows(self, conn: Connection, spec: CollectionSpec, ids: np.ndarray) -> int:
@@ -493,6 +541,39 @@ class SqliteBackend(VectorBackend):
         )
         return np.fromiter((r[0] for r in result), np.int64, len(result))
 
+    def _keys_of(
+        self, conn: Connection, spec: CollectionSpec, ids: np.ndarray, blobs: list, *, every_row
+    ) -> np.ndarray:
+        """The keys of rows ``ids`` (ascending) from their row-table key blobs: each is the key,
+        or ``x''`` where the key lives only in ``vec_<id>`` (indexed collections); those are read
+        from the index, by a scan of it when ``every_row`` (cheaper than a lookup per row)."""
+        if not ids.size or all(blobs):
+            return _decode(blobs, spec.key_dim)
+        elsewhere = np.fromiter(map(len, blobs), np.int64, len(blobs)) == 0
+        wanted = ids[elsewhere]
+        if every_row:
+            found = _fetch_all(conn, f"SELECT id, key FROM {_vec(spec)}", {})
+        else:
+            found = _fetch_all(
+                conn,
+                f"SELECT id, key FROM {_vec(spec)} WHERE id IN (SELECT value FROM json_each(:ids))",
+                {"ids": json.dumps(wanted.tolist())},
+            )
+        index_ids = np.fromiter((r[0] for r in found), np.int64, len(found))
+        order = np.argsort(index_ids)
+        at = order[np.searchsorted(index_ids, wanted, sorter=order)]
+        if not np.array_equal(index_ids[at], wanted):
+            raise DatabaseError(
+                f"collection {spec.name!r} is damaged: rows without a key in its index "
+                f"(first id {int(wanted[~np.isin(wanted, index_ids)][0])})"
+            )
+        kw = spec.key_dim * 4
+        out = np.empty((len(ids), spec.key_dim), np.float32)
+        if (~elsewhere).any():
+            out[~elsewhere] = _decode([b for b in blobs if b], spec.key_dim)
+        out[elsewhere] = _decode([found[j][1][:kw] for j in at.tolist()], spec.key_dim)
+        return out
+
     def fetch_rows(
         self, conn: Connection, spec: CollectionSpec, ids: np.ndarray | None = None
     ) -> RowBlock:
@@ -511,10 +592,12 @@ class SqliteBackend(VectorBackend):
             select += "WHERE r.id IN (SELECT value FROM json_each(:ids)) ORDER BY r.id"
         result = _fetch_all(conn, select, params)
         n = len(result)
+        row_ids = np.fromiter((r[0] for r in result), np.int64, n)
+        keys = self._keys_of(conn, spec, row_ids, [r[1] for r in result], every_row=ids is None)
         return RowBlock(
-            ids=np.fromiter((r[0] for r in result), np.int64, n),
-            keys=_decode([r[1] for r in result], spec.key_dim),
-            values=_decode([r[2] for r in result], spec.value_dim),
+            ids=row_ids,
+            keys=keys,
+            values=_values_of(spec, [r[2] for r in result], keys),
             crf=np.fromiter((r[3] for r in result), np.float64, n),
             last_tick=np.fromiter((r[4] for r in result), np.int64, n),
             hits=np.fromiter((r[5] for r in result), np.int64, n),
@@ -544,8 +627,9 @@ class SqliteBackend(VectorBackend):
         out = SearchResult.padded(len(queries), k, spec.key_dim, spec.value_dim)
         sql = (
             f"WITH knn AS (SELECT id, distance FROM {_vec(spec)} WHERE key MATCH ?1 AND k = ?2) "
-            f"SELECT knn.id, knn.distance, r.key, r.value FROM knn "
-            f"JOIN {_rows(spec)} AS r ON r.id = knn.id ORDER BY knn.distance"
+            "SELECT knn.id, knn.distance, CASE WHEN length(r.key) = 0 THEN "
+            f"(SELECT v.key FROM {_vec(spec)} AS v WHERE v.id = knn.id) ELSE r.key END, r.value "
+            f"FROM knn JOIN {_rows(spec)} AS r ON r.id = knn.id ORDER BY knn.distance"
         )
         vectors = self._query_vectors(spec, queries)
         bound = self._norm_bound(conn, spec) if spec.metric == "ip" else 0.0
@@ -564,7 +648,9 @@ class SqliteBackend(VectorBackend):
                 if fetch > MAX_KNN_K:  # sqlite-vec's k limit (or ip not certifiable): exact scan
                     if everything is None:
                         everything = conn.exec_driver_sql(
-                            f"SELECT id, 0.0, key, value FROM {_rows(spec)}"
+                            "SELECT r.id, 0.0, CASE WHEN length(r.key) = 0 THEN v.key "
+                            f"ELSE r.key END, r.value FROM {_rows(spec)} AS r "
+                            f"LEFT JOIN {_vec(spec)} AS v ON v.id = r.id"
                         ).fetchall()
                     found = everything
                 self._fill(out, row, spec, query, found, k)
@@ -609,8 +695,8 @@ class SqliteBackend(VectorBackend):
         if len(hit):
             found = _fetch_all(
                 conn,
-                f"SELECT id, value FROM {_rows(spec)} "
-                "WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY id",
+                "SELECT id, CASE WHEN length(value) = 0 THEN key ELSE value END "
+                f"FROM {_rows(spec)} WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY id",
                 {"ids": json.dumps(hit.tolist())},
             )
             values = _decode([r[1] for r in found], spec.value_dim)
@@ -629,7 +715,7 @@ class SqliteBackend(VectorBackend):
         """
         if len(found) < fetch or spec.metric != "ip" or spec.index != "exact":
             return True
-        keys = _decode([r[2] for r in found], spec.key_dim)
+        keys = _found_keys(spec, found)
         exact = np.sort(exact_distances("ip", query, keys[None])[0])
         q2 = float((query.astype(np.float64) ** 2).sum())
         dim = _index_dim(spec)
@@ -643,7 +729,7 @@ class SqliteBackend(VectorBackend):
         if not found:
             return
         ids = np.fromiter((r[0] for r in found), np.int64, len(found))
-        keys = _decode([r[2] for r in found], spec.key_dim)
+        keys = _found_keys(spec, found)
         dist = exact_distances(spec.metric, query, keys[None])[0]
         order = np.argsort(dist, kind="stable")[:k]
         c = len(order)
@@ -651,7 +737,7 @@ class SqliteBackend(VectorBackend):
         with np.errstate(over="ignore"):  # cannot overflow: inputs are bounded (MAX_NORM)
             out.distances[row, :c] = dist[order]
         out.keys[row, :c] = keys[order]
-        out.values[row, :c] = _decode([found[j][3] for j in order], spec.value_dim)
+        out.values[row, :c] = _values_of(spec, [found[j][3] for j in order], keys[order])
 
     # ------------------------------------------------------------------ LRFU
     def touch(
@@ -762,11 +848,67 @@ def _indexed(spec: CollectionSpec) -> bool:
     return spec.index != "none"
 
 
-def _runs(ids: np.ndarray):
-    """Split ``ids`` into BULK_ROWS-sized slices; say whether each is a consecutive run."""
+def _runs(ids: np.ndarray, row_bytes: int):
+    """Split ``ids`` into slices of at most BULK_ROWS rows and BULK_BYTES bytes of blobs (at
+    ``row_bytes`` a row); say whether each is a consecutive run."""
     n = len(ids)
-    for start in range(0, n, BULK_ROWS):
-        stop = min(n, start + BULK_ROWS)
+    step = max(1, min(BULK_ROWS, BULK_BYTES // max(1, row_bytes)))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
         chunk = ids[start:stop]
         consecutive = bool(np.all(np.diff(chunk) == 1)) if len(chunk) > 1 else True
         yield start, stop, consecutive
+
+
+def _key_sql(spec: CollectionSpec) -> str:
+    """SQL for the key of row ``r``: its row-table blob, or (``x''``) its index vector's first
+    key_dim floats."""
+    if not _indexed(spec):
+        return "r.key"
+    return (
+        f"CASE WHEN length(r.key) = 0 THEN substr((SELECT v.key FROM {_vec(spec)} AS v "
+        f"WHERE v.id = r.id), 1, {spec.key_dim * 4}) ELSE r.key END"
+    )
+
+
+def _blob(rows: np.ndarray) -> memoryview:
+    """A C-contiguous float32 block as a blob parameter without copying it (``tobytes`` would
+    copy the whole batch once more; SQLite copies the bound blob itself)."""
+    return memoryview(np.ascontiguousarray(rows)).cast("B")
+
+
+def _row_blobs(rows: np.ndarray, elsewhere: np.ndarray | None = None) -> list[bytes]:
+    """One blob per row, ``x''`` where ``elsewhere`` (a value equal to its key)."""
+    if elsewhere is None or not elsewhere.any():
+        return [r.tobytes() for r in rows]
+    return [b"" if e else r.tobytes() for r, e in zip(rows, elsewhere.tolist(), strict=True)]
+
+
+def _value_is_key(spec: CollectionSpec, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per row: whether the value is bit for bit its key (then it is stored once, as the key).
+    Values default to the keys (``insert(keys)``), so auto-associative memories store one copy."""
+    if spec.value_dim != spec.key_dim:
+        return np.zeros(len(keys), bool)
+    if values is keys:
+        return np.ones(len(keys), bool)
+    as_bits = lambda a: np.ascontiguousarray(a, np.float32).view(np.uint32)  # noqa: E731
+    return (as_bits(keys) == as_bits(values)).all(axis=1)
+
+
+def _values_of(spec: CollectionSpec, blobs: list, keys: np.ndarray) -> np.ndarray:
+    """Values from their row-table blobs: ``x''`` stands for "the row's key" (``keys``)."""
+    if all(blobs):
+        return _decode(blobs, spec.value_dim)
+    empty = np.fromiter(map(len, blobs), np.int64, len(blobs)) == 0
+    out = np.empty((len(blobs), spec.value_dim), np.float32)
+    if (~empty).any():
+        out[~empty] = _decode([b for b in blobs if b], spec.value_dim)
+    out[empty] = keys[empty]
+    return out
+
+
+def _found_keys(spec: CollectionSpec, found: list) -> np.ndarray:
+    """The keys of kNN candidates (column 2): the row table's blob or the index's vector, whose
+    first key_dim floats are the key (an ``ip`` / bit index appends or pads coordinates)."""
+    kw = spec.key_dim * 4
+    return _decode([r[2][:kw] for r in found], spec.key_dim)
