@@ -49,7 +49,7 @@ from machine_info import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0])
 
 from memstore import Store  # noqa: E402
 from memstore_gpt2.lm_training import batch_for_step, perplexity  # noqa: E402
-from memstore_gpt2.student import memory_factory  # noqa: E402
+from memstore_gpt2.student import MemoryRows, memory_factory  # noqa: E402
 from memstore_gpt2.surgery import (  # noqa: E402
     capture_mlp_inputs,
     clone_with_mlps,
@@ -215,9 +215,11 @@ class Bench:
         store, _ = self.open_store(f"grown_{memory_rows}")
         try:
             factory = memory_factory("featural", store, k=k, init="mlp",
-                                     calibration=self.calibration(), memory_rows=memory_rows,
-                                     extra_heads=self.args.memory_rows_heads,
-                                     extra_k=self.args.memory_rows_k)  # fmt: skip
+                                     calibration=self.calibration(),
+                                     memory_rows=MemoryRows(
+                                         memory_rows,
+                                         memory_rows_heads=self.args.memory_rows_heads,
+                                         memory_rows_k=self.args.memory_rows_k))  # fmt: skip
             torch.manual_seed(self.args.seed)
             student = clone_with_mlps(self.teacher, self.layers, factory)
             extra = sum(

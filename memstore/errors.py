@@ -30,6 +30,13 @@ def bad_parameter(name: str, problem: str) -> InvalidInputError:
     return InvalidInputError(f"{name} {problem}", parameter=name)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): what a
+    one-line error quotes of a cause it wraps (a driver's or torch's multi-line text)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class DimensionMismatchError(InvalidInputError):
     """An array's trailing dimension does not match the collection's key or value dimension."""
 

@@ -34,6 +34,7 @@ from memstore.errors import (
     MemstoreError,
     StoreClosedError,
     bad_parameter,
+    first_line,
 )
 from memstore.transactions import mark_write_transaction
 from memstore.types import CollectionOptions
@@ -178,9 +179,9 @@ class Store:
         if self.backend.disk_full(orig):
             return DiskFullError(
                 f"{self._text}: disk full: the database cannot grow; nothing of this call was "
-                f"written. Free space on its file system and retry ({_first_line(orig)})"
+                f"written. Free space on its file system and retry ({first_line(orig)})"
             )
-        return DatabaseError(f"{self._text}: {_first_line(orig)}")
+        return DatabaseError(f"{self._text}: {first_line(orig)}")
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[Connection]:
@@ -379,8 +380,3 @@ def _refuse_different(spec, given: dict[str, Any]) -> None:
         else InvalidInputError
     )
     raise error(f"collection {spec.name!r} exists with {text}", parameter=next(iter(differences)))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -35,13 +35,14 @@ from typing import Any
 import sqlalchemy as sa
 import torch
 
-from memstore.errors import InvalidInputError
+from memstore.errors import InvalidInputError, first_line
+from memstore_gpt2.durable import install, temporary_path, write_durably
 from memstore_gpt2.errors import StudentFormatError
 from memstore_torch.model_memory import flush_memory, memory_layers
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_FILE = "checkpoint.prev.pt"
-TEMPORARY_FILE = CHECKPOINT_FILE + ".tmp"
+TEMPORARY_FILE = temporary_path(CHECKPOINT_FILE).name
 FORMAT_VERSION = 2
 
 #: The database half of the stamp: which checkpoint file the memory rows belong to.
@@ -104,42 +105,16 @@ def write_checkpoint_file(out_dir: str | os.PathLike, payload: dict[str, Any]) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / TEMPORARY_FILE
-    _write_durably(tmp, payload)
+    write_durably(tmp, lambda handle: torch.save(payload, handle))
     _keep_previous(out)
-    _install(tmp, out / CHECKPOINT_FILE)
+    install(tmp, out / CHECKPOINT_FILE)
     return out / CHECKPOINT_FILE
-
-
-def _write_durably(path: Path, payload: dict[str, Any]) -> None:
-    with open(path, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _keep_previous(out: Path) -> None:
     current = out / CHECKPOINT_FILE
     if current.exists():
         os.replace(current, out / PREVIOUS_FILE)
-
-
-def _install(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
-def fsync_directory(path: Path) -> None:
-    """Make renames inside ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, Any]:
@@ -166,7 +141,7 @@ def read_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, 
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
         raise StudentFormatError(
             f"{path} is damaged or not a memstore checkpoint ({type(exc).__name__}: "
-            f"{_first_line(exc)})"
+            f"{first_line(exc)})"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
@@ -283,16 +258,10 @@ def consistent_checkpoint(out_dir: str | os.PathLike, store) -> tuple[Path, dict
         if payload["run_id"] == first["run_id"] and payload["token"] == stamp[1]:
             current = out / CHECKPOINT_FILE
             if path != current:
-                os.replace(path, current)
-                fsync_directory(out)
+                install(path, current)
             return current, read_checkpoint(current, mmap=False)
     raise StudentFormatError(
         f"the memory database is at step {stamp[0]} of the run in {out}, but no checkpoint file "
         f"there matches it ({files[0].name} is at step {first['step']}); the directory and the "
         "database do not belong together"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

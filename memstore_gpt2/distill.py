@@ -32,7 +32,9 @@ from memstore_gpt2.checkpoint import (
     remove_checkpoint_files,
     remove_spare_checkpoint,
 )
+from memstore_gpt2.db_lock import DatabaseWriter
 from memstore_gpt2.errors import StudentFormatError
+from memstore_gpt2.student import MemoryRows
 from memstore_gpt2.text_data import default_context
 from memstore_gpt2.trainer import DistillConfig, Distiller, write_summary
 from memstore_torch.budget import MemoryBudget
@@ -232,36 +234,123 @@ def _prepare_fresh_directory(out: Path) -> None:
     remove_checkpoint_files(out)
 
 
+@dataclass
+class RunInputs:
+    """What both a fresh and a resumed run read before touching the directory: the teacher, the
+    data, the options as built once (``rows``: the extra rows' :class:`MemoryRows`) and the
+    fingerprints a checkpoint records (``current``)."""
+
+    teacher: Any
+    tokenizer: Any
+    layers: list[int]
+    context: int
+    rows: MemoryRows
+    budget: MemoryBudget | None
+    device: Any
+    train_blocks: np.ndarray
+    eval_blocks: np.ndarray
+    current: dict[str, Any]
+
+
+@dataclass
+class RunSetup:
+    """A run ready to train, as :func:`start_run` or :func:`resume_run` leave it: the student
+    bound to its database, the writer lock held, the manifest's ``run`` record and ``info``."""
+
+    inputs: RunInputs
+    out: Path
+    db_url: str
+    writer: DatabaseWriter
+    store: Any
+    student: Any
+    run: dict[str, Any]
+    info: dict[str, Any]
+    resumed: bool
+
+    def close(self, *, finished: bool = False) -> None:
+        """Close the database and drop the lock (removing its file once the run finished)."""
+        from memstore_gpt2.db_lock import release_writer
+
+        self.store.close()
+        release_writer(self.writer, remove_file=finished)
+
+
 def run_distill(job: DistillJob) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the summary that ``--json`` prints."""
-    import torch
-
-    from memstore_gpt2.db_lock import release_writer
-    from memstore_gpt2.lm_training import resolve_device
-    from memstore_gpt2.student import (
-        build_student_skeleton,
-        default_db_url,
-        memory_slots,
-        read_manifest,
-        resolve_db_url,
-        save_student,
-        slot_rows,
-        write_manifest,
-    )
-    from memstore_gpt2.surgery import parse_layers
-    from memstore_gpt2.teacher import load_teacher
+    from memstore_gpt2.student import memory_slots, save_student, slot_rows
     from memstore_torch.model_memory import memory_parameters, paging_stats
 
     started = time.perf_counter()
-    job.config.validate()  # before any work: a bad option must not fail deep inside calibration
+    setup = resume_run(job) if job.resume else start_run(job)
+    inputs, out, student = setup.inputs, setup.out, setup.student
+    finished = False
+    try:
+        distiller = Distiller(
+            student,
+            inputs.teacher,
+            inputs.train_blocks,
+            inputs.eval_blocks,
+            job.config,
+            out_dir=out,
+            progress=job.progress,
+            run_id=setup.run["id"],
+            run_info=inputs.current,
+            device=inputs.device,
+        )
+        if setup.resumed:
+            distiller.load_checkpoint()
+        result = distiller.run()
+        run = {**setup.run, "id": distiller.run_id, "finished": True}
+        save_student(student, inputs.tokenizer, out, setup.db_url, info=setup.info, run=run)
+        finished = True
+        remove_spare_checkpoint(out)
+        slots = memory_slots(student)
+        counts = {str(key): slot_rows(module) for key, module in slots.items()}
+        db_bytes = setup.store.size_bytes()
+        paging = paging_stats(student)
+    finally:
+        setup.close(finished=finished)
+    summary = {
+        **result,
+        "db": setup.db_url,
+        "out": str(out),
+        "kind": setup.info["kind"],
+        "k": setup.info["k"],
+        "init": setup.info["init"],
+        "layers": list(slots),
+        # every collection of each slot (extra rows included), and of which extra rows
+        "memory_rows": {key: total for key, (total, _) in counts.items()},
+        "memory_extra_rows": {key: extra for key, (_, extra) in counts.items()},
+        "memory_rows_requested": job.memory_rows,  # per layer, before rounding up to a square
+        "device": str(inputs.device),
+        "precision": job.config.precision,
+        "memory_budget": job.memory_budget,
+        "paging": paging,  # what the memory held and read (memstore_torch.paging_stats)
+        "db_bytes": db_bytes,
+        "parameters": sum(p.numel() for p in student.parameters())
+        - sum(p.numel() for p in memory_parameters(student)),
+        "teacher_parameters": sum(p.numel() for p in inputs.teacher.parameters()),
+        "train_tokens": int(inputs.train_blocks.size),
+        "eval_tokens": int(inputs.eval_blocks.size),
+        "seconds": time.perf_counter() - started,
+    }
+    write_summary(out, summary)
+    return summary
+
+
+def read_inputs(job: DistillJob) -> RunInputs:
+    """Validate the options (once: a resume calls this after adopting the run's), load the
+    teacher and the data, and refuse a budget too small for one step -- all before the run's
+    directory or database is touched."""
+    from memstore_gpt2.lm_training import resolve_device
+    from memstore_gpt2.surgery import parse_layers
+    from memstore_gpt2.teacher import load_teacher
+
+    job.config.validate()
+    rows = MemoryRows(job.memory_rows, job.memory_rows_heads, job.memory_rows_k)
+    _check_layer_options(job)
     budget = None if job.memory_budget is None else MemoryBudget.parse(job.memory_budget)
     device = resolve_device(job.device)
-    out = Path(job.out)
-    if job.resume:
-        manifest = read_manifest(out)
-        run_id, record = _saved_run(out)
-        _adopt_run_options(job, record["options"])
-        job.config.validate()
     teacher, tokenizer = load_teacher(job.teacher)
     layers = parse_layers(job.layers, teacher.config.n_layer)
     context = job.context or default_context(teacher.config.n_positions)
@@ -269,7 +358,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         raise InvalidInputError(
             f"--context {context} exceeds the teacher's {teacher.config.n_positions} positions"
         )
-    check_budget_covers_a_step(job, budget, teacher.config.n_embd, len(layers), context)
+    check_budget_covers_a_step(job, rows, budget, teacher.config.n_embd, len(layers), context)
     train_blocks, eval_blocks = prepare_data(tokenizer, job, context)
     current = {
         "teacher": job.teacher,
@@ -278,105 +367,96 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         "eval_data_sha256": blocks_fingerprint(eval_blocks),
         "options": _run_options(job, layers, context),
     }
+    return RunInputs(teacher, tokenizer, layers, context, rows, budget, device,
+                     train_blocks, eval_blocks, current)  # fmt: skip
+
+
+def start_run(job: DistillJob) -> RunSetup:
+    """A fresh run: clear what an earlier run that never trained a step left, take the lock,
+    record the run in the manifest (before any collection exists, so a run killed during surgery
+    can be cleared), then surgery and the first save."""
+    from memstore_gpt2.student import default_db_url, save_student, write_manifest
+
+    inputs = read_inputs(job)
+    out = Path(job.out)
+    _prepare_fresh_directory(out)
+    db_url = job.db or default_db_url(out)
+    out.mkdir(parents=True, exist_ok=True)
+    writer, store = _open_locked(db_url, out)
+    names = run_collections(job, inputs.layers)
+    run = {"id": new_run_id(), "finished": False, "collections": names}
     info = {"teacher": job.teacher, "kind": job.kind, "k": job.k, "init": job.init}
     if job.memory_rows:
         info["memory_rows"] = job.memory_rows
-
-    if job.resume:
-        _check_same_run(job, record, current)
-        db_url = resolve_db_url(out, manifest, job.db)
-        writer, store = _open_locked(db_url, out, create=False)
-        try:
-            if committed_stamp(store, run_id) is None:
-                raise StudentFormatError(
-                    f"--resume: the run in {out} stopped before its first checkpoint was "
-                    f"committed to its database; {_START_AGAIN}"
-                )
-        except BaseException:
-            store.close()
-            writer.release()
-            raise
-        run = dict(manifest.get("run") or {}, id=run_id, finished=False)
-    else:
-        _prepare_fresh_directory(out)
-        db_url = job.db or default_db_url(out)
-        # validates --kind/--init/--k/--memory-rows... before the store is touched
-        _factory(job, None)
-        out.mkdir(parents=True, exist_ok=True)
-        writer, store = _open_locked(db_url, out)
-        run = {
-            "id": new_run_id(),
-            "finished": False,
-            "collections": run_collections(job, layers),
-        }
     try:
-        if job.resume:
-            student = build_student_skeleton(out, manifest, store, budget)
-            write_manifest(out, db_url, manifest["layers"], manifest.get("info"), run)
-        else:
-            _check_no_clash(store, run_collections(job, layers))
-            # Said before any collection exists, so a run killed during surgery can be cleared.
-            write_manifest(out, db_url, {}, info, run)
-            torch.manual_seed(job.config.seed)  # layers drawn at random start the same each run
-            student = _new_student(job, teacher, layers, train_blocks, store, budget)
-            save_student(student, tokenizer, out, db_url, info=info, run=run)
-        distiller = Distiller(
-            student,
-            teacher,
-            train_blocks,
-            eval_blocks,
-            job.config,
-            out_dir=out,
-            progress=job.progress,
-            run_id=run.get("id"),
-            run_info=current,
-            device=device,
-        )
-        if job.resume:
-            distiller.load_checkpoint()
-        result = distiller.run()
-        run = {**run, "id": distiller.run_id, "finished": True}
-        save_student(student, tokenizer, out, db_url, info=info, run=run)
-        remove_spare_checkpoint(out)
-        slots = memory_slots(student)
-        counts = {str(key): slot_rows(module) for key, module in slots.items()}
-        rows = {key: total for key, (total, _) in counts.items()}
-        extra_rows = {key: extra for key, (_, extra) in counts.items()}
-        db_bytes = store.size_bytes()
-        paging = paging_stats(student)
-    finally:
+        _check_no_clash(store, names)
+        write_manifest(out, db_url, {}, info, run)
+        import torch
+
+        torch.manual_seed(job.config.seed)  # layers drawn at random start the same each run
+        student = _new_student(job, inputs, store)
+        save_student(student, inputs.tokenizer, out, db_url, info=info, run=run)
+    except BaseException:
         store.close()
-        release_writer(writer, remove_file=bool(run.get("finished")))
-    summary = {
-        **result,
-        "db": db_url,
-        "out": str(out),
-        "kind": info["kind"],
-        "k": info["k"],
-        "init": info["init"],
-        "layers": list(slots),
-        "memory_rows": rows,  # every collection of each slot (extra rows included)
-        "memory_extra_rows": extra_rows,  # of which product-key rows added by --memory-rows
-        "memory_rows_requested": job.memory_rows,  # per layer, before rounding up to a square
-        "device": str(device),
-        "precision": job.config.precision,
-        "memory_budget": job.memory_budget,
-        "paging": paging,  # what the memory held and read (memstore_torch.paging_stats)
-        "db_bytes": db_bytes,
-        "parameters": sum(p.numel() for p in student.parameters())
-        - sum(p.numel() for p in memory_parameters(student)),
-        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-        "train_tokens": int(train_blocks.size),
-        "eval_tokens": int(eval_blocks.size),
-        "seconds": time.perf_counter() - started,
-    }
-    write_summary(out, summary)
-    return summary
+        writer.release()
+        raise
+    return RunSetup(inputs, out, db_url, writer, store, student, run, info, resumed=False)
+
+
+def resume_run(job: DistillJob) -> RunSetup:
+    """A resumed run: the options the caller left out take the run's values, every other one
+    must equal them, the database must hold a committed checkpoint of this run; the student is
+    rebuilt from the directory and its database (:meth:`Distiller.load_checkpoint` then restores
+    the trainer's state)."""
+    from memstore_gpt2.student import (
+        build_student_skeleton,
+        read_manifest,
+        resolve_db_url,
+        write_manifest,
+    )
+
+    out = Path(job.out)
+    manifest = read_manifest(out)
+    run_id, record = _saved_run(out)
+    _adopt_run_options(job, record["options"])
+    inputs = read_inputs(job)
+    _check_same_run(job, record, inputs.current)
+    db_url = resolve_db_url(out, manifest, job.db)
+    writer, store = _open_locked(db_url, out, create=False)
+    run = dict(manifest.get("run") or {}, id=run_id, finished=False)
+    info = manifest.get("info") or {}
+    try:
+        if committed_stamp(store, run_id) is None:
+            raise StudentFormatError(
+                f"--resume: the run in {out} stopped before its first checkpoint was "
+                f"committed to its database; {_START_AGAIN}"
+            )
+        student = build_student_skeleton(out, manifest, store, inputs.budget)
+        write_manifest(out, db_url, manifest["layers"], manifest.get("info"), run)
+    except BaseException:
+        store.close()
+        writer.release()
+        raise
+    return RunSetup(inputs, out, db_url, writer, store, student, run, info, resumed=True)
+
+
+def extra_cache_rows(
+    rows: MemoryRows, budget: MemoryBudget | None, n_embd: int, n_layers: int
+) -> int | None:
+    """Cache rows of each layer's extra rows under ``budget`` (None: all resident). The layers'
+    tables are alike, so each gets the same share (``MemoryBudget.cache_rows``)."""
+    from memstore_torch.paged_rows import PagedRows
+
+    if budget is None or not rows.n_rows:
+        return None
+    table = (rows.n_rows, PagedRows.bytes_per_slot(2, n_embd))
+    return budget.cache_rows([table] * n_layers)[0]
 
 
 def check_budget_covers_a_step(
-    job: DistillJob, budget: MemoryBudget | None, n_embd: int, n_layers: int, context: int
-) -> None:
+    job: DistillJob, rows: MemoryRows, budget: MemoryBudget | None, n_embd: int, n_layers: int,
+    context: int,
+) -> None:  # fmt: skip
     """Refuse, before any work, a ``--memory-budget`` too small for one step of this run.
 
     A paged layer must hold every distinct row one forward reads at once (a training forward's
@@ -387,38 +467,31 @@ def check_budget_covers_a_step(
     why a need measured at the first fetch differed from run to run and from step to step.
     """
     from memstore_gpt2.lm_training import EVAL_BATCH_SIZE
-    from memstore_gpt2.student import extra_rows_shape
-    from memstore_torch.paged_rows import PagedRows
 
-    n_keys = extra_rows_shape(job.memory_rows)
-    if budget is None or not n_keys:
-        return
-    n_rows = n_keys**2
-    table = (n_rows, PagedRows.bytes_per_slot(2, n_embd))
-    cached = budget.cache_rows([table] * n_layers)[0]
+    cached = extra_cache_rows(rows, budget, n_embd, n_layers)
     if cached is None:  # every row resident: nothing pages
         return
-    k = min(job.memory_rows_k, n_rows)
-    reads = context * job.memory_rows_heads * k  # rows one block reads
+    reads = context * rows.reads_per_token  # rows one block reads
     cfg = job.config
     batches = {"--batch-size": cfg.batch_size}  # the training forward (its rows stay pinned)
     if cfg.eval_blocks != 0:  # an evaluation forward, EVAL_BATCH_SIZE blocks at most
         batches["--eval-blocks"] = min(EVAL_BATCH_SIZE, cfg.eval_blocks or EVAL_BATCH_SIZE)
-    need = min(n_rows, max(batches.values()) * reads)
+    blocks = max(batches.values())
+    need = min(rows.n_rows, blocks * reads)
     if need <= cached:
         return
     fits = cached // reads  # blocks per forward this budget holds
-    over = [flag for flag, blocks in batches.items() if blocks > fits]
+    over = [flag for flag, n in batches.items() if n > fits]
     if fits:
         lower = "lower " + " and ".join(f"{flag} to {fits}" for flag in over)
     else:
         lower = "lower --memory-rows-k, --memory-rows-heads or --context"
     raise bad_parameter(
         "memory_budget",
-        f"{budget} keeps {cached} of each layer's {n_rows} extra rows in memory, but one step "
-        f"may read {need} of them at once ({max(batches.values())} blocks x {context} tokens x "
-        f"{job.memory_rows_heads} --memory-rows-heads x {k} --memory-rows-k, at most every "
-        f"row); raise it to at least {math.ceil(100 * need / n_rows)}%, or {lower}",
+        f"{budget} keeps {cached} of each layer's {rows.n_rows} extra rows in memory, but one "
+        f"step may read {need} of them at once ({blocks} blocks x {context} tokens x "
+        f"{rows.memory_rows_heads} --memory-rows-heads x {rows.k} --memory-rows-k, at most "
+        f"every row); raise it to at least {math.ceil(100 * need / rows.n_rows)}%, or {lower}",
     )
 
 
@@ -446,22 +519,12 @@ def run_collections(job: DistillJob, layers: list[int]) -> list[str]:
     return names
 
 
-def _factory(job: DistillJob, store, calibration=None, extra_cache_rows=None):
+def _check_layer_options(job: DistillJob) -> None:
+    """--kind/--init/--k/--heads/--capacity, checked by the factory that will use them (no store
+    is touched: a factory only builds layers when called)."""
     from memstore_gpt2.student import memory_factory
 
-    return memory_factory(
-        job.kind,
-        store,
-        k=job.k,
-        init=job.init,
-        calibration=calibration,
-        heads=job.heads,
-        capacity=job.capacity,
-        memory_rows=job.memory_rows,
-        extra_heads=job.memory_rows_heads,
-        extra_k=job.memory_rows_k,
-        extra_cache_rows=extra_cache_rows,
-    )
+    memory_factory(job.kind, None, k=job.k, init=job.init, heads=job.heads, capacity=job.capacity)
 
 
 def _check_no_clash(store, names: list[str]) -> None:
@@ -474,25 +537,30 @@ def _check_no_clash(store, names: list[str]) -> None:
         )
 
 
-def _new_student(job: DistillJob, teacher, layers: list[int], train_blocks, store, budget=None):
+def _new_student(job: DistillJob, inputs: RunInputs, store):
     """Surgery for a fresh run: memory layers bound to ``layer<i>`` collections of ``store``; under
-    ``budget`` the extra rows are written straight to the store and page from there."""
+    a budget the extra rows are written straight to the store and page from there."""
     from memstore_gpt2.lm_training import batch_for_step
-    from memstore_gpt2.student import extra_rows_shape
+    from memstore_gpt2.student import memory_factory
     from memstore_gpt2.surgery import capture_mlp_inputs, clone_with_mlps
-    from memstore_torch.paged_rows import PagedRows
 
-    cache_rows = None
-    n_keys = extra_rows_shape(job.memory_rows)
-    if budget is not None and n_keys:
-        table = (n_keys**2, PagedRows.bytes_per_slot(2, teacher.config.n_embd))
-        cache_rows = budget.cache_rows([table] * len(layers))[0]
-
+    teacher, rows = inputs.teacher, inputs.rows
     calibration = None
     if job.init == "mlp":
         batches = [
-            batch_for_step(train_blocks, s, job.config.batch_size, job.config.seed + 1)
+            batch_for_step(inputs.train_blocks, s, job.config.batch_size, job.config.seed + 1)
             for s in range(job.calibration_batches)
         ]
-        calibration = capture_mlp_inputs(teacher, layers, batches)
-    return clone_with_mlps(teacher, layers, _factory(job, store, calibration, cache_rows))
+        calibration = capture_mlp_inputs(teacher, inputs.layers, batches)
+    factory = memory_factory(
+        job.kind,
+        store,
+        k=job.k,
+        init=job.init,
+        calibration=calibration,
+        heads=job.heads,
+        capacity=job.capacity,
+        memory_rows=rows,
+        cache_rows=extra_cache_rows(rows, inputs.budget, teacher.config.n_embd, len(inputs.layers)),
+    )
+    return clone_with_mlps(teacher, inputs.layers, factory)

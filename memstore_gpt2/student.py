@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from memstore.errors import bad_parameter
-from memstore_gpt2.checkpoint import fsync_directory
+from memstore.errors import bad_parameter, first_line
+from memstore_gpt2.durable import save_torch_atomically, write_text_atomically
 from memstore_gpt2.errors import StudentFormatError
 from memstore_gpt2.surgery import ZeroMlp, gpt2_blocks
 from memstore_torch.model_memory import flush_memory, is_memory_row_key, memory_layers
@@ -110,6 +110,69 @@ def extra_collection_name(layer_index: int) -> str:
     return f"layer{layer_index}.extra"
 
 
+@dataclass(frozen=True)
+class MemoryRows:
+    """The extra product-key rows beside each memory layer (``--memory-rows``,
+    ``--memory-rows-heads``, ``--memory-rows-k``), built once from the options and handed down
+    to the layers as it is: each field keeps its flag's name all the way, so a bad value is
+    reported under the flag the user typed (``bad_parameter("memory_rows_heads", ...)`` reads
+    ``--memory-rows-heads`` on the command line).
+
+    ``memory_rows`` is rounded up to the square ``n_keys ** 2`` (product keys address rows as
+    pairs); 0 means no extra rows. ``memory_rows_key_dim`` is the width of the queries.
+    """
+
+    memory_rows: int = 0
+    memory_rows_heads: int = EXTRA_HEADS
+    memory_rows_k: int = EXTRA_K
+    memory_rows_key_dim: int = EXTRA_KEY_DIM
+
+    def __post_init__(self) -> None:
+        extra_rows_shape(self.memory_rows)  # refuses a negative count
+        for name in ("memory_rows_heads", "memory_rows_k"):
+            if getattr(self, name) <= 0:
+                raise bad_parameter(name, f"must be positive, got {getattr(self, name)}")
+        if self.memory_rows_key_dim <= 0 or self.memory_rows_key_dim % 2:
+            raise bad_parameter(
+                "memory_rows_key_dim",
+                f"must be positive and even, got {self.memory_rows_key_dim}",
+            )
+
+    @property
+    def n_keys(self) -> int:
+        return extra_rows_shape(self.memory_rows)
+
+    @property
+    def n_rows(self) -> int:
+        """Rows per layer after rounding up to a square (0: none)."""
+        return self.n_keys**2
+
+    @property
+    def k(self) -> int:
+        """Rows each head reads per token (``memory_rows_k``, at most every row)."""
+        return min(self.memory_rows_k, self.n_rows)
+
+    @property
+    def reads_per_token(self) -> int:
+        return self.memory_rows_heads * self.k
+
+    def layer(self, d_model: int, store, index: int, cache_rows: int | None = None) -> nn.Module:
+        """The product-key memory of block ``index`` (collection ``layer<index>.extra``), values
+        zero; ``cache_rows`` pages it through a cache of that many rows."""
+        from memstore_torch import ProductKeyMemory
+
+        return ProductKeyMemory(
+            d_model,
+            n_keys=self.n_keys,
+            heads=self.memory_rows_heads,
+            k=self.k,
+            key_dim=self.memory_rows_key_dim,
+            store=store,
+            collection=extra_collection_name(index),
+            cache_rows=cache_rows,
+        )
+
+
 def memory_factory(
     kind: str,
     store,
@@ -120,11 +183,8 @@ def memory_factory(
     heads: int = 4,
     capacity: int | None = None,
     layer_options: dict[str, Any] | None = None,
-    memory_rows: int = 0,
-    extra_heads: int = EXTRA_HEADS,
-    extra_k: int = EXTRA_K,
-    extra_key_dim: int = EXTRA_KEY_DIM,
-    extra_cache_rows: int | None = None,
+    memory_rows: MemoryRows | int = 0,
+    cache_rows: int | None = None,
 ):
     """A surgery factory that turns teacher MLP ``i`` into a memory layer bound to ``layer{i}``.
 
@@ -132,12 +192,11 @@ def memory_factory(
     what makes the student start close to the teacher (docs/design.md, The tail correction);
     ``'random'`` starts from scratch.
 
-    ``memory_rows`` > 0 grows each layer: ``GrownMemory(layer, ProductKeyMemory(...))`` whose
-    product-key memory (``n_keys = ceil(sqrt(memory_rows))``, so ``n_keys ** 2`` rows;
-    ``extra_heads`` heads reading ``extra_k`` rows each, queries of ``extra_key_dim``) lives in
+    ``memory_rows`` (a :class:`MemoryRows`, or a row count with its other defaults) grows each
+    layer: ``GrownMemory(layer, MemoryRows.layer(...))``, whose product-key memory lives in
     ``layer{i}.extra``. Its values start at zero, so the grown student computes exactly what the
-    student without them computes until it trains. ``extra_cache_rows`` pages them through a cache
-    of that many rows (written straight to the store, never all in memory).
+    student without them computes until it trains. ``cache_rows`` pages them through a cache of
+    that many rows (written straight to the store, never all in memory).
     """
     options = dict(layer_options or {})
     if kind not in ("featural", "associative"):
@@ -150,30 +209,16 @@ def memory_factory(
         )
     if k <= 0:
         raise bad_parameter("k", f"must be positive, got {k}")
-    n_keys = extra_rows_shape(memory_rows)
-    for name, value in (("extra_heads", extra_heads), ("extra_k", extra_k)):
-        if value <= 0:
-            raise bad_parameter(name, f"must be positive, got {value}")
-    if extra_key_dim <= 0 or extra_key_dim % 2:
-        raise bad_parameter("extra_key_dim", f"must be positive and even, got {extra_key_dim}")
+    rows = memory_rows if isinstance(memory_rows, MemoryRows) else MemoryRows(memory_rows)
 
     def factory(index: int, mlp: nn.Module) -> nn.Module:
         layer = base_factory(index, mlp)
-        if not n_keys:
+        if not rows.n_rows:
             return layer
-        from memstore_torch import GrownMemory, ProductKeyMemory
+        from memstore_torch import GrownMemory
 
-        extra = ProductKeyMemory(
-            mlp.c_fc.weight.shape[0],
-            n_keys=n_keys,
-            heads=extra_heads,
-            k=min(extra_k, n_keys**2),
-            key_dim=extra_key_dim,
-            store=store,
-            collection=extra_collection_name(index),
-            cache_rows=extra_cache_rows,
-        )
-        return GrownMemory(layer, extra)
+        d_model = mlp.c_fc.weight.shape[0]  # GPT-2 Conv1D: weight (d_in, d_out)
+        return GrownMemory(layer, rows.layer(d_model, store, index, cache_rows))
 
     def base_factory(index: int, mlp: nn.Module) -> nn.Module:
         d_model = mlp.c_fc.weight.shape[0]  # GPT-2 Conv1D: weight (d_in, d_out)
@@ -252,7 +297,7 @@ def save_student(
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    _atomic_torch_save(model.state_dict(), out / WEIGHTS_FILE)
+    save_torch_atomically(model.state_dict(), out / WEIGHTS_FILE)
     write_manifest(out, db_url, layer_manifest(model), info, run)
     return out
 
@@ -276,7 +321,7 @@ def write_manifest(
     }
     if run is not None:
         manifest["run"] = run
-    _atomic_write_text(out / STUDENT_FILE, json.dumps(manifest, indent=2))
+    write_text_atomically(out / STUDENT_FILE, json.dumps(manifest, indent=2))
 
 
 def run_unfinished(manifest: dict) -> bool:
@@ -377,7 +422,7 @@ def build_student_skeleton(
         config = GPT2Config.from_pretrained(student_dir, local_files_only=True)
     except (OSError, ValueError) as exc:  # missing or unparsable config.json
         raise StudentFormatError(
-            f"{Path(student_dir) / 'config.json'} is missing or damaged ({_first_line(exc)})"
+            f"{Path(student_dir) / 'config.json'} is missing or damaged ({first_line(exc)})"
         ) from None
     model = GPT2LMHeadModel(config)
     blocks = gpt2_blocks(model)
@@ -469,7 +514,7 @@ def load_student(
             tokenizer = AutoTokenizer.from_pretrained(student_dir, local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
             raise StudentFormatError(
-                f"the tokenizer files in {student_dir} are missing or damaged ({_first_line(exc)})"
+                f"the tokenizer files in {student_dir} are missing or damaged ({first_line(exc)})"
             ) from None
     except BaseException:
         store.close()
@@ -484,7 +529,7 @@ def read_dense_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
         raise StudentFormatError(
-            f"{path} is damaged or not a weights file ({type(exc).__name__}: {_first_line(exc)})"
+            f"{path} is damaged or not a weights file ({type(exc).__name__}: {first_line(exc)})"
         ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -498,7 +543,7 @@ def load_dense_state(model, state: dict[str, torch.Tensor]) -> None:
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise StudentFormatError(f"weights do not fit the model: {_first_line(exc)}") from None
+        raise StudentFormatError(f"weights do not fit the model: {first_line(exc)}") from None
     if result.unexpected_keys:
         raise StudentFormatError(f"weights have unexpected keys: {result.unexpected_keys[:5]}")
     missing = [k for k in result.missing_keys if not is_memory_row_key(k, model)]
@@ -515,28 +560,3 @@ def _relative_sqlite_path(db_url: str, out: Path) -> str | None:
         return str(path.relative_to(out.resolve()))
     except ValueError:
         return None
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

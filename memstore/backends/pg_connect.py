@@ -14,7 +14,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from memstore.backends.pg_codec import FLOAT4_OID, INT8_OID, encode_array
-from memstore.errors import DatabaseError, DriverError
+from memstore.errors import DatabaseError, DriverError, first_line
 from memstore.transactions import is_write_transaction
 
 _PLAIN_DRIVERNAMES = ("postgresql", "postgres")
@@ -79,8 +79,8 @@ def _register_adapters(dbapi_connection) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The driver's own error (SQLAlchemy wraps it as ``orig``), first line."""
+    return first_line(getattr(exc, "orig", None) or exc)
 
 
 def _describe(conn_or_engine) -> str:

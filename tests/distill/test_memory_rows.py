@@ -20,6 +20,7 @@ from memstore_gpt2.cli import main
 from memstore_gpt2.generate import sample_tokens
 from memstore_gpt2.lm_training import batch_for_step, lm_logits, resolve_device
 from memstore_gpt2.student import (
+    MemoryRows,
     extra_rows_shape,
     layer_manifest,
     load_student,
@@ -36,7 +37,7 @@ def student(model, train, store, memory_rows: int, **extra):
     batches = [batch_for_step(train, s, 8, seed=9) for s in range(2)]
     calibration = capture_mlp_inputs(model, [0, 1], batches)
     factory = memory_factory("featural", store, k=16, init="mlp", calibration=calibration,
-                             memory_rows=memory_rows, **extra)  # fmt: skip
+                             memory_rows=MemoryRows(memory_rows, **extra))  # fmt: skip
     torch.manual_seed(0)
     return clone_with_mlps(model, [0, 1], factory)
 
@@ -56,7 +57,9 @@ def test_grown_student_equals_the_student_without_extra_rows_at_step_0(teacher, 
     with Store(f"sqlite:///{tmp_path / 'a.db'}") as plain_store:
         plain = student(model, blocks[0], plain_store, 0).eval()
         with Store(f"sqlite:///{tmp_path / 'b.db'}") as grown_store:
-            grown = student(model, blocks[0], grown_store, 50, extra_heads=2, extra_k=4).eval()
+            grown = student(
+                model, blocks[0], grown_store, 50, memory_rows_heads=2, memory_rows_k=4
+            ).eval()
             assert all(isinstance(b.mlp, GrownMemory) for b in gpt2_blocks(grown))
             assert len(grown_store.collection("layer0.extra")) == 64  # 50 -> 8 ** 2
             ids = torch.from_numpy(blocks[1][:3])
@@ -68,7 +71,7 @@ def test_extra_values_train_with_rowwise_adagrad_and_dense_ones_with_adamw(
     teacher, blocks, store, tmp_path
 ):
     model, _ = teacher
-    grown = student(model, blocks[0], store, 64, extra_heads=2, extra_k=4)
+    grown = student(model, blocks[0], store, 64, memory_rows_heads=2, memory_rows_k=4)
     config = DistillConfig(steps=3, batch_size=4, eval_blocks=2, memory_rows_lr=0.05)
     distiller = Distiller(grown, model, blocks[0], blocks[1], config, tmp_path / "run",
                           tensorboard=False)  # fmt: skip
@@ -130,7 +133,7 @@ def test_cli_memory_rows_saves_reloads_and_generates(tmp_path, teacher_dir, corp
 
 def test_cold_trained_rows_are_reused_and_counted(teacher, blocks, store, tmp_path):
     model, _ = teacher
-    grown = student(model, blocks[0], store, 64, extra_heads=2, extra_k=4)
+    grown = student(model, blocks[0], store, 64, memory_rows_heads=2, memory_rows_k=4)
     config = DistillConfig(steps=4, batch_size=4, eval_blocks=2, memory_rows_reuse_every=2,
                            memory_rows_reuse_fraction=0.5)  # fmt: skip
     distiller = Distiller(grown, model, blocks[0], blocks[1], config, tmp_path / "run",
@@ -150,7 +153,7 @@ def test_cold_trained_rows_are_reused_and_counted(teacher, blocks, store, tmp_pa
 
 def test_bf16_precision_trains_on_cpu(teacher, blocks, store, tmp_path):
     model, _ = teacher
-    grown = student(model, blocks[0], store, 16, extra_heads=1, extra_k=4)
+    grown = student(model, blocks[0], store, 16, memory_rows_heads=1, memory_rows_k=4)
     config = DistillConfig(steps=2, batch_size=4, eval_blocks=2, precision="bf16")
     summary = Distiller(grown, model, blocks[0], blocks[1], config, tmp_path / "run",
                         tensorboard=False).run()  # fmt: skip
@@ -222,7 +225,7 @@ def test_upkeep_recombines_and_inserts_novel_rows_and_counts_them(
     """--memory-rows-recombine / --memory-rows-novel run at each upkeep step on the rows that
     step read; what they did is counted in the collections' stats (memstore inspect)."""
     model, _ = teacher
-    grown = student(model, blocks[0], store, 64, extra_heads=2, extra_k=4)
+    grown = student(model, blocks[0], store, 64, memory_rows_heads=2, memory_rows_k=4)
     config = DistillConfig(steps=4, batch_size=4, eval_blocks=2, memory_rows_reuse_every=2,
                            memory_rows_reuse_fraction=0.01, **{option: value})  # fmt: skip
     distiller = Distiller(grown, model, blocks[0], blocks[1], config, tmp_path / "run",

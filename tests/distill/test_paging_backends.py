@@ -10,7 +10,7 @@ import torch
 
 from memstore import Store
 from memstore_gpt2.lm_training import batch_for_step
-from memstore_gpt2.student import memory_factory
+from memstore_gpt2.student import MemoryRows, memory_factory
 from memstore_gpt2.surgery import capture_mlp_inputs, clone_with_mlps
 from memstore_gpt2.trainer import DistillConfig, Distiller
 from tests.pg_fixture import STORE_BACKENDS
@@ -45,8 +45,8 @@ def test_a_run_dying_between_checkpoints_leaves_the_last_checkpoint(
     batches = [batch_for_step(blocks[0], s, 8, seed=9) for s in range(2)]
     calibration = capture_mlp_inputs(model, [0, 1], batches)
     factory = memory_factory("featural", store, k=16, init="mlp", calibration=calibration,
-                             memory_rows=1024, extra_heads=2, extra_k=4,
-                             extra_cache_rows=120)  # fmt: skip
+                             memory_rows=MemoryRows(1024, memory_rows_heads=2, memory_rows_k=4),
+                             cache_rows=120)  # fmt: skip
     torch.manual_seed(0)
     grown = clone_with_mlps(model, [0, 1], factory)
     # the tiny student's queries are alike; the cold-row reuse of step 3 (index 3: a quarter of
@@ -98,8 +98,8 @@ def _run(url: str, model, blocks, out, cache_rows):
     batches = [batch_for_step(blocks[0], s, 8, seed=9) for s in range(2)]
     calibration = capture_mlp_inputs(model, [0, 1], batches)
     factory = memory_factory("featural", store, k=16, init="mlp", calibration=calibration,
-                             memory_rows=1024, extra_heads=2, extra_k=4,
-                             extra_cache_rows=cache_rows)  # fmt: skip
+                             memory_rows=MemoryRows(1024, memory_rows_heads=2, memory_rows_k=4),
+                             cache_rows=cache_rows)  # fmt: skip
     torch.manual_seed(0)
     grown = clone_with_mlps(model, [0, 1], factory)
     # no checkpoint between the first and the last: the final evaluation pages rows in while

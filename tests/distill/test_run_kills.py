@@ -62,11 +62,13 @@ KIND_ARGS = {
     "memory_rows": ["--k", "16", "--memory-rows", "64", "--memory-rows-heads", "2",
                     "--memory-rows-k", "4", "--memory-rows-reuse-every", "2",
                     "--memory-rows-reuse-fraction", "0.5"],
-    "paged": ["--k", "16", "--memory-rows", "1024", "--memory-rows-heads", "2",
+    # 2048 rows, half of them cached: one step reads at most 4 x 32 x 2 x 4 = 1024 (the need
+    # distill checks up front), so the cache holds a step and still evicts and writes back
+    "paged": ["--k", "16", "--memory-rows", "2048", "--memory-rows-heads", "2",
               "--memory-rows-k", "4", "--memory-rows-reuse-every", "2",
               "--memory-rows-reuse-fraction", "0.25", "--memory-rows-recombine", "0.5",
               "--memory-rows-novel", "0.02",
-              "--memory-budget", "30%"],
+              "--memory-budget", "50%"],
 }  # fmt: skip
 
 
