@@ -166,10 +166,16 @@ class Scheduler:
                 room = self.max_batch - len(active)
                 admitted, self._pending = self._pending[:room], self._pending[room:]
                 self.stats.waiting = len(self._pending)
-            for request in admitted:
-                batch, active = self._admit(request, batch, active)
-            if active:
-                batch, active = self._step(batch, active)
+            try:
+                for request in admitted:
+                    batch, active = self._admit(request, batch, active)
+                if active:
+                    batch, active = self._step(batch, active)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory joining caches
+                self.stats.failures += 1
+                for entry in active:
+                    entry.request.events.put(Failed(_one_line(exc)))
+                batch, active = None, []
             self.stats.active = len(active)
             if self._on_step is not None:
                 self._on_step()
@@ -197,12 +203,12 @@ class Scheduler:
             entry = _Active(request, sampler, last=-1, generated=0)
             if self._emit(entry, logits[-1]):
                 return batch, active
+            joined = cache if batch is None else batch.append(cache)
         except Exception as exc:  # noqa: BLE001 - reported to the request, the server goes on
             self.stats.failures += 1
             request.events.put(Failed(_one_line(exc)))
             return batch, active
-        batch = cache if batch is None else batch.append(cache)
-        return batch, [*active, entry]
+        return joined, [*active, entry]
 
     def _step(self, batch: KVBatch, active: list[_Active]):
         try:
