@@ -139,3 +139,19 @@ def test_bulk_statements_are_split_by_bytes(store, rng, monkeypatch, index_consi
     coll.insert(keys, values)
     assert [stop - start for start, stop, _ in statements] == [10, 10, 10, 5]
     assert_rows(coll, keys, values, index_consistent)
+
+
+def test_a_key_missing_from_the_index_is_reported_not_guessed(store, rng):
+    """An indexed row whose key is neither in the row table nor in the index (a damaged file)
+    is a one-line CorruptDataError naming the collection and the row, for get and export."""
+    from memstore import errors
+    from memstore.naming import vec_table
+
+    coll = store.create_collection("c", key_dim=4)
+    ids = coll.insert(rng.standard_normal((5, 4)).astype(np.float32))
+    with coll.store.write() as conn:
+        conn.exec_driver_sql(f"DELETE FROM {vec_table(coll.spec)} WHERE id = ?", (int(ids[2]),))
+    for call in (lambda: coll.get(ids[1:4]), coll.export_rows):
+        with pytest.raises(errors.CorruptDataError, match=f"'c' is damaged.*first id {ids[2]}"):
+            call()
+    np.testing.assert_array_equal(coll.get(ids[:2]).ids, ids[:2])
