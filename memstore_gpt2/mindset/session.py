@@ -235,29 +235,63 @@ def check_student(student_dir: str | os.PathLike, db: str | None = None) -> str:
     return db_url
 
 
-def parse_ids(text: str | list, parameter: str = "ids") -> list[int]:
-    """``"102,162"``, ``"5-9"``, or a list of ints -> sorted unique ids (a clear error otherwise)."""
-    if isinstance(text, (list, tuple)):
-        parts = [str(p) for p in text]
+MAX_ROW_ID = 2**63 - 1  # the largest id SQL can bind (a signed 64-bit integer)
+MAX_IDS_AT_ONCE = 1_000_000
+
+
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a 5,000-digit number stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...({len(text)} characters)"
+
+
+def parse_ids(value, parameter: str = "ids", *, holds: tuple[str, int] | None = None) -> list[int]:
+    """``"102,162"``, ``"5-9"``, a number or a list of them -> sorted unique ids, or one clear error.
+
+    Every id must fit SQL's 64-bit integers (a larger one would overflow at bind time, not here).
+    With ``holds=(layer, rows)`` the merged ranges are counted before anything is expanded: asking
+    ``0-1000000`` of a 128-row layer is refused at once instead of expanding a million ids only to
+    look them up and fail. Without it a range may name at most a million ids."""
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    elif isinstance(value, (str, int)) and not isinstance(value, bool):
+        parts = str(value).replace(" ", ",").split(",")
     else:
-        parts = [p for p in str(text).replace(" ", ",").split(",")]
-    out: set[int] = set()
-    for part in (p.strip() for p in parts):
-        if not part:
+        raise bad_parameter(
+            parameter, f"must be row ids like '102,162', '5-9' or a list, got {shown(value)}"
+        )
+    spans: list[tuple[int, int]] = []
+    for part in parts:
+        if isinstance(part, bool) or not isinstance(part, (str, int)):
+            raise bad_parameter(parameter, f"{shown(part)} is not a row id")
+        text = str(part).strip()
+        if not text:
             continue
-        lo, sep, hi = part.partition("-")
+        lo, sep, hi = text.partition("-")
         try:
-            if sep and lo:
-                a, b = int(lo), int(hi)
-                if a > b or b - a > 1_000_000:
-                    raise ValueError
-                out.update(range(a, b + 1))
-            else:
-                out.add(int(part))
+            low, high = (int(lo), int(hi)) if sep and lo else (int(text), int(text))
         except ValueError:
             raise bad_parameter(
-                parameter, f"{text!r}: expected row ids like '102,162' or '5-9'"
+                parameter,
+                f"{shown(value if isinstance(value, str) else text)}: expected row ids like"
+                " '102,162' or '5-9'",
             ) from None
-    if not out:
+        if low > high:
+            raise bad_parameter(parameter, f"{shown(text)}: a range goes from low to high")
+        if low < 0 or high > MAX_ROW_ID:
+            raise bad_parameter(parameter, f"{shown(text)} is out of range: row ids are 0..2**63-1")
+        spans.append((low, high))
+    if not spans:
         raise bad_parameter(parameter, "is empty: give at least one row id")
-    return sorted(out)
+    distinct, reach = 0, -1  # distinct ids of the merged spans, counted without expanding them
+    for low, high in sorted(spans):
+        if high > reach:
+            distinct += high - max(low, reach + 1) + 1
+            reach = high
+    if holds is not None and distinct > holds[1]:
+        raise bad_parameter(parameter, f"names {distinct:,} rows but {holds[0]} holds {holds[1]:,}")
+    if distinct > MAX_IDS_AT_ONCE:
+        raise bad_parameter(
+            parameter, f"names {distinct:,} rows: at most {MAX_IDS_AT_ONCE:,} at once"
+        )
+    return sorted({i for low, high in spans for i in range(low, high + 1)})

@@ -39,7 +39,13 @@ from memstore.errors import (
     bad_parameter,
 )
 from memstore_gpt2.errors import DatabaseInUseError
-from memstore_gpt2.mindset.session import DEFAULT_NEW_TOKENS, Mindset, check_student
+from memstore_gpt2.mindset.session import (
+    DEFAULT_NEW_TOKENS,
+    Mindset,
+    check_student,
+    parse_ids,
+    shown,
+)
 
 FLASK_HINT = "pip install 'memstore[mindset]'"
 #: The most tokens one UI generation may ask for.
@@ -48,7 +54,6 @@ EDITS_OFF = "edits are off: start the UI with `memstore mindset STUDENT --allow-
 #: The host names the UI answers to (it listens on 127.0.0.1 only).
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 #: Row ids are SQLite/PostgreSQL 64-bit integers; anything larger cannot name a row.
-MAX_ROW_ID = 2**63 - 1
 
 
 class EditsNotAllowedError(MemstoreError, PermissionError):
@@ -201,9 +206,9 @@ def _int(value, name: str, low: int, high: int) -> int:
     else:
         number = None
     if number is None:
-        raise bad_parameter(name, f"must be a whole number, got {_shown(value)}")
+        raise bad_parameter(name, f"must be a whole number, got {shown(value)}")
     if not low <= number <= high:
-        raise bad_parameter(name, f"must be in {low}..{high}, got {_shown(number)}")
+        raise bad_parameter(name, f"must be in {low}..{high}, got {shown(number)}")
     return number
 
 
@@ -222,59 +227,10 @@ def _text(value, name: str) -> str:
     return value
 
 
-def _shown(value, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a 5,000-digit number stays one short line)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 5]}...({len(text)} characters)"
-
-
 def row_ids(entry, value, parameter: str = "ids") -> list[int]:
-    """The row ids of ``entry`` (a MindsetLayer) a request names, in the grammar of ``session.parse_ids``
-    (``"102,162"``, ``"5-9"``, a number or a list), checked before anything is expanded or looked
-    up: at most as many distinct ids as the layer holds (``0-1000000`` against 128 rows is refused
-    at once instead of expanding and looking up a million ids), each in ``0..2**63-1`` (a larger
-    one cannot be bound to SQL). Ids in range that the layer lacks are left to the store's
-    RowNotFoundError (404)."""
-    if isinstance(value, (list, tuple)):
-        parts = value
-    elif isinstance(value, (str, int)) and not isinstance(value, bool):
-        parts = str(value).replace(" ", ",").split(",")
-    else:
-        raise bad_parameter(
-            parameter, f"must be row ids like '102,162', '5-9' or a list, got {_shown(value)}"
-        )
-    spans: list[tuple[int, int]] = []
-    for part in parts:
-        if isinstance(part, bool) or not isinstance(part, (str, int)):
-            raise bad_parameter(parameter, f"{_shown(part)} is not a row id")
-        text = str(part).strip()
-        if not text:
-            continue
-        lo, sep, hi = text.partition("-")
-        try:
-            low, high = (int(lo), int(hi)) if sep and lo else (int(text), int(text))
-        except ValueError:
-            raise bad_parameter(
-                parameter, f"{_shown(text)}: expected row ids like '102,162' or '5-9'"
-            ) from None
-        if low > high:
-            raise bad_parameter(parameter, f"{_shown(text)}: a range goes from low to high")
-        if low < 0 or high > MAX_ROW_ID:
-            raise bad_parameter(
-                parameter, f"{_shown(text)} is out of range: row ids are 0..2**63-1"
-            )
-        spans.append((low, high))
-    if not spans:
-        raise bad_parameter(parameter, "is empty: give at least one row id")
-    distinct, reach = 0, -1  # distinct ids of the merged spans, counted without expanding them
-    for low, high in sorted(spans):
-        if high > reach:
-            distinct += high - max(low, reach + 1) + 1
-            reach = high
-    rows = len(entry.collection)
-    if distinct > rows:
-        raise bad_parameter(parameter, f"names {distinct:,} rows but {entry.name} holds {rows:,}")
-    return sorted({i for low, high in spans for i in range(low, high + 1)})
+    """The row ids of ``entry`` (a MindsetLayer) a request names, counted against the layer before
+    any range is expanded (see ``session.parse_ids``)."""
+    return parse_ids(value, parameter, holds=(entry.name, len(entry.collection)))
 
 
 def _truthy(value) -> bool:

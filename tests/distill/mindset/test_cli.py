@@ -70,6 +70,8 @@ def test_edit_dry_run_then_edit(student):
         (["explain", "{s}", "layer9", "1"], "LAYER 'layer9' is not a memory layer"),
         (["explain", "{s}", "layer0", "1", "99999"], "no rows with ids 99999"),
         (["explain", "{s}", "layer0", "abc"], "ROW_IDS"),
+        (["explain", "{s}", "layer0", str(2**70)], "out of range: row ids are 0..2**63-1"),
+        (["edit", "{s}", "layer0", "--zero", "0-1000000"], "names 1,000,001 rows: at most 1,000,000"),
         (["rows", "{s}", "layer0", "--promotes", "for statement"], "--promotes 'for statement' is 5 tokens"),
         (["rows", "{s}", "nope"], "LAYER 'nope'"),
         (["edit", "{s}", "layer0"], "give exactly one of --delete IDS, --zero IDS or --scale"),
