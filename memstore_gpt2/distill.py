@@ -34,7 +34,7 @@ from memstore_gpt2.checkpoint import (
 )
 from memstore_gpt2.db_lock import DatabaseWriter
 from memstore_gpt2.errors import StudentFormatError
-from memstore_gpt2.student import MemoryRows
+from memstore_gpt2.student import MemoryRows, check_layer_kind
 from memstore_gpt2.text_data import default_context
 from memstore_gpt2.trainer import DistillConfig, Distiller, write_summary
 from memstore_torch.budget import MemoryBudget
@@ -348,7 +348,7 @@ def read_inputs(job: DistillJob) -> RunInputs:
 
     job.config.validate()
     rows = MemoryRows(job.memory_rows, job.memory_rows_heads, job.memory_rows_k)
-    _check_layer_options(job)
+    check_layer_kind(job.kind, job.k, job.init)
     budget = None if job.memory_budget is None else MemoryBudget.parse(job.memory_budget)
     device = resolve_device(job.device)
     teacher, tokenizer = load_teacher(job.teacher)
@@ -517,14 +517,6 @@ def run_collections(job: DistillJob, layers: list[int]) -> list[str]:
     if job.memory_rows:
         names += [extra_collection_name(i) for i in layers]
     return names
-
-
-def _check_layer_options(job: DistillJob) -> None:
-    """--kind/--init/--k/--heads/--capacity, checked by the factory that will use them (no store
-    is touched: a factory only builds layers when called)."""
-    from memstore_gpt2.student import memory_factory
-
-    memory_factory(job.kind, None, k=job.k, init=job.init, heads=job.heads, capacity=job.capacity)
 
 
 def _check_no_clash(store, names: list[str]) -> None:

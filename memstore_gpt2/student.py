@@ -173,6 +173,21 @@ class MemoryRows:
         )
 
 
+def check_layer_kind(kind: str, k: int, init: str) -> None:
+    """Refuse a ``--kind``/``--k``/``--init`` that :func:`memory_factory` cannot build (callers
+    check up front, before any work; the factory checks again for its own callers)."""
+    if kind not in ("featural", "associative"):
+        raise bad_parameter("kind", f"must be 'featural' or 'associative', got {kind!r}")
+    if init not in ("mlp", "random"):
+        raise bad_parameter("init", f"must be 'mlp' or 'random', got {init!r}")
+    if kind == "associative" and init == "mlp":
+        raise bad_parameter(
+            "init", "'mlp' applies to kind 'featural'; associative memory starts empty ('random')"
+        )
+    if k <= 0:
+        raise bad_parameter("k", f"must be positive, got {k}")
+
+
 def memory_factory(
     kind: str,
     store,
@@ -199,16 +214,7 @@ def memory_factory(
     that many rows (written straight to the store, never all in memory).
     """
     options = dict(layer_options or {})
-    if kind not in ("featural", "associative"):
-        raise bad_parameter("kind", f"must be 'featural' or 'associative', got {kind!r}")
-    if init not in ("mlp", "random"):
-        raise bad_parameter("init", f"must be 'mlp' or 'random', got {init!r}")
-    if kind == "associative" and init == "mlp":
-        raise bad_parameter(
-            "init", "'mlp' applies to kind 'featural'; associative memory starts empty ('random')"
-        )
-    if k <= 0:
-        raise bad_parameter("k", f"must be positive, got {k}")
+    check_layer_kind(kind, k, init)
     rows = memory_rows if isinstance(memory_rows, MemoryRows) else MemoryRows(memory_rows)
 
     def factory(index: int, mlp: nn.Module) -> nn.Module:

@@ -52,6 +52,17 @@ def test_a_budget_too_small_for_one_step_is_refused_before_any_work(
     assert fitted["steps"] == 3 and fitted["paging"]["paged_layers"] == 2
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--memory-rows-heads", "0"), ("--memory-rows-k", "0"), ("--k", "0")]
+)
+def test_a_bad_layer_option_is_reported_under_its_flag(tmp_path, teacher_dir, corpus_dir, flag,
+                                                       value):  # fmt: skip
+    out = tmp_path / "student"
+    args = [*distill_args(teacher_dir, corpus_dir, out), "--memory-rows", "64", flag, value]
+    assert error_line(run_cli(args)) == f"Error: {flag} must be positive, got 0"
+    assert not out.exists()
+
+
 def test_a_run_that_failed_before_its_first_step_does_not_block_the_same_command(
     monkeypatch, tmp_path, teacher_dir, corpus_dir
 ):
