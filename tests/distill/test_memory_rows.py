@@ -190,6 +190,7 @@ def test_cuda_without_cuda_is_a_one_line_error_naming_device(
 def test_a_run_recorded_before_the_new_options_still_resumes(tmp_path, teacher_dir, corpus_dir):
     """Checkpoints of runs started before --memory-rows/--precision existed lack those options;
     they meant the defaults, so such a run resumes (and a changed value is still refused)."""
+    from memstore_gpt2.checkpoint import checkpoint_files
     from memstore_gpt2.distill import OPTION_DEFAULTS
 
     out = tmp_path / "student"
@@ -197,11 +198,11 @@ def test_a_run_recorded_before_the_new_options_still_resumes(tmp_path, teacher_d
             "--out", str(out), "--k", "16", "--batch-size", "4", "--eval-blocks", "4"]  # fmt: skip
     first = CliRunner().invoke(main, [*args, "--steps", "2"], catch_exceptions=False)
     assert first.exit_code == 0, first.output
-    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
-        payload = torch.load(out / name, weights_only=True)
+    for path in checkpoint_files(out):  # a finished run keeps checkpoint.pt alone
+        payload = torch.load(path, weights_only=True)
         for option in OPTION_DEFAULTS:
             del payload["run"]["options"][option]
-        torch.save(payload, out / name)
+        torch.save(payload, path)
     changed = CliRunner().invoke(main, [*args, "--steps", "3", "--resume", "--precision", "bf16"])
     assert changed.exit_code == 1 and "--precision" in changed.output
     resumed = CliRunner().invoke(main, [*args, "--steps", "3", "--resume", "--json"])
