@@ -46,6 +46,7 @@ def sqlite_lock_path(db_url: str) -> Path | None:
 
 class DatabaseWriter:
     """The held lock; :meth:`release` (or leaving its ``with`` block) lets others write again.
+    Exclusive (a run, an edit), or ``shared`` among the store commands.
 
     ``details`` are recorded in the lock file for the message a refused writer prints (a run
     records its student directory). With ``remove=True`` a lock file this writer created is
@@ -55,11 +56,17 @@ class DatabaseWriter:
     """
 
     def __init__(
-        self, path: Path, holder: str, *, details: dict | None = None, remove: bool = False
+        self,
+        path: Path,
+        holder: str,
+        *,
+        details: dict | None = None,
+        remove: bool = False,
+        shared: bool = False,
     ) -> None:
         self.path, self.holder = Path(path), holder
         self.details = dict(details or {})
-        self.remove = remove
+        self.remove, self.shared = remove, shared
         self._fd: int | None = None
         self._created = False
 
@@ -73,7 +80,7 @@ class DatabaseWriter:
             except OSError:  # no directory, or not writable: the database write decides
                 return self
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 raise DatabaseInUseError(held_message(self.path, self.holder)) from None
@@ -97,9 +104,10 @@ class DatabaseWriter:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             if self.remove and self._created:
-                try:  # still holding the lock: nobody else can be using this file
+                try:  # only while nobody else holds it (a shared holder may): then remove it
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     self.path.unlink()
-                except OSError:
+                except OSError:  # BlockingIOError included: another holder keeps the file
                     pass
             os.close(fd)  # closing the descriptor drops the lock
 
@@ -112,13 +120,15 @@ class DatabaseWriter:
 
 def hold_database_file(db_url: str, holder: str) -> DatabaseWriter | None:
     """The store commands' side: lock a SQLite database file for ``holder`` (``"prune"``,
-    ``"import"``, ``"upgrade"``) or raise :class:`DatabaseInUseError` at once if a run or another
-    writer holds it; None for a database without a file (no lock to share there). A lock file this
-    creates is removed on release."""
+    ``"import"``, ``"upgrade"``) or raise :class:`DatabaseInUseError` at once if a training run or
+    an edit holds it; None for a database without a file (no lock to share there). The lock is
+    shared: store commands may run together (the store's own transactions order their writes, and
+    two imports of one new collection both succeed), but never beside a run or an edit, which
+    lock exclusively. A lock file this creates is removed on release when nobody else holds it."""
     path = sqlite_lock_path(db_url)
     if path is None:
         return None
-    return DatabaseWriter(path, holder, remove=True).acquire()
+    return DatabaseWriter(path, holder, remove=True, shared=True).acquire()
 
 
 _HOLDERS = {
