@@ -139,7 +139,11 @@ def test_upgrade_command(runner, tmp_path):
     url = f"sqlite:///{tmp_path / 'u.db'}"
     run(runner, "init", url)
     out = run(runner, "upgrade", url, "--json")
-    assert json.loads(out.output) == {"url": url, "from": "0001_initial", "to": "0001_initial"}
+    assert json.loads(out.output) == {
+        "url": url,
+        "from": "0002_keys_stored_once",
+        "to": "0002_keys_stored_once",
+    }
 
 
 @pytest.mark.parametrize(

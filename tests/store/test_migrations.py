@@ -18,7 +18,7 @@ from memstore.schema import metadata
 def test_new_file_is_created_at_head(tmp_path):
     path = tmp_path / "new.db"
     with Store(f"sqlite:///{path}") as store:
-        assert store.schema_revision() == migrate.head_revision() == "0001_initial"
+        assert store.schema_revision() == migrate.head_revision() == "0002_keys_stored_once"
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -156,3 +156,32 @@ def test_an_emptied_version_table_without_the_catalog_is_refused_untouched(tmp_p
     with pytest.raises(errors.DatabaseError, match="refusing to modify it"):
         Store(f"sqlite:///{path}", upgrade=True)
     assert path.read_bytes() == original
+
+
+def test_a_file_of_the_first_revision_upgrades_and_its_rows_read(tmp_path, rng):
+    """A file at ``0001_initial`` (every key and value in the row table) is asked to upgrade;
+    ``0002_keys_stored_once`` rewrites nothing, and its rows read the same afterwards."""
+    path = tmp_path / "first.db"
+    keys = rng.standard_normal((6, 4)).astype(np.float32)
+    values = rng.standard_normal((6, 4)).astype(np.float32)
+    with Store(f"sqlite:///{path}") as store:
+        ids = store.create_collection("c", key_dim=4, value_dim=4).insert(keys, values)
+    conn = sqlite3.connect(path)
+    with conn:  # the first revision's layout: both blobs in the row table
+        (table,) = [
+            r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'rows_%'")
+        ]
+        conn.executemany(
+            f"UPDATE {table} SET key = ?, value = ? WHERE id = ?",
+            [(k.tobytes(), v.tobytes(), int(i)) for k, v, i in zip(keys, values, ids, strict=True)],
+        )
+    conn.close()
+    _set_revision(path, "0001_initial")
+    with pytest.raises(errors.SchemaOutdatedError, match="memstore upgrade"):
+        Store(f"sqlite:///{path}")
+    with Store(f"sqlite:///{path}", upgrade=True) as store:
+        assert store.schema_revision() == "0002_keys_stored_once"
+        rows = store.collection("c").export_rows()
+        np.testing.assert_array_equal(rows.keys, keys)
+        np.testing.assert_array_equal(rows.values, values)
+        assert store.collection("c").search(keys[:1], 1, touch=False).ids[0, 0] == ids[0]

@@ -60,6 +60,7 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
     for needed in (
         "memstore/migrations/env.py",
         "memstore/migrations/versions/0001_initial.py",
+        "memstore/migrations/versions/0002_keys_stored_once.py",
         "memstore/migrations/script.py.mako",
         "memstore/backends/sqlite.py",
         "memstore_gpt2/cli.py",
@@ -141,7 +142,7 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert json.loads(out.stdout)["to"] == "0001_initial"
+    assert json.loads(out.stdout)["to"] == "0002_keys_stored_once"
 
 
 def test_installed_command_ignores_a_users_cli_module(tmp_path):
