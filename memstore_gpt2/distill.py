@@ -348,7 +348,6 @@ def read_inputs(job: DistillJob) -> RunInputs:
 
     job.config.validate()
     rows = MemoryRows(job.memory_rows, job.memory_rows_heads, job.memory_rows_k)
-    check_layer_kind(job.kind, job.k, job.init)
     budget = None if job.memory_budget is None else MemoryBudget.parse(job.memory_budget)
     device = resolve_device(job.device)
     teacher, tokenizer = load_teacher(job.teacher)
@@ -377,6 +376,8 @@ def start_run(job: DistillJob) -> RunSetup:
     can be cleared), then surgery and the first save."""
     from memstore_gpt2.student import default_db_url, save_student, write_manifest
 
+    # a resume instead refuses any layer option that differs from its run (_check_same_run)
+    check_layer_kind(job.kind, job.k, job.init)
     inputs = read_inputs(job)
     out = Path(job.out)
     _prepare_fresh_directory(out)
