@@ -35,8 +35,8 @@ from typing import Any
 import sqlalchemy as sa
 import torch
 
+from memstore.durable import install, temporary_path, write_durably
 from memstore.errors import InvalidInputError, first_line
-from memstore_gpt2.durable import install, temporary_path, write_durably
 from memstore_gpt2.errors import StudentFormatError
 from memstore_torch.model_memory import flush_memory, memory_layers
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from memstore.durable import write_atomically, write_text_atomically
 from memstore.errors import bad_parameter, first_line
-from memstore_gpt2.durable import save_torch_atomically, write_text_atomically
 from memstore_gpt2.errors import StudentFormatError
 from memstore_gpt2.surgery import ZeroMlp, gpt2_blocks
 from memstore_torch.model_memory import flush_memory, is_memory_row_key, memory_layers
@@ -303,7 +303,7 @@ def save_student(
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    save_torch_atomically(model.state_dict(), out / WEIGHTS_FILE)
+    write_atomically(out / WEIGHTS_FILE, lambda handle: torch.save(model.state_dict(), handle))
     write_manifest(out, db_url, layer_manifest(model), info, run)
     return out
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memstore.durable import fsync_file, install, temporary_path, write_text_atomically
 from memstore.errors import InvalidInputError
 
 from .memory_layer import MemoryLayer
@@ -85,12 +86,13 @@ def save_memory_model(
     from safetensors.torch import save_model
 
     weights = out / WEIGHTS_FILE
-    tmp = weights.with_name(weights.name + ".tmp")
+    tmp = temporary_path(weights)
     save_model(model, str(tmp), metadata={"format": FORMAT})  # tied weights stored once
-    _fsync_replace(tmp, weights)
-    tmp = out / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _fsync_replace(tmp, out / MANIFEST_FILE)
+    fsync_file(tmp)
+    install(tmp, weights)
+    write_text_atomically(
+        out / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    )
     return out
 
 
@@ -152,18 +154,6 @@ def load_memory_state(
 # ---------------------------------------------------------------------------------- helpers
 def _label(name: str) -> str:
     return repr(name) if name else "(the model itself)"
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _read_manifest(directory: Path) -> dict[str, dict[str, Any]]:

@@ -1,12 +1,14 @@
-"""Durable file writes, in one place: write a temporary file, fsync it, rename it over the target,
+"""Durable file writes, in one place for every package: write a temporary file, fsync it, rename it over the target,
 fsync the directory.
 
 A kill or power loss at any moment then leaves either the old file or the new one, never a torn
 one (the rename is atomic; the two fsyncs make the data and then the rename reach the disk, in that
-order). The student's files (``dense.pt``, ``memstore_student.json``) are written with
-:func:`write_atomically`; a checkpoint splits the same two halves (:func:`write_durably`, then
-:func:`install`) because it moves the current file aside in between
-(:mod:`memstore_gpt2.checkpoint`).
+order). It lives in the store package, which
+imports neither torch nor the application, so that every writer shares it: the layer library's
+saved models (:mod:`memstore_torch.saving`), the student's files (``dense.pt``,
+``memstore_student.json``, :func:`write_atomically`) and checkpoints, which split the same two
+halves (:func:`write_durably`, then :func:`install`) because they move the current file aside in
+between (:mod:`memstore_gpt2.checkpoint`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def write_durably(path: str | os.PathLike, write: Callable[[BinaryIO], object]) 
         os.fsync(handle.fileno())
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """fsync a file another library wrote (safetensors writes by path, not through a handle)."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
 def install(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     """Rename ``tmp`` over ``path`` and make the rename durable."""
     os.replace(tmp, path)
@@ -44,13 +52,6 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     tmp = temporary_path(path)
     write_durably(tmp, write)
     install(tmp, path)
-
-
-def save_torch_atomically(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save(obj)`` to ``path``, atomically."""
-    import torch
-
-    write_atomically(path, lambda handle: torch.save(obj, handle))
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
