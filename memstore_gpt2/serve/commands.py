@@ -131,5 +131,9 @@ def serve_command(student_dir, host, port, db, packs, memory_budget, device, pre
 
 
 def add_serve_commands(group: click.Group) -> None:
-    """Register ``serve`` on the ``memstore`` group (called by ``memstore_gpt2.cli``)."""
+    """Register ``serve`` and ``chat`` on the ``memstore`` group (called by
+    ``memstore_gpt2.cli``)."""
+    from memstore_gpt2.serve.chat import chat_command
+
     group.add_command(serve_command)
+    group.add_command(chat_command)
