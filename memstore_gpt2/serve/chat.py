@@ -61,14 +61,17 @@ class ChatClient:
             if response.status != 200:
                 raise InvalidInputError(f"{self.url} answered HTTP {response.status}: "
                                         f"{_error_message(response.read())}")  # fmt: skip
-            for raw in response:
-                line = raw.decode("utf-8").rstrip("\r\n")
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
+            for data in self._events(response):
                 if data == "[DONE]":
                     return
-                event = json.loads(data)
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    raise InvalidInputError(
+                        f"{self.url} sent a stream event that is not JSON: {data[:80]!r}"
+                    ) from None
+                if not isinstance(event, dict):
+                    raise InvalidInputError(f"{self.url} sent a stream event that is not an object")
                 if "error" in event:
                     raise InvalidInputError(f"{self.url}: {event['error'].get('message')}")
                 for choice in event.get("choices", []):
@@ -77,6 +80,20 @@ class ChatClient:
                         yield piece
         finally:
             connection.close()
+
+    def _events(self, response) -> Iterator[str]:
+        """The ``data:`` payloads of an SSE response; a connection that drops mid-reply is one
+        line naming the server, not a traceback from deep inside http.client."""
+        try:
+            for raw in response:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if line.startswith("data:"):
+                    yield line[5:].strip()
+        except (OSError, http.client.HTTPException) as exc:
+            raise InvalidInputError(
+                f"the connection to {self.url} broke mid-reply ({type(exc).__name__})"
+            ) from None
+        raise InvalidInputError(f"{self.url} ended its stream without [DONE]")
 
 
 def _error_message(raw: bytes) -> str:
@@ -106,10 +123,16 @@ def chat_loop(client: ChatClient, lines, out, *, system: str | None, **sampling)
             continue
         messages.append({"role": "user", "content": line})
         pieces = []
-        for piece in client.stream(messages, **sampling):
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
+        try:
+            for piece in client.stream(messages, **sampling):
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+        except InvalidInputError:
+            if pieces:  # the error line must not run on after half a reply
+                out.write("\n")
+                out.flush()
+            raise
         out.write("\n")
         out.flush()
         messages.append({"role": "assistant", "content": "".join(pieces)})

@@ -89,3 +89,40 @@ def test_chat_errors_are_one_line(server):  # noqa: F811
     assert "HTTP 401" in error_line(_chat(server, "--api-key", "wrong"))
     line = error_line(_chat(server, "--db", "x.db"), exit_code=None)
     assert "--db" in line
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"data: {not json\n\n", "sent a stream event that is not JSON"),
+        (
+            b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n',
+            "ended its stream without [DONE]",
+        ),
+    ],
+)
+def test_a_broken_stream_is_one_line(body, expected):
+    """A server (here a stand-in on loopback) whose stream is not OpenAI's SSE: one line."""
+    import http.server
+    import threading
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Broken)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        line = error_line(_chat(f"http://127.0.0.1:{httpd.server_port}/v1"))
+    finally:
+        httpd.shutdown()
+        thread.join(timeout=10)
+    assert expected in line
