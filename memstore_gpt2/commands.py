@@ -20,6 +20,17 @@ from memstore.errors import MissingDependencyError
 TORCH_HINT = "pip install 'memstore[torch]'"
 
 
+FLASK_HINT = "pip install 'memstore[mindset]'"
+
+
+def require_flask(command: str) -> None:
+    """One clear line when Flask (the ``mindset`` extra: Mindset's UI and ``serve``) is missing."""
+    try:
+        import flask  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(f"memstore {command} needs flask: {FLASK_HINT}") from None
+
+
 def require_torch() -> None:
     """Fail with one clear line when the ``torch`` extra is not installed.
 

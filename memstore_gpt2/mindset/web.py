@@ -34,10 +34,10 @@ from urllib.parse import urlsplit
 from memstore.errors import (
     InvalidInputError,
     MemstoreError,
-    MissingDependencyError,
     RowNotFoundError,
     bad_parameter,
 )
+from memstore_gpt2.commands import require_flask
 from memstore_gpt2.errors import DatabaseInUseError
 from memstore_gpt2.mindset.session import (
     DEFAULT_NEW_TOKENS,
@@ -47,7 +47,6 @@ from memstore_gpt2.mindset.session import (
     shown,
 )
 
-FLASK_HINT = "pip install 'memstore[mindset]'"
 #: The most tokens one UI generation may ask for.
 MAX_NEW_TOKENS = 200
 EDITS_OFF = "edits are off: start the UI with `memstore mindset STUDENT --allow-edits` to edit"
@@ -256,17 +255,9 @@ def _is_local_origin(origin: str, port: str) -> bool:
     return parts.scheme == "http" and (parts.hostname or "") in LOCAL_HOSTS and str(given) == port
 
 
-def require_flask() -> None:
-    """One clear line when the ``mindset`` extra (Flask) is not installed."""
-    try:
-        import flask  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError(f"memstore mindset needs flask: {FLASK_HINT}") from None
-
-
 def create_app(service: MindsetService):
     """The Flask application over ``service`` (its static page and JSON API)."""
-    require_flask()
+    require_flask("mindset")
     from flask import Flask, jsonify, request
     from werkzeug.exceptions import HTTPException
 
@@ -386,7 +377,7 @@ class MindsetServer:
 
 def serve(student_dir: str, *, port: int = 8765, allow_edits: bool = False, db=None, log=print):
     """Run the UI until Ctrl-C (``memstore mindset``)."""
-    require_flask()  # before the student loads: a missing extra is the first thing said
+    require_flask("mindset")  # before the student loads: a missing extra is the first thing said
     service = MindsetService(student_dir, db=db, allow_edits=allow_edits)
     try:
         server = MindsetServer(service, port)

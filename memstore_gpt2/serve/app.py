@@ -25,7 +25,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from memstore.errors import InvalidInputError, MissingDependencyError
+from memstore.errors import InvalidInputError
+from memstore_gpt2.commands import require_flask
 from memstore_gpt2.serve.decoding import SamplingParams
 from memstore_gpt2.serve.scheduler import (
     Failed,
@@ -37,7 +38,6 @@ from memstore_gpt2.serve.scheduler import (
     TokenLogprobs,
 )
 
-FLASK_HINT = "pip install 'memstore[mindset]'"
 #: Largest request body accepted (larger: 413); a prompt the model can read is far smaller.
 MAX_BODY_BYTES = 1 << 20
 MAX_LOGPROBS = 20
@@ -425,17 +425,9 @@ def _include_usage(data: dict) -> bool:
 
 
 # -- the application --------------------------------------------------------------------------------
-def require_flask() -> None:
-    """One clear line when Flask (the ``mindset`` extra) is not installed."""
-    try:
-        import flask  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError(f"memstore serve needs flask: {FLASK_HINT}") from None
-
-
 def create_app(state: ServeState):
     """The Flask application answering the OpenAI API over ``state``."""
-    require_flask()
+    require_flask("serve")
     from flask import Flask, Response, g, jsonify, request
     from werkzeug.exceptions import HTTPException
 

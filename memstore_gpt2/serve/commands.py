@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from memstore.errors import InvalidInputError, bad_parameter
-from memstore_gpt2.commands import memory_budget_option, require_torch
+from memstore_gpt2.commands import memory_budget_option, require_flask, require_torch
 
 DEFAULT_PORT = 8000
 
@@ -29,12 +29,12 @@ class Server:
         from werkzeug.serving import make_server
 
         from memstore_gpt2.commands import _open_for_run
-        from memstore_gpt2.serve.app import LOOPBACK_NAMES, ServeState, create_app, require_flask
+        from memstore_gpt2.serve.app import LOOPBACK_NAMES, ServeState, create_app
         from memstore_gpt2.serve.decoding import Decoder
         from memstore_gpt2.serve.scheduler import Scheduler
         from memstore_torch.model_memory import paging_stats
 
-        require_flask()  # before the student loads: a missing extra is the first thing said
+        require_flask("serve")  # before the student loads: a missing extra is the first thing said
         if api_key is not None and not api_key.strip():
             raise bad_parameter("api_key", "is empty")
         self.run = _open_for_run(student_dir, db, memory_budget, device)
