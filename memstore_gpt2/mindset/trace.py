@@ -63,12 +63,35 @@ class Trace:
 def trace_prompt(mindset, prompt: str, layers: str | None = None, top: int | None = 8) -> Trace:
     """Trace ``prompt`` through the student; ``top`` rows per token and layer (None or 0: every
     row the forward read)."""
-    from memstore_torch.model_memory import recording_reads
-
     if top is not None and top < 0:
         raise bad_parameter("top", f"must be >= 0, got {top}")
     chosen = mindset.select(layers)
-    token_ids = mindset.encode(prompt)
+    return _trace(mindset, chosen, mindset.encode(prompt), top)
+
+
+@torch.no_grad()
+def trace_tokens(mindset, token_ids: list[int], layers: str | None = None,
+                 top: int | None = 8) -> Trace:  # fmt: skip
+    """:func:`trace_prompt` of token ids rather than text: what the chat pane traces, a
+    conversation and the reply the student generated, token for token (decoding the reply and
+    encoding it again need not give back the same tokens)."""
+    if top is not None and top < 0:
+        raise bad_parameter("top", f"must be >= 0, got {top}")
+    chosen = mindset.select(layers)
+    if not token_ids:
+        raise bad_parameter("token_ids", "is empty: give some tokens")
+    if len(token_ids) > mindset.context:
+        raise bad_parameter(
+            "token_ids", f"is {len(token_ids)} tokens long; this model reads at most "
+            f"{mindset.context}"
+        )  # fmt: skip
+    return _trace(mindset, chosen, list(token_ids), top)
+
+
+def _trace(mindset, chosen, token_ids: list[int], top: int | None) -> Trace:
+    """One forward over ``token_ids`` with the ``chosen`` layers recording their reads."""
+    from memstore_torch.model_memory import recording_reads
+
     with recording_reads(mindset.model):
         mindset.model(input_ids=torch.tensor([token_ids]), use_cache=False)
         reads = {entry.name: entry.layer.last_read for entry in chosen}

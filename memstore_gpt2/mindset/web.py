@@ -39,6 +39,7 @@ from memstore.errors import (
 )
 from memstore_gpt2.commands import require_flask
 from memstore_gpt2.errors import DatabaseInUseError
+from memstore_gpt2.mindset.chat import ChatFailedError
 from memstore_gpt2.mindset.session import (
     DEFAULT_NEW_TOKENS,
     Mindset,
@@ -68,10 +69,17 @@ class MindsetService:
         self.allow_edits = bool(allow_edits)
         self.mindset = Mindset.open(student_dir, self.db_url)
         self.lock = threading.Lock()
+        self._chat = None  # serve's decoder and scheduler over the loaded model, made on first use
 
     def close(self) -> None:
         with self.lock:
+            self._close_chat()
             self.mindset.close()
+
+    def _close_chat(self) -> None:
+        if self._chat is not None:
+            self._chat.close()
+            self._chat = None
 
     def info(self) -> dict:
         with self.lock:
@@ -85,7 +93,6 @@ class MindsetService:
 
     def trace(self, prompt: str, top: int = 8, promotes: int = 5) -> dict:
         """The trace, plus for each row shown what it promotes (``labels[layer][id]``)."""
-        from memstore_gpt2.mindset.rows import describe_rows, row_facts
         from memstore_gpt2.mindset.trace import trace_prompt
 
         prompt = _text(prompt, "prompt")
@@ -93,15 +100,79 @@ class MindsetService:
         with self.lock:
             trace = trace_prompt(self.mindset, prompt, None, top)
             out = trace.to_json()
-            out["labels"] = {}
-            for name, layer in trace.layers.items():
-                ids = sorted({i for row in layer.ids for i in row})
-                entry = self.mindset.layer(name)
-                block, clock, lam = row_facts(entry, ids) if ids else (None, 0, 0.0)
-                rows = (
-                    describe_rows(self.mindset, entry, block, clock, lam, promotes) if ids else []
-                )
-                out["labels"][name] = {str(r["id"]): r for r in rows}
+            out["labels"] = self._labels(trace.layers, promotes)
+            return out
+
+    def _labels(self, layers: dict, promotes: int) -> dict:
+        """What each row shown promotes, ``{layer: {id: row}}``, for ``{layer: LayerTrace}``."""
+        from memstore_gpt2.mindset.rows import describe_rows, row_facts
+
+        labels = {}
+        for name, layer in layers.items():
+            ids = sorted({i for row in layer.ids for i in row})
+            entry = self.mindset.layer(name)
+            block, clock, lam = row_facts(entry, ids) if ids else (None, 0, 0.0)
+            rows = describe_rows(self.mindset, entry, block, clock, lam, promotes) if ids else []
+            labels[name] = {str(r["id"]): r for r in rows}
+        return labels
+
+    def chat(self, messages, max_tokens=None, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+             top=8, promotes: int = 5) -> dict:  # fmt: skip
+        """The student's reply to ``messages`` (OpenAI's ``[{"role", "content"}]``), decoded as
+        ``memstore serve`` decodes a chat completion (greedy unless ``temperature`` > 0), and per
+        reply token the ``top`` rows each layer selected for it, labelled like :meth:`trace`.
+
+        The rows are the trace of the conversation and reply as token ids
+        (:mod:`memstore_gpt2.mindset.chat`); ``offset`` is where the reply starts in it."""
+        from memstore_gpt2.mindset.chat import DEFAULT_REPLY_TOKENS, ChatEngine, chat_prompt
+        from memstore_gpt2.mindset.trace import LayerTrace, trace_tokens
+        from memstore_gpt2.serve.decoding import SamplingParams
+
+        prompt = chat_prompt(messages)
+        asked = DEFAULT_REPLY_TOKENS if max_tokens is None else max_tokens
+        asked = _int(asked, "max_tokens", 1, MAX_NEW_TOKENS)
+        sampling = SamplingParams(
+            temperature=_real(temperature, "temperature", 0.0, 100.0),
+            top_p=_real(top_p, "top_p", 0.0, 1.0),
+            top_k=_int(top_k, "top_k", 0, 1 << 30) or None,
+            seed=None if seed is None else _int(seed, "seed", 0, (1 << 63) - 1),
+        )
+        if sampling.top_p == 0:
+            raise bad_parameter("top_p", "must be greater than 0 (1: no cut)")
+        top = _int(top, "top", 0, 256)
+        with self.lock:
+            ms = self.mindset
+            prompt_ids = ms.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            room = ms.context - len(prompt_ids)
+            if room < 1:
+                raise bad_parameter(
+                    "messages", f"are {len(prompt_ids)} tokens with the chat template; this model "
+                    f"reads at most {ms.context}, reply included: start a new chat"
+                )  # fmt: skip
+            if self._chat is None or self._chat.model is not ms.model:  # reloaded by an edit
+                self._close_chat()
+                self._chat = ChatEngine(ms.model, ms.tokenizer)
+            reply = self._chat.reply(prompt, prompt_ids, min(asked, room), sampling)
+            out = {"reply": reply.text, "finish_reason": reply.finish_reason,
+                   "prompt": reply.prompt, "prompt_tokens": len(reply.prompt_ids),
+                   "offset": len(reply.prompt_ids),
+                   "tokens": [ms.token_text(t) for t in reply.token_ids],
+                   "token_ids": reply.token_ids, "max_tokens": min(asked, room),
+                   "layers": {}, "labels": {}}  # fmt: skip
+            if not reply.token_ids:
+                return out
+            trace = trace_tokens(ms, reply.prompt_ids + reply.token_ids, None, top)
+            start = len(reply.prompt_ids)
+            layers = {
+                name: LayerTrace(layer.ids[start:], layer.weights[start:],
+                                 layer.contributions[start:], layer.selected, [])
+                for name, layer in trace.layers.items()
+            }  # fmt: skip
+            out["layers"] = {
+                name: {key: value for key, value in layer.to_json().items() if key != "every_token"}
+                for name, layer in layers.items()
+            }
+            out["labels"] = self._labels(layers, promotes)
             return out
 
     def generate(self, prompt: str, off: dict | None = None, max_new_tokens=DEFAULT_NEW_TOKENS):
@@ -180,6 +251,7 @@ class MindsetService:
                 return result
             with hold_database(self.db_url, self.student_dir, "edit"):
                 result["rows_changed"] = write(ms, edit)
+            self._close_chat()  # its decoder holds the model about to be replaced
             self.mindset.close()
             self.mindset = Mindset.open(self.student_dir, self.db_url)
             result["rows_after"] = len(self.mindset.layer(edit.layer).collection)
@@ -209,6 +281,15 @@ def _int(value, name: str, low: int, high: int) -> int:
     if not low <= number <= high:
         raise bad_parameter(name, f"must be in {low}..{high}, got {shown(number)}")
     return number
+
+
+def _real(value, name: str, low: float, high: float) -> float:
+    """A finite number in ``low..high`` from JSON (``true`` is not 1, ``Infinity`` is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_parameter(name, f"must be a number, got {shown(value)}")
+    if not low <= value <= high:  # also refuses nan and inf (and ints too large for a float)
+        raise bad_parameter(name, f"must be in {low:g}..{high:g}, got {shown(value)}")
+    return float(value)
 
 
 def _text(value, name: str) -> str:
@@ -291,6 +372,8 @@ def create_app(service: MindsetService):
             status = 404
         elif isinstance(exc, DatabaseInUseError):
             status = 409
+        elif isinstance(exc, ChatFailedError):
+            status = 500
         return jsonify(error=str(exc).splitlines()[0]), status
 
     def body() -> dict:
@@ -320,6 +403,14 @@ def create_app(service: MindsetService):
         data = body()
         return jsonify(service.generate(data.get("prompt", ""), data.get("off") or {},
                                         data.get("max_new_tokens", DEFAULT_NEW_TOKENS)))  # fmt: skip
+
+    @app.post("/api/chat")
+    def chat():
+        data = body()
+        return jsonify(service.chat(data.get("messages"), data.get("max_tokens"),
+                                    data.get("temperature", 0.0), data.get("top_p", 1.0),
+                                    data.get("top_k", 0), data.get("seed"),
+                                    data.get("top", 8)))  # fmt: skip
 
     @app.get("/api/rows")
     def rows():
