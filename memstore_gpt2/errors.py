@@ -32,12 +32,17 @@ class RunInterrupted(MemstoreError):
         self.exit_code = 128 + signum
 
 
+class PackError(MemstoreError):
+    """A knowledge pack is missing, already exists, is damaged, or does not fit the student."""
+
+
 class NonFiniteLossError(MemstoreError, ArithmeticError):
     """A model's loss came out NaN or infinite, so it has no perplexity to report."""
 
 
 __all__ = [
     "NonFiniteLossError",
+    "PackError",
     "DatabaseInUseError",  # lives in memstore.errors: the store's commands raise it too
     "RunInterrupted",
     "StudentFormatError",

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -395,9 +396,12 @@ def resolve_db_url(student_dir: str | os.PathLike, manifest: dict, db: str | Non
     return manifest["db"]
 
 
-def _cache_rows(manifest: dict, memory_budget) -> dict[int, int | None]:
-    """``{id(manifest entry): cache rows}`` for every product-key entry under ``memory_budget``
-    (a :class:`~memstore_torch.budget.MemoryBudget`; None: every row resident)."""
+def _cache_rows(
+    manifest: dict, memory_budget, pack_entries: Sequence[dict[str, Any]] = ()
+) -> dict[int, int | None]:
+    """``{id(entry): cache rows}`` for every product-key entry under ``memory_budget``
+    (a :class:`~memstore_torch.budget.MemoryBudget`; None: every row resident). ``pack_entries``
+    (``{"class": "ProductKeyMemory", "config": ...}`` of attached packs) share the one budget."""
     if memory_budget is None:
         return {}
     from memstore_torch import PagedRows, ProductKeyMemory
@@ -406,6 +410,7 @@ def _cache_rows(manifest: dict, memory_budget) -> dict[int, int | None]:
     for entry in manifest["layers"].values():
         parts = entry.get("parts", [entry]) if entry["class"] == GROWN_CLASS else [entry]
         entries += [p for p in parts if p.get("class") == "ProductKeyMemory"]
+    entries += list(pack_entries)
     tables = []
     for entry in entries:
         config, _ = ProductKeyMemory.split_saved_config(entry["config"])
@@ -415,10 +420,15 @@ def _cache_rows(manifest: dict, memory_budget) -> dict[int, int | None]:
 
 
 def build_student_skeleton(
-    student_dir: str | os.PathLike, manifest: dict, store, memory_budget=None
+    student_dir: str | os.PathLike,
+    manifest: dict,
+    store,
+    memory_budget=None,
+    cache_rows: dict[int, int | None] | None = None,
 ):
     """GPT-2 from the saved config with memory layers rebuilt from the store (dense weights
-    unset); under ``memory_budget`` product-key values page from the store instead of loading."""
+    unset); under ``memory_budget`` product-key values page from the store instead of loading
+    (``cache_rows``: the split of that budget, when the caller made it with packs in it)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from memstore_gpt2.model_dir import check_model_size
@@ -433,7 +443,8 @@ def build_student_skeleton(
     model = GPT2LMHeadModel(config)
     blocks = gpt2_blocks(model)
     try:
-        cache_rows = _cache_rows(manifest, memory_budget)
+        if cache_rows is None:
+            cache_rows = _cache_rows(manifest, memory_budget)
     except (TypeError, KeyError) as exc:
         raise StudentFormatError(
             f"{STUDENT_FILE}: a product-key layer's config is damaged ({exc})"
@@ -483,19 +494,31 @@ class LoadedStudent:
     store: Any
     manifest: dict
     db_url: str
+    #: The knowledge packs attached at load (``load_student(..., packs=...)``); detaching
+    #: them gives the student back bit for bit.
+    packs: Any = None
+
+    @property
+    def pack_names(self) -> list[str]:
+        return [] if self.packs is None else self.packs.names
 
     def close(self) -> None:
         self.store.close()
 
 
 def load_student(
-    student_dir: str | os.PathLike, db: str | None = None, memory_budget=None
+    student_dir: str | os.PathLike,
+    db: str | None = None,
+    memory_budget=None,
+    packs: Sequence[str] = (),
 ) -> LoadedStudent:
     """Rebuild a saved student with its memory from the database; model returned in eval mode.
 
     Refuses a directory whose distillation run has not finished, and never creates a database
     (a wrong ``db`` is an error, not a new empty file). Under ``memory_budget`` (a
-    :class:`~memstore_torch.budget.MemoryBudget`) extra rows page from the database.
+    :class:`~memstore_torch.budget.MemoryBudget`) extra rows page from the database. ``packs``
+    names knowledge packs in the database to attach (none: the student's own knowledge); a pack
+    that does not fit the student is refused in one line (:class:`PackError`).
     """
     from transformers import AutoTokenizer
 
@@ -514,8 +537,33 @@ def load_student(
     db_url = resolve_db_url(student_dir, manifest, db)
     store = Store(db_url, create=False)
     try:
-        model = build_student_skeleton(student_dir, manifest, store, memory_budget)
+        from memstore_gpt2.packs.attach import attach_packs, student_fingerprint
+        from memstore_gpt2.packs.storage import read_pack
+
+        records = [read_pack(store, name) for name in packs]
+        pack_entries = {
+            (r.name, int(layer)): {"class": "ProductKeyMemory", "config": config}
+            for r in records
+            for layer, config in (r.manifest.get("memories") or {}).items()
+        }
+        try:
+            cache_rows = _cache_rows(manifest, memory_budget, list(pack_entries.values()))
+        except (TypeError, KeyError) as exc:
+            raise StudentFormatError(
+                f"{STUDENT_FILE} or a pack: a product-key layer's config is damaged ({exc})"
+            ) from None
+        model = build_student_skeleton(student_dir, manifest, store, memory_budget, cache_rows)
         load_dense_state(model, read_dense_weights(weights))
+        pack_cache: dict[str, dict[int, int | None]] = {}
+        for (name, layer), entry in pack_entries.items():
+            pack_cache.setdefault(name, {})[layer] = cache_rows.get(id(entry))
+        attached = attach_packs(
+            model,
+            store,
+            records,
+            fingerprint=student_fingerprint(student_dir) if records else None,
+            cache_rows=pack_cache,
+        )
         try:
             tokenizer = AutoTokenizer.from_pretrained(student_dir, local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
@@ -526,7 +574,7 @@ def load_student(
         store.close()
         raise
     model.eval()
-    return LoadedStudent(model, tokenizer, store, manifest, db_url)
+    return LoadedStudent(model, tokenizer, store, manifest, db_url, attached)
 
 
 def read_dense_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

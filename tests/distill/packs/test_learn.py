@@ -1,0 +1,152 @@
+"""memstore learn's guarantees: only the pack changes, detaching gives the student back bit for bit,
+one seed gives one pack, a killed run resumes to the same pack, bad packs are refused in one line."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memstore_gpt2.errors import PackError
+from memstore_gpt2.packs.learn import LearnOptions, learn_pack
+from memstore_gpt2.packs.storage import read_pack
+from memstore_gpt2.student import load_student
+
+TINY = LearnOptions(
+    steps=6, rows=64, k=4, key_dim=16, batch_size=4, background_blocks=8, background_batch=2,
+    checkpoint_every=2, warmup=1, vocab_rows=64, block_len=32,
+)  # fmt: skip
+PROMPT = torch.tensor([[5, 17, 42, 9, 100, 3, 77, 12]])
+
+
+def logits(student: Path, packs=()) -> torch.Tensor:
+    loaded = load_student(student, packs=packs)
+    try:
+        with torch.no_grad():
+            return loaded.model(input_ids=PROMPT).logits.clone()
+    finally:
+        loaded.close()
+
+
+def student_rows(student: Path) -> dict[str, bytes]:
+    """Every row of the student's own collections (ids, keys, values), as bytes."""
+    from memstore import Store
+
+    with Store(f"sqlite:///{student / 'memory.db'}", create=False) as store:
+        out = {}
+        for collection in store.list_collections():
+            if collection.name.startswith("pack."):
+                continue
+            rows = collection.export_rows()
+            fields = (rows.ids, rows.keys, rows.values, rows.crf, rows.hits, rows.last_tick)
+            out[collection.name] = b"".join(f.tobytes() for f in fields)
+        return out
+
+
+def files(student: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in student.iterdir()
+        if p.is_file() and not p.name.startswith("memory.db")
+    }
+
+
+def pack_state(student: Path, name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(dense parts, rows per collection) of a stored pack."""
+    from memstore import Store
+
+    with Store(f"sqlite:///{student / 'memory.db'}", create=False) as store:
+        record = read_pack(store, name)
+        rows = {c: store.collection(c).export_rows().values for c in record.collections}
+        return {k: v.clone() for k, v in record.parts.items()}, rows
+
+
+def test_learn_changes_only_the_pack_and_detach_is_bit_identical(student, domain_text):
+    before = logits(student)
+    own_rows, own_files = student_rows(student), files(student)
+    summary = learn_pack(student, [domain_text], "python", TINY)
+    assert summary["steps"] == TINY.steps and summary["trainable_parameters"] > 0
+    assert student_rows(student) == own_rows  # the student's rows: not one byte changed
+    assert files(student) == own_files  # nor its files (dense.pt, manifest, tokenizer)
+    attached = logits(student, ("python",))
+    assert not torch.equal(attached, before)  # the pack does something
+    assert torch.equal(logits(student), before)  # and the bare student is bit for bit the same
+
+
+def test_one_seed_one_pack(tmp_path, student, domain_text):
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(student, twin)
+    learn_pack(student, [domain_text], "python", TINY)
+    learn_pack(twin, [domain_text], "python", TINY)
+    parts_a, rows_a = pack_state(student, "python")
+    parts_b, rows_b = pack_state(twin, "python")
+    assert parts_a.keys() == parts_b.keys()
+    assert all(torch.equal(parts_a[k], parts_b[k]) for k in parts_a)
+    assert {c: r.tobytes() for c, r in rows_a.items()} == {
+        c: r.tobytes() for c, r in rows_b.items()
+    }
+
+
+class Killed(Exception):
+    """Stands for a kill: raised mid-run, after a checkpoint and one more step."""
+
+
+def test_an_interrupted_learn_resumes_to_the_same_pack(tmp_path, student, domain_text):
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(student, twin)
+    learn_pack(student, [domain_text], "python", TINY)
+
+    def kill_at_step_5(step, steps, loss):
+        if step == 5:  # step 4 was checkpointed; step 5 is lost with the process
+            raise Killed
+
+    with pytest.raises(Killed):
+        learn_pack(twin, [domain_text], "python", TINY, progress=kill_at_step_5)
+    with pytest.raises(PackError, match="has not finished learning"):
+        load_student(twin, packs=("python",))
+    with pytest.raises(PackError, match="is unfinished"):
+        learn_pack(twin, [domain_text], "python", TINY)  # without --resume: refused
+    summary = learn_pack(twin, [domain_text], "python", TINY, resume=True)
+    assert summary["steps_this_run"] == 2
+    parts_a, rows_a = pack_state(student, "python")
+    parts_b, rows_b = pack_state(twin, "python")
+    assert all(torch.equal(parts_a[k], parts_b[k]) for k in parts_a)
+    assert {c: r.tobytes() for c, r in rows_a.items()} == {
+        c: r.tobytes() for c, r in rows_b.items()
+    }
+    assert torch.equal(logits(student, ("python",)), logits(twin, ("python",)))
+
+
+def test_resume_with_other_options_is_refused(student, domain_text):
+    with pytest.raises(Killed):
+        learn_pack(student, [domain_text], "python", TINY, progress=_kill_at(3))
+    other = LearnOptions(**{**TINY.__dict__, "rows": 256})
+    with pytest.raises(PackError, match="other rows"):
+        learn_pack(student, [domain_text], "python", other, resume=True)
+
+
+def _kill_at(at: int):
+    def progress(step, steps, loss):
+        if step == at:
+            raise Killed
+
+    return progress
+
+
+def test_unknown_pack_is_one_line(student):
+    with pytest.raises(PackError, match="no pack named 'nope'") as info:
+        load_student(student, packs=("nope",))
+    assert "\n" not in str(info.value)
+
+
+def test_existing_pack_is_not_overwritten(student, domain_text):
+    learn_pack(student, [domain_text], "python", TINY)
+    with pytest.raises(PackError, match="already exists"):
+        learn_pack(student, [domain_text], "python", TINY)
