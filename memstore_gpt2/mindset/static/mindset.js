@@ -2,7 +2,8 @@
 // Every text from the model or the database is put in the page with textContent, never as HTML.
 "use strict";
 
-const state = { info: null, trace: null, picked: null, off: {} };
+const state = { info: null, trace: null, picked: null, off: {},
+  chat: { messages: [], replies: [], picked: null } };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs = {}, ...children) {
@@ -111,7 +112,7 @@ function renderTokens() {
 
 function pickToken(i) {
   state.picked = i;
-  for (const chip of document.querySelectorAll(".token")) {
+  for (const chip of document.querySelectorAll("#tokens .token")) {
     chip.classList.toggle("picked", Number(chip.dataset.index) === i);
   }
   $("picked").textContent = `— token ${i} ${JSON.stringify(state.trace.tokens[i])}`;
@@ -119,26 +120,36 @@ function pickToken(i) {
 }
 
 function renderFired(i) {
+  $("fired").replaceChildren(...firedTables(state.trace, i));
+}
+
+// The rows each layer read at token i of a trace (the trace panel's, or a chat reply's); with
+// switches, each row has its "off" box for panel 3 (the chat replies with every row as stored).
+function firedTables(trace, i, switches = true) {
   const parts = [];
-  for (const [name, layer] of Object.entries(state.trace.layers)) {
-    const labels = state.trace.labels[name] || {};
+  for (const [name, layer] of Object.entries(trace.layers)) {
+    const labels = trace.labels[name] || {};
     const rows = layer.ids[i].map((id, j) => {
       const label = labels[String(id)] || { promotes: [] };
-      const off = isOff(name, id);
-      return el("tr", { class: off ? "off" : "", "data-layer": name, "data-id": id },
+      const off = switches && isOff(name, id);
+      const cells = [
         el("td", {}, el("a", { class: "rid", text: String(id), onclick: () => explain(name, id) })),
         el("td", { class: "num", text: layer.weights[i][j].toFixed(3) }),
         el("td", { class: "num", text: layer.contributions[i][j].toFixed(3) }),
-        el("td", {}, ...label.promotes.map((t) => tokenChip(t))),
-        el("td", {}, el("label", {}, el("input", { type: "checkbox", class: "off-box", checked: off,
+        el("td", {}, ...label.promotes.map((t) => tokenChip(t)))];
+      if (switches) {
+        cells.push(el("td", {}, el("label", {}, el("input", { type: "checkbox", class: "off-box", checked: off,
           onchange: (e) => setOff(name, id, e.target.checked) }), " off")));
+      }
+      return el("tr", { class: off ? "off" : "", "data-layer": name, "data-id": id }, ...cells);
     });
+    const head = ["row", "weight", "size", "promotes"].concat(switches ? [""] : []);
     parts.push(el("div", { class: "layer-name", text: `${layerLabel(name)} — ${layer.selected} rows read, largest ${layer.ids[i].length} shown` }),
       el("table", { class: "fired", "data-layer": name },
-        el("thead", {}, el("tr", {}, ...["row", "weight", "size", "promotes", ""].map((h) => el("th", { text: h })))),
+        el("thead", {}, el("tr", {}, ...head.map((h) => el("th", { text: h })))),
         el("tbody", {}, ...rows)));
   }
-  $("fired").replaceChildren(...parts);
+  return parts;
 }
 
 // ------------------------------------------------------------------ 3. regenerate
@@ -154,6 +165,82 @@ async function regenerate() {
     $("gen-normal").textContent = result.normal;
     $("gen-ablated").textContent = result.ablated;
   } finally { busy(button, false); }
+}
+
+// ------------------------------------------------------------------ 6. chat
+// The page keeps the conversation and sends it whole with every message (the server keeps none).
+function chatOptions() {
+  const seed = $("chat-seed").value;
+  return {
+    max_tokens: Number($("chat-max-tokens").value), temperature: Number($("chat-temperature").value),
+    seed: seed === "" ? null : Number(seed),
+  };
+}
+
+function userMessage(text) {
+  return el("div", { class: "msg user" }, el("div", { class: "who", text: "you" }),
+    el("div", { class: "text", text }));
+}
+
+function replyMessage(reply, r) {
+  const chips = reply.tokens.map((token, i) => el("button", {
+    type: "button", class: "token", "data-reply": r, "data-index": i,
+    title: `reply token ${i}: ${JSON.stringify(token)}`, text: shown(token),
+    onclick: () => pickChatToken(r, i),
+  }));
+  const body = chips.length ? el("div", { class: "tokens" }, ...chips)
+    : el("div", { class: "muted", text: "(an empty reply: the model began the next turn at once)" });
+  const note = reply.finish_reason === "length" ? ` · cut at ${reply.max_tokens} tokens` : "";
+  return el("div", { class: "msg assistant", "data-reply": r, title: `the prompt the model continued:\n${reply.prompt}` },
+    el("div", { class: "who", text: `student · ${reply.tokens.length} tokens${note}` }), body);
+}
+
+function pickChatToken(r, i) {
+  state.chat.picked = { r, i };
+  for (const chip of document.querySelectorAll("#chat-log .token")) {
+    chip.classList.toggle("picked", Number(chip.dataset.reply) === r && Number(chip.dataset.index) === i);
+  }
+  $("chat-picked").textContent = `— reply ${r + 1}, reply token ${i} ${JSON.stringify(state.chat.replies[r].tokens[i])}`;
+  renderChatFired();
+}
+
+function renderChatFired() {
+  const { r, i } = state.chat.picked;
+  $("chat-fired").replaceChildren(...firedTables(state.chat.replies[r], i, false));
+}
+
+async function sendChat(event) {
+  if (event) event.preventDefault();
+  const text = $("chat-input").value;
+  if (!text.trim()) return;
+  const button = $("chat-send");
+  busy(button, true);
+  const log = $("chat-log");
+  const pending = el("div", { class: "msg assistant pending", text: "the student is writing…" });
+  const asked = userMessage(text);
+  log.append(asked, pending);
+  $("chat-input").value = "";
+  const messages = [...state.chat.messages, { role: "user", content: text }];
+  try {
+    const reply = await api("/api/chat", { messages, ...chatOptions() });
+    state.chat.messages = [...messages, { role: "assistant", content: reply.reply }];
+    state.chat.replies.push(reply);
+    pending.replaceWith(replyMessage(reply, state.chat.replies.length - 1));
+  } catch (e) {  // nothing was said: the message goes back to the box (api() showed the error)
+    asked.remove();
+    pending.remove();
+    $("chat-input").value = text;
+  } finally {
+    busy(button, false);
+    log.scrollTop = log.scrollHeight;
+  }
+}
+
+function resetChat() {
+  state.chat = { messages: [], replies: [], picked: null };
+  $("chat-log").replaceChildren();
+  $("chat-fired").replaceChildren();
+  $("chat-picked").textContent = "— pick a reply token";
 }
 
 // ------------------------------------------------------------------ 4. rows and explain
@@ -279,6 +366,11 @@ async function init() {
   $("edit-cancel").addEventListener("click", () => { $("edit-plan").hidden = true; });
   $("edit-action").addEventListener("change", () => { $("factor-label").hidden = $("edit-action").value !== "scale"; });
   $("edit-layer").addEventListener("change", fitEditActions);
+  $("chat-form").addEventListener("submit", sendChat);
+  $("chat-reset").addEventListener("click", resetChat);
+  $("chat-input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) sendChat(e);
+  });
   fitEditActions();
   renderOffList();
   await Promise.all([doTrace(), browseRows()]);

@@ -267,6 +267,9 @@ def test_chat_in_the_browser_and_open_a_reply_tokens_rows(browser, featural_stud
             shown = [int(r.get_attribute("data-id"))
                      for r in table.find_elements("css selector", "tbody tr")]  # fmt: skip
             assert shown == expected["layers"][name]["ids"][2]
+            weights = [float(c.text) for c in table.find_elements("css selector", "tbody td.num")]
+            assert weights[::2] == pytest.approx(expected["layers"][name]["weights"][2], abs=6e-4)
+            assert not table.find_elements("css selector", ".off-box")  # chat switches nothing
         assert "picked" in chips[2].get_attribute("class")
         # a row id opens the row, as in the trace panel
         tables[0].find_element("css selector", "a.rid").click()
@@ -275,7 +278,14 @@ def test_chat_in_the_browser_and_open_a_reply_tokens_rows(browser, featural_stud
         _by_id(browser, "chat-reset").click()
         assert not browser.find_elements("css selector", "#chat-log .msg")
         assert not _by_id(browser, "error").is_displayed()
-        log = browser.get_log("browser") if hasattr(browser, "get_log") else []
-        assert not [e for e in log if e.get("level") == "SEVERE"], json.dumps(log)[:500]
+        # a refused message says why and goes back to the box, leaving the conversation as it was
+        _by_id(browser, "chat-input").send_keys(LONG)
+        _by_id(browser, "chat-send").click()
+        _wait(browser, lambda d: _by_id(d, "error").is_displayed())
+        assert "start a new chat" in _by_id(browser, "error").text
+        assert _by_id(browser, "chat-input").get_attribute("value") == LONG
+        assert not browser.find_elements("css selector", "#chat-log .msg")
+        scripts = [e for e in browser.get_log("browser") if e.get("source") == "javascript"]
+        assert not scripts, json.dumps(scripts)[:500]  # no script error on the page
     finally:
         server.stop()
