@@ -52,7 +52,7 @@ def _same_rows(chat: dict, trace: dict) -> None:
     labels)."""
     offset = chat["offset"]
     assert trace["tokens"][offset:] == chat["tokens"]
-    assert set(chat["layers"]) == set(trace["layers"]) == {"layer0", "layer1"}
+    assert set(chat["layers"]) == set(trace["layers"])
     for name, layer in chat["layers"].items():
         traced = trace["layers"][name]
         for key in ("ids", "weights", "contributions", "selected"):
@@ -61,6 +61,7 @@ def _same_rows(chat: dict, trace: dict) -> None:
         shown = {i for row in layer["ids"] for i in row}
         assert {int(i) for i in chat["labels"][name]} == shown  # every row shown is labelled
         assert all(chat["labels"][name][str(i)]["promotes"] for i in shown)
+        assert chat["labels"][name] == {str(i): trace["labels"][name][str(i)] for i in shown}
 
 
 def _trace_of_ids(service, ids: list[int], top: int) -> dict:
@@ -82,6 +83,7 @@ def test_a_reply_its_tokens_and_their_rows_are_the_trace_of_that_text(client, se
     assert tokens and len(tokens) == len(ids) <= 12
     assert tokens == [service.mindset.token_text(t) for t in ids]
     assert "".join(tokens).startswith(chat["reply"]) and chat["reply"]
+    assert set(chat["layers"]) == {"layer0", "layer1"}
     assert all(len(row) == 4 for layer in chat["layers"].values() for row in layer["ids"])
     # the conversation and reply traced as text, as `memstore trace` would: the same tokens
     # (this reply encodes back to them), and per reply token the same rows
@@ -129,6 +131,27 @@ def test_the_reply_is_what_serve_answers_for_the_same_chat(client, featural_stud
     assert answer["choices"][0]["message"]["content"] == chat["reply"]
     assert answer["choices"][0]["finish_reason"] == chat["finish_reason"]
     assert answer["usage"]["prompt_tokens"] == chat["prompt_tokens"]
+
+
+@pytest.mark.parametrize("kind", ["featural", "associative", "grown"])
+def test_every_kind_of_student_chats_and_its_rows_are_its_trace(request, kind):
+    """Several heads (associative) and a grown block's two layers (product-key extra rows, two
+    heads each) trace the same way; the KV-cache reply is the plain greedy continuation."""
+    student_dir = request.getfixturevalue(f"{kind}_student_dir")
+    opened = MindsetService(str(student_dir))
+    try:
+        chat = _chat(create_app(opened).test_client(), max_tokens=8, top=5)
+        ids = chat["token_ids"]
+        assert ids
+        trace = _trace_of_ids(opened, opened.mindset.encode(chat["prompt"]) + ids, 5)
+        assert set(trace["layers"]) == set(chat["layers"])
+        if kind == "grown":
+            assert set(chat["layers"]) == {"layer0", "layer0.extra", "layer1", "layer1.extra"}
+        _same_rows(chat, trace)
+        greedy = opened.mindset.greedy(chat["prompt"], len(ids))  # no KV cache, no scheduler
+        assert greedy.startswith(chat["prompt"] + chat["reply"])
+    finally:
+        opened.close()
 
 
 def test_a_conversation_is_sent_whole_and_rendered_by_the_template(client, service):
@@ -196,6 +219,22 @@ def test_raw_json_a_client_could_send_is_a_400(client, raw, words):
     reply = client.post("/api/chat", data=raw, content_type="application/json")
     assert reply.status_code == 400
     assert words in reply.get_json()["error"]
+
+
+def test_a_model_that_fails_while_decoding_is_a_500_with_one_line(client, service, monkeypatch):
+    _chat(client, max_tokens=1)  # the decoder exists once a chat ran
+
+    def broken(ids):
+        raise RuntimeError("the memory database went away\nmore detail")
+
+    monkeypatch.setattr(service._chat.scheduler.decoder, "prefill", broken)
+    reply = client.post("/api/chat", json={"messages": MESSAGES})
+    assert reply.status_code == 500
+    assert reply.get_json()["error"] == (
+        "the model failed: RuntimeError: the memory database went away"
+    )
+    monkeypatch.undo()
+    assert _chat(client, max_tokens=1)["token_ids"]  # the next chat runs again
 
 
 def test_only_this_page_may_chat(client):
