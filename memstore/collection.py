@@ -151,6 +151,17 @@ class Collection:
             raise CorruptDataError(f"collection {self.name!r}: {exc}") from None
         return self._finite(rows).take(np.searchsorted(rows.ids, id_arr))
 
+    def get_existing(self, ids) -> RowBlock:
+        """The rows among ``ids`` that exist, ordered by id (missing ids are left out, not an
+        error): how a reader holding a copy learns which of some changed rows were deleted."""
+        id_arr = as_ids(ids, allow_empty=True)
+        try:
+            with self.store.read() as conn:
+                rows = self._backend.fetch_rows(conn, self.spec, id_arr)
+        except CorruptDataError as exc:  # the backend's decode: say which collection
+            raise CorruptDataError(f"collection {self.name!r}: {exc}") from None
+        return self._finite(rows)
+
     def export_rows(self) -> RowBlock:
         """Every row, ordered by id (bulk path for memstore_torch's resident index)."""
         try:

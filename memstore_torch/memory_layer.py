@@ -271,6 +271,19 @@ class MemoryLayer(nn.Module):
         self._snapshot()
         return report
 
+    def refresh_rows(self, ids=None) -> int:
+        """Read rows ``ids`` (every row when None) of the bound collection again, after another
+        process changed them in the database (an edit reaching a running server); returns the
+        rows read or dropped from a cache. Between forwards only: the stored rows replace the
+        layer's copy, changes not flushed included."""
+        if self._collection is None:
+            raise InvalidInputError(
+                "this memory layer is not bound to a store; pass store= and collection="
+            )
+        count = self.index.refresh(self._collection, ids)
+        self._snapshot()
+        return count
+
     # -------------------------------------------------------------- parameter groups
     def memory_parameters(self) -> list[nn.Parameter]:
         """Row Parameters (empty when rows are read-only); give them their own learning rate."""

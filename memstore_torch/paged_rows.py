@@ -387,6 +387,35 @@ class PagedRows:
         self.collection = collection
         self.clock = int(collection.clock)
 
+    @torch.no_grad()
+    def refresh(self, collection: PagedSource | None = None, ids=None) -> int:
+        """Drop rows ``ids`` (every cached row when None) from the cache, so the next
+        :meth:`fetch` reads them from the database again: for a reader whose cached rows went
+        stale because another process changed them (``memstore_gpt2.serve.refresh``). Returns
+        the rows dropped. Ids outside the table are ignored (a row read later that the database
+        no longer holds is refused then). The stored rows win over changes not written back;
+        rows awaiting a gradient cannot be dropped. Binds to ``collection`` when given."""
+        if collection is not None:
+            self.collection = collection
+        if ids is None:
+            rows = self._row[self._row >= 0]
+        else:
+            rows = torch.as_tensor(np.asarray(ids, np.int64).reshape(-1)).to(self.device) - 1
+            rows = torch.unique(rows[(rows >= 0) & (rows < self.n_rows)])
+        slots = self._slot[rows].long()
+        held = slots >= 0
+        slots, rows = slots[held], rows[held]
+        if bool(self._pinned[slots].any()):
+            raise InvalidInputError(
+                "cannot drop cached rows that a forward read with gradient (they await the "
+                "optimizer step); refresh between steps"
+            )
+        self._row[slots] = -1
+        self._slot[rows] = -1
+        self._dirty[slots] = False
+        self._unsure[rows] = False
+        return int(rows.numel())
+
     def create(
         self,
         keys_of: Callable[[torch.Tensor], torch.Tensor],

@@ -26,7 +26,7 @@ from memstore.errors import DimensionMismatchError, InvalidInputError, RowNotFou
 from memstore.types import RowBlock
 
 from . import knn, lrfu
-from .rows_source import RowsSource, row_block
+from .rows_source import RefreshSource, RowsSource, row_block
 
 _INITIAL_STORAGE = 1024
 
@@ -249,6 +249,48 @@ class ResidentIndex:
             self._next_id = max(self._next_id, int(next_id))
         self.counters = dict.fromkeys(self.counters, 0)
         self._invalidate()
+
+    def refresh(self, collection: RefreshSource, ids=None) -> int:
+        """Read rows ``ids`` of ``collection`` again (every row when None), for a reader whose copy
+        went stale because another process changed them (``memstore_gpt2.serve.refresh``); returns
+        the rows read.
+
+        A row still stored gets its stored fields, one no longer stored leaves the index (no
+        deletion is left for a flush: the store has none to do); when a row is stored that the
+        index does not hold, the whole collection is loaded again. The stored rows win over
+        changes not flushed yet. Between forwards only (slots change).
+        """
+        if ids is None:
+            self.load_collection(collection)
+            return self.n
+        wanted = np.unique(np.asarray(ids, np.int64).reshape(-1))
+        block = collection.get_existing(wanted)
+        held = self.ids
+        stored = self._id_tensor(block.ids)
+        if not bool(torch.isin(stored, held).all()):
+            self.load_collection(collection)
+            return self.n
+        wanted_t = self._id_tensor(wanted)
+        gone = wanted_t[torch.isin(wanted_t, held) & ~torch.isin(wanted_t, stored)]
+        if gone.numel():
+            slots = self.slots_of(gone)
+            self._in_store[slots] = False  # the store deleted them already: nothing to record
+            self.delete(slots)
+        if len(block.ids):
+            slots = self.slots_of(stored)
+            dev = self.device
+            with torch.no_grad():
+                self.key_storage[slots] = torch.as_tensor(block.keys).to(dev, torch.float32)
+                self.value_storage[slots] = torch.as_tensor(block.values).to(dev, torch.float32)
+            self._crf[slots] = torch.as_tensor(block.crf).to(dev, torch.float64)
+            self._last_tick[slots] = torch.as_tensor(block.last_tick).to(dev, torch.int64)
+            self._hits[slots] = torch.as_tensor(block.hits).to(dev, torch.int64)
+            self._created_tick[slots] = torch.as_tensor(block.created_tick).to(dev, torch.int64)
+            self._dirty[slots] = False
+            self._in_store[slots] = True
+            self._normalized = None
+            self._sq_norms = None
+        return len(block.ids) + int(gone.numel())
 
     def dirty_block(self) -> RowBlock:
         """The changed rows as a ``memstore.RowBlock`` (what :meth:`flush` upserts)."""

@@ -58,6 +58,16 @@ class RowsSource(Protocol):
 
 
 @runtime_checkable
+class RefreshSource(RowsSource, Protocol):
+    """What :meth:`ResidentIndex.refresh` also needs: some rows by id, the missing ones left out
+    (they were deleted since the copy was made)."""
+
+    def get_existing(self, ids) -> RowBlock:
+        """The rows among ``ids`` that exist, ordered by id."""
+        ...
+
+
+@runtime_checkable
 class LayerCollection(RowsSource, Protocol):
     """What a memory layer needs from its bound collection: the rows, and whether there are any."""
 

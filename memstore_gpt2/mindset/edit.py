@@ -10,7 +10,9 @@
 
 An edit checks every id first and writes in one transaction (``Store.transaction()``: the check
 and the write cannot be separated by another writer), so it happens whole or not at all. It takes
-effect when the student is next loaded. A **dry run** applies the same edit to a loaded copy only,
+effect when the student is next loaded, and in every running ``memstore serve`` over the same
+memory before its next request (the transaction records the change:
+:mod:`memstore_gpt2.memory_changes`). A **dry run** applies the same edit to a loaded copy only,
 exactly as the next load would see it (the edited rows are loaded in place of the stored ones),
 and writes nothing. An edit refuses to run while a training run holds the database
 (:mod:`memstore_gpt2.db_lock`): the run's next checkpoint would silently undo it.
@@ -169,16 +171,24 @@ def previewed(mindset, edit: Edit) -> Iterator[None]:
 
 
 def write(mindset, edit: Edit) -> int:
-    """Write ``edit`` to the database in one transaction; returns the number of rows changed."""
+    """Write ``edit`` to the database in one transaction; returns the number of rows changed.
+
+    The same transaction records the change (:func:`memstore_gpt2.memory_changes.record_change`),
+    so every running ``memstore serve`` over this memory re-reads exactly these rows."""
+    from memstore_gpt2.memory_changes import record_change
+
     coll = mindset.layer(edit.layer).collection
     ids = np.asarray(edit.ids, np.int64)
-    with mindset.store.transaction():
+    with mindset.store.transaction() as conn:
         rows = coll.get(ids)  # inside the transaction: the rows cannot vanish before the write
         if edit.action == "delete":
-            return coll.delete(ids)
-        # checked again here: the rows may have changed since make_edit read them
-        coll.update(ids, values=scaled_values(edit.layer, rows, edit.multiplier))
-        return len(ids)
+            changed = coll.delete(ids)
+        else:
+            # checked again here: the rows may have changed since make_edit read them
+            coll.update(ids, values=scaled_values(edit.layer, rows, edit.multiplier))
+            changed = len(ids)
+        record_change(conn, coll.name, ids)
+        return changed
 
 
 @contextmanager

@@ -182,6 +182,8 @@ class ServeState:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.paging: dict = {}
+        #: The memory refresher's counters (``serve.refresh.RefreshStats``); None: no memory.
+        self.refresh = None
         self._tokenizer_lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
@@ -722,4 +724,20 @@ def render_metrics(state: ServeState) -> str:
     metric("memstore_memory_row_lookups_per_token", "gauge",
            "Paged-layer row lookups per token run through the model.",
            [((), lookups / tokens if tokens else 0.0)])  # fmt: skip
+    refresh = state.refresh
+    for name, help_text, value in (
+        ("memstore_memory_refreshes_total", "Memory collections re-read after another process "
+         "recorded a change of them (an edit, a pack), between decoding steps.",
+         0 if refresh is None else refresh.refreshes),
+        ("memstore_memory_rows_refreshed_total", "Memory rows those refreshes read again or "
+         "dropped from a cache.", 0 if refresh is None else refresh.rows),
+        ("memstore_memory_reloads_total", "Changes recorded for any row of a collection, "
+         "which reload it whole.",
+         0 if refresh is None else refresh.reloads),
+        ("memstore_memory_refresh_checks_total", "Checks for changes of the memory.",
+         0 if refresh is None else refresh.checks),
+        ("memstore_memory_refresh_failures_total", "Checks or refreshes that failed (retried at "
+         "the next check).", 0 if refresh is None else refresh.failures),
+    ):  # fmt: skip
+        metric(name, "counter", help_text, [((), value)])
     return "\n".join(lines) + "\n"

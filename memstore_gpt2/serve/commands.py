@@ -31,12 +31,18 @@ class Server:
         from memstore_gpt2.commands import _open_for_run
         from memstore_gpt2.serve.app import LOOPBACK_NAMES, ServeState, create_app
         from memstore_gpt2.serve.decoding import Decoder
+        from memstore_gpt2.serve.refresh import (
+            REFRESH_INTERVAL_S,
+            MemoryRefresher,
+            versions_before_load,
+        )
         from memstore_gpt2.serve.scheduler import Scheduler
         from memstore_torch.model_memory import paging_stats
 
         require_flask("serve")  # before the student loads: a missing extra is the first thing said
         if api_key is not None and not api_key.strip():
             raise bad_parameter("api_key", "is empty")
+        known = versions_before_load(student_dir, db)  # edits during the load are applied after
         self.run = _open_for_run(student_dir, db, memory_budget, device)
         try:
             model = self.run.model
@@ -46,10 +52,20 @@ class Server:
             def snapshot() -> None:
                 self.state.paging = paging_stats(model)
 
-            self.scheduler = Scheduler(decoder, max_batch=max_batch, on_step=snapshot)
+            student = self.run.opened.student
+            self.refresher = None
+            if student is not None:  # a plain GPT-2 directory has no memory to keep fresh
+                self.refresher = MemoryRefresher(model, student.store, known=known)
+            self.scheduler = Scheduler(
+                decoder, max_batch=max_batch, on_step=snapshot,
+                refresh=None if self.refresher is None else self.refresher.check,
+                refresh_interval=REFRESH_INTERVAL_S,
+            )  # fmt: skip
             name = Path(student_dir).resolve().name
             self.state = ServeState(name, self.run.tokenizer, self.scheduler, api_key=api_key,
                                     loopback_only=host in LOOPBACK_NAMES)  # fmt: skip
+            if self.refresher is not None:
+                self.state.refresh = self.refresher.stats
             snapshot()
             try:
                 self.http = make_server(host, port, create_app(self.state), threaded=True)

@@ -7,7 +7,9 @@ request never waits for another to finish, and a short one leaves as soon as it 
 
 The model is used by this thread only; HTTP threads talk to it through :class:`Request` (a queue
 of events each way). ``max_batch=1`` turns batching off (one request at a time, first come first
-served), which is what the benchmark compares against.
+served), which is what the benchmark compares against. Between two steps (never during one) the
+scheduler may also let the memory re-read rows another process edited
+(:mod:`memstore_gpt2.serve.refresh`).
 """
 
 from __future__ import annotations
@@ -118,13 +120,21 @@ class SchedulerStats:
 class Scheduler:
     """Owns the decoder and its thread; :meth:`submit` from any thread."""
 
-    def __init__(self, decoder: Decoder, max_batch: int = 16, on_step=None) -> None:
+    def __init__(self, decoder: Decoder, max_batch: int = 16, on_step=None, *,
+                 refresh=None, refresh_interval: float = 0.5) -> None:  # fmt: skip
+        """``on_step()`` runs in the scheduler thread after each iteration; ``refresh(admitting)``
+        before each one, between steps (never during one): where the memory re-reads rows that
+        another process changed (:mod:`memstore_gpt2.serve.refresh`); ``admitting`` is True when
+        new requests are about to join. With ``refresh`` an idle scheduler still wakes every
+        ``refresh_interval`` seconds to call it."""
         if max_batch < 1:
             raise bad_parameter("max_batch", f"must be >= 1, got {max_batch}")
         self.decoder = decoder
         self.max_batch = max_batch
         self.stats = SchedulerStats()
-        self._on_step = on_step  # called in the scheduler thread after each iteration
+        self._on_step = on_step
+        self._refresh = refresh
+        self._refresh_interval = refresh_interval
         self._pending: list[Request] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -160,12 +170,19 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._stopping and not self._pending and not active:
-                    self._cond.wait()
+                    if self._refresh is None:
+                        self._cond.wait()
+                    elif not self._cond.wait(self._refresh_interval):
+                        break  # idle: look for changes of the memory, then wait again
                 if self._stopping:
                     break
                 room = self.max_batch - len(active)
                 admitted, self._pending = self._pending[:room], self._pending[room:]
                 self.stats.waiting = len(self._pending)
+            if self._refresh is not None:
+                self._refresh(bool(admitted))
+                if not admitted and not active:
+                    continue
             try:
                 for request in admitted:
                     batch, active = self._admit(request, batch, active)

@@ -1,0 +1,111 @@
+"""Keeping a running server's memory equal to the database: edits reach it without a restart.
+
+Several ``memstore serve`` processes may hold one memory (PostgreSQL, or one SQLite file). An edit
+(``memstore edit``, the Mindset UI, a pack written) records which rows it changed in the same
+transaction (:mod:`memstore_gpt2.memory_changes`). Each server's scheduler thread asks between two
+decoding steps -- never during one -- whether a collection's version moved, and if so its layers
+read exactly the changed rows again (:meth:`~memstore_torch.memory_layer.MemoryLayer.refresh_rows`):
+a resident layer overwrites or drops those rows, a paged one drops them from its cache so the next
+read fetches them; a change of "any row" reloads the collection.
+
+When it asks: before admitting a new request, always (so a request sent after an edit committed is
+answered wholly by the edited memory), and otherwise at most every :data:`REFRESH_INTERVAL_S`
+seconds, while sequences decode or the server idles. A sequence already decoding sees the edit
+from its next token on; the positions it had already run keep what they computed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from memstore_gpt2.memory_changes import ChangeFeed, versions
+
+#: Longest time between two checks while no request arrives (one small query each).
+REFRESH_INTERVAL_S = 0.5
+
+
+@dataclass
+class RefreshStats:
+    """Counters for ``/metrics``: checks made, collection versions applied (``refreshes``), rows
+    read again or dropped from a cache, whole collections reloaded, checks or refreshes that
+    failed (the server keeps serving and tries again at the next check)."""
+
+    checks: int = 0
+    refreshes: int = 0
+    rows: int = 0
+    reloads: int = 0
+    failures: int = 0
+    last_error: str | None = None
+
+
+def versions_before_load(student_dir: str | os.PathLike, db: str | None) -> dict[str, int] | None:
+    """The change versions of a student's database, read before its rows are loaded (so an edit
+    committed during the load is applied afterwards instead of missed); None for a directory
+    that is not a student, or when the database cannot be read (the load then says why)."""
+    from memstore import Store
+    from memstore_gpt2.student import STUDENT_FILE, read_manifest, resolve_db_url
+
+    if not (Path(student_dir) / STUDENT_FILE).is_file():
+        return None
+    try:
+        url = resolve_db_url(student_dir, read_manifest(student_dir), db)
+        with Store(url, create=False) as store, store.read() as conn:
+            return versions(conn)
+    except Exception:  # noqa: BLE001 - the load reports a broken student or database
+        return None
+
+
+class MemoryRefresher:
+    """Applies recorded changes of ``store`` to the memory layers of ``model`` (one thread: the
+    one that runs the model)."""
+
+    def __init__(self, model, store, *, known: dict[str, int] | None = None,
+                 interval: float = REFRESH_INTERVAL_S) -> None:  # fmt: skip
+        from memstore_torch.model_memory import memory_layers
+
+        self.layers: dict[str, list] = {}
+        for layer in memory_layers(model).values():
+            if layer.collection is not None:
+                self.layers.setdefault(layer.collection_name, []).append(layer)
+        self.feed = ChangeFeed(store, known)
+        self.interval = float(interval)
+        self.stats = RefreshStats()
+        self._due = 0.0
+
+    def check(self, admitting: bool = False) -> int:
+        """Apply every change committed since the last check; returns the collections refreshed.
+        Without ``admitting`` (no new request waits), only when :attr:`interval` has passed.
+        Never raises: a failure is counted and retried at the next check."""
+        now = time.monotonic()
+        if not admitting and now < self._due:
+            return 0
+        self._due = now + self.interval
+        self.stats.checks += 1
+        try:
+            changes = self.feed.poll()
+        except Exception as exc:  # noqa: BLE001 - e.g. the database is unreachable for a moment
+            self._failed(exc)
+            return 0
+        done = 0
+        for change in changes:
+            layers = self.layers.get(change.collection, [])
+            try:
+                rows = sum(layer.refresh_rows(change.ids) for layer in layers)
+            except Exception as exc:  # noqa: BLE001 - retried: refreshing a row twice is harmless
+                self._failed(exc)
+                continue
+            self.feed.applied(change)
+            if layers:
+                done += 1
+                self.stats.refreshes += 1
+                self.stats.rows += rows
+                self.stats.reloads += change.ids is None
+        return done
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.failures += 1
+        text = str(exc).strip()
+        self.stats.last_error = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
