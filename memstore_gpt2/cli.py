@@ -19,6 +19,8 @@ from memstore.cli_group import MemstoreGroup
 from memstore.cli_store import add_store_commands
 from memstore_gpt2.commands import add_train_commands
 from memstore_gpt2.mindset.commands import add_mindset_commands
+from memstore_gpt2.packs.cli import packs_group
+from memstore_gpt2.packs.commands import add_pack_commands
 from memstore_gpt2.serve.commands import add_serve_commands
 
 
@@ -31,4 +33,6 @@ def main() -> None:
 add_store_commands(main)
 add_train_commands(main)
 add_mindset_commands(main)
+add_pack_commands(main)
+main.add_command(packs_group)
 add_serve_commands(main)

@@ -92,6 +92,19 @@ def memory_budget_option(command):
     )(command)
 
 
+def pack_option(command):
+    """``--pack NAME`` (repeatable), shared by the commands that run a student: the knowledge
+    packs to attach (none: the student's own knowledge); see docs/packs.md."""
+    return click.option(
+        "--pack",
+        "packs",
+        multiple=True,
+        metavar="NAME",
+        help="Attach this knowledge pack from the student's database (repeatable: packs "
+        "compose). Default: none, the student's own knowledge.",
+    )(command)
+
+
 def parse_memory_budget(text: str | None):
     """A :class:`~memstore_torch.budget.MemoryBudget` from ``--memory-budget`` (None: none)."""
     if text is None:
@@ -329,10 +342,11 @@ class _Interrupted(click.ClickException):
 @click.option("--top-k", default=40, show_default=True, type=int)
 @click.option("--seed", default=None, type=int)
 @click.option("--db", default=None, help="Use this memory database instead of the saved one.")
+@pack_option
 @memory_budget_option
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Last line of output: one JSON summary.")
-def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, seed, db,
+def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, seed, db, packs,
                      memory_budget, device, precision, as_json) -> None:  # fmt: skip
     """Sample text from a student (or any GPT-2 directory) with its database memory.
 
@@ -340,11 +354,12 @@ def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, se
     Example:
       memstore generate student/ --prompt "The for statement"
       memstore generate student/ --prompt "The for statement" --memory-budget 10% --json
+      memstore generate student/ --prompt "The for statement" --pack python-docs
     """
     require_torch()
     from memstore_gpt2.generate import sample_continuation
 
-    with _open_for_run(student_dir, db, memory_budget, device) as run:
+    with _open_for_run(student_dir, db, memory_budget, device, packs) as run:
         started = time.perf_counter()
         text, new_tokens = sample_continuation(
             run.model, run.tokenizer, prompt, max_new_tokens=max_new_tokens,
@@ -375,11 +390,12 @@ def generate_command(student_dir, prompt, max_new_tokens, temperature, top_k, se
 @click.option("--context", default=None, type=int, help="Block length [default: min(model, 128)].")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Blocks per forward.")
 @click.option("--db", default=None, help="Use this memory database instead of the saved one.")
+@pack_option
 @memory_budget_option
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Last line of output: one JSON summary.")
-def evaluate_command(student_dir, data, blocks, context, batch_size, db, memory_budget, device,
-                     precision, as_json) -> None:  # fmt: skip
+def evaluate_command(student_dir, data, blocks, context, batch_size, db, packs, memory_budget,
+                     device, precision, as_json) -> None:  # fmt: skip
     """Test perplexity of a student (or any GPT-2 directory) on text files.
 
     Tokenised, cut into blocks and scored as 'memstore distill gpt2' scores its --eval-data.
@@ -388,11 +404,12 @@ def evaluate_command(student_dir, data, blocks, context, batch_size, db, memory_
     Example:
       memstore evaluate student/ --data test.txt
       memstore evaluate student/ --data test.txt --memory-budget 10% --json
+      memstore evaluate student/ --data test.txt --pack python-docs
     """
     require_torch()
     from memstore_gpt2.evaluate import evaluate_perplexity, evaluation_blocks
 
-    with _open_for_run(student_dir, db, memory_budget, device) as run:
+    with _open_for_run(student_dir, db, memory_budget, device, packs) as run:
         token_blocks = evaluation_blocks(run.tokenizer, data, run.model.config.n_positions,
                                          context=context, max_blocks=blocks)  # fmt: skip
         result = evaluate_perplexity(run.model, token_blocks, batch_size=batch_size,
@@ -439,6 +456,7 @@ class _ModelRun:
             "cache_hit_rate": stats["cache_hit_rate"],
             "paged_layers": stats["paged_layers"],
             "memory_budget": None if self.budget is None else str(self.budget),
+            "packs": [] if self.opened.student is None else self.opened.student.pack_names,
             "device": str(self.device),
             "load_seconds": self.load_seconds,
         }
@@ -450,7 +468,7 @@ class _ModelRun:
         self.opened.close()
 
 
-def _open_for_run(student_dir, db, memory_budget, device) -> _ModelRun:
+def _open_for_run(student_dir, db, memory_budget, device, packs=()) -> _ModelRun:
     """Open ``student_dir`` under ``--memory-budget`` and move it to ``--device`` (timed: the
     ``load_seconds`` of the summaries, kept out of their throughput)."""
     from memstore_gpt2.lm_training import resolve_device
@@ -459,7 +477,7 @@ def _open_for_run(student_dir, db, memory_budget, device) -> _ModelRun:
     resolved = resolve_device(device)
     budget = parse_memory_budget(memory_budget)
     started = time.perf_counter()
-    opened = open_model_dir(student_dir, db=db, memory_budget=budget)
+    opened = open_model_dir(student_dir, db=db, memory_budget=budget, packs=packs)
     try:
         opened.model.to(resolved)
     except BaseException:

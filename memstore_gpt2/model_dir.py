@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memstore_gpt2.errors import StudentFormatError, TeacherNotFoundError
+from memstore_gpt2.errors import PackError, StudentFormatError, TeacherNotFoundError
 from memstore_gpt2.student import STUDENT_FILE, LoadedStudent, load_student
 
 #: The size fields of a GPT-2 config.json, with GPT-2 small's values (what "absurd" is measured
@@ -112,17 +113,23 @@ class OpenedModel:
 
 
 def open_model_dir(
-    path: str | os.PathLike, db: str | None = None, memory_budget=None
+    path: str | os.PathLike, db: str | None = None, memory_budget=None, packs: Sequence[str] = ()
 ) -> OpenedModel:
     """A student directory (with its memory from ``db`` or its own database, paging under
-    ``memory_budget``), else a GPT-2 model directory (``db`` and ``memory_budget`` then have
-    nothing to act on); :class:`StudentFormatError` (one line) for anything else."""
+    ``memory_budget``, ``packs`` attached), else a GPT-2 model directory (``db`` and
+    ``memory_budget`` then have nothing to act on, and packs are refused: a pack is learnt for
+    one student); :class:`StudentFormatError` (one line) for anything else."""
     if not Path(path).is_dir():
         raise StudentFormatError(f"no directory {str(path)!r}: give a student or model directory")
     check_model_size(path)
     if (Path(path) / STUDENT_FILE).is_file():
-        loaded = load_student(path, db=db, memory_budget=memory_budget)
+        loaded = load_student(path, db=db, memory_budget=memory_budget, packs=packs)
         return OpenedModel(loaded.model, loaded.tokenizer, loaded)
+    if packs:
+        raise PackError(
+            f"{str(path)!r} is not a memstore student directory (no {STUDENT_FILE}): knowledge "
+            "packs attach to the student they were learnt for"
+        )
     from memstore_gpt2.teacher import load_teacher
 
     try:

@@ -34,6 +34,13 @@ student_argument = click.argument("student", type=click.Path(file_okay=False))
 db_option = click.option(
     "--db", default=None, help="Use this memory database instead of the saved one."
 )
+pack_option = click.option(
+    "--pack",
+    "packs",
+    multiple=True,
+    metavar="NAME",
+    help="Attach this knowledge pack (repeatable); its rows show as layers pack.NAME.layerI.",
+)
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Last line of output: one JSON object."
 )
@@ -57,8 +64,9 @@ json_option = click.option(
     help="Rows shown per token and layer, largest contribution first (0: every row read).",
 )
 @db_option
+@pack_option
 @json_option
-def trace_command(student, prompt, layers, top, db, as_json) -> None:
+def trace_command(student, prompt, layers, top, db, packs, as_json) -> None:
     """Which memory rows fired for each token of --prompt, with their weights.
 
     \b
@@ -72,7 +80,7 @@ def trace_command(student, prompt, layers, top, db, as_json) -> None:
     from memstore_gpt2.mindset.session import Mindset
     from memstore_gpt2.mindset.trace import trace_prompt
 
-    with Mindset.open(student, db) as mindset:
+    with Mindset.open(student, db, packs) as mindset:
         trace = trace_prompt(mindset, prompt, layers, top)
         sizes = {n: (mindset.layer(n).layer.index.n, t.selected) for n, t in trace.layers.items()}
     if as_json:
@@ -128,8 +136,11 @@ def trace_command(student, prompt, layers, top, db, as_json) -> None:
     help="Tokens of --data read at most.",
 )
 @db_option
+@pack_option
 @json_option
-def explain_command(student, layer, row_ids, data, top, contexts, max_tokens, db, as_json) -> None:
+def explain_command(
+    student, layer, row_ids, data, top, contexts, max_tokens, db, packs, as_json
+) -> None:
     """What rows ROW_IDS of LAYER promote and suppress, their LRFU score, hits and age.
 
     \b
@@ -145,7 +156,7 @@ def explain_command(student, layer, row_ids, data, top, contexts, max_tokens, db
     ids = parse_ids(list(row_ids), parameter="row_ids")
     if contexts < 1:
         raise bad_parameter("contexts", f"must be >= 1, got {contexts}")
-    with Mindset.open(student, db) as mindset:
+    with Mindset.open(student, db, packs) as mindset:
         result = explain_rows(
             mindset, layer, ids, data=data, top=top, contexts=contexts, max_tokens=max_tokens
         )
@@ -196,8 +207,9 @@ def _tokens(items: list[dict]) -> str:
     "--top", default=5, show_default=True, type=int, help="Promoted / suppressed tokens per row."
 )
 @db_option
+@pack_option
 @json_option
-def rows_command(student, layer, promotes, sort, ascending, limit, top, db, as_json) -> None:
+def rows_command(student, layer, promotes, sort, ascending, limit, top, db, packs, as_json) -> None:
     """Browse the rows of LAYER: LRFU score, hits, age and what each promotes.
 
     \b
@@ -208,7 +220,7 @@ def rows_command(student, layer, promotes, sort, ascending, limit, top, db, as_j
     from memstore_gpt2.mindset.rows import list_rows
     from memstore_gpt2.mindset.session import Mindset
 
-    with Mindset.open(student, db) as mindset:
+    with Mindset.open(student, db, packs) as mindset:
         result = list_rows(
             mindset, layer, promotes=promotes, sort=sort, limit=limit, ascending=ascending, top=top
         )
@@ -334,7 +346,8 @@ def edit_command(
     help="Let the UI write edits to the database (read-only otherwise).",
 )
 @db_option
-def mindset_command(student, port, allow_edits, db) -> None:
+@pack_option
+def mindset_command(student, port, allow_edits, db, packs) -> None:
     """A local web UI: trace a prompt, see the rows that fire, switch them off, edit them.
 
     \b
@@ -347,7 +360,7 @@ def mindset_command(student, port, allow_edits, db) -> None:
     _start()
     from memstore_gpt2.mindset.web import serve
 
-    serve(student, port=port, allow_edits=allow_edits, db=db, log=click.echo)
+    serve(student, port=port, allow_edits=allow_edits, db=db, packs=packs, log=click.echo)
 
 
 def add_mindset_commands(group: click.Group) -> None:

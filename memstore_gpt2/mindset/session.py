@@ -10,6 +10,7 @@ left behind.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,12 +97,16 @@ class Mindset:
                 self.layers[name] = MindsetLayer(name, module, slot_key(owner), layer, part)
 
     @classmethod
-    def open(cls, student_dir: str | os.PathLike, db: str | None = None) -> Mindset:
-        """Check and load a student directory (``db``: another database URL than the saved one)."""
+    def open(
+        cls, student_dir: str | os.PathLike, db: str | None = None, packs: Sequence[str] = ()
+    ) -> Mindset:
+        """Check and load a student directory (``db``: another database URL than the saved one;
+        ``packs``: knowledge packs to attach, whose rows then show as layers
+        ``pack.<name>.layer<i>`` beside the student's own)."""
         from memstore_gpt2.student import load_student
 
         db_url = check_student(student_dir, db)
-        return cls(student_dir, load_student(student_dir, db=db_url))
+        return cls(student_dir, load_student(student_dir, db=db_url, packs=packs))
 
     def close(self) -> None:
         self.loaded.close()

@@ -27,6 +27,7 @@ load sees.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -63,11 +64,19 @@ class EditsNotAllowedError(MemstoreError, PermissionError):
 class MindsetService:
     """What the UI can ask, over one loaded student; thread-safe (one call at a time)."""
 
-    def __init__(self, student_dir: str, *, db: str | None = None, allow_edits: bool = False):
+    def __init__(
+        self,
+        student_dir: str,
+        *,
+        db: str | None = None,
+        allow_edits: bool = False,
+        packs: Sequence[str] = (),
+    ):
         self.student_dir = str(student_dir)
         self.db_url = check_student(student_dir, db)
         self.allow_edits = bool(allow_edits)
-        self.mindset = Mindset.open(student_dir, self.db_url)
+        self.packs = tuple(packs)  # attached again whenever the student is reloaded
+        self.mindset = Mindset.open(student_dir, self.db_url, self.packs)
         self.lock = threading.Lock()
         self._chat = None  # serve's decoder and scheduler over the loaded model, made on first use
 
@@ -253,7 +262,7 @@ class MindsetService:
                 result["rows_changed"] = write(ms, edit)
             self._close_chat()  # its decoder holds the model about to be replaced
             self.mindset.close()
-            self.mindset = Mindset.open(self.student_dir, self.db_url)
+            self.mindset = Mindset.open(self.student_dir, self.db_url, self.packs)
             result["rows_after"] = len(self.mindset.layer(edit.layer).collection)
             result["after"] = self.mindset.greedy(prompt, n) if prompt else None
             return result
@@ -466,10 +475,18 @@ class MindsetServer:
         self.service.close()
 
 
-def serve(student_dir: str, *, port: int = 8765, allow_edits: bool = False, db=None, log=print):
+def serve(
+    student_dir: str,
+    *,
+    port: int = 8765,
+    allow_edits: bool = False,
+    db=None,
+    packs: Sequence[str] = (),
+    log=print,
+):
     """Run the UI until Ctrl-C (``memstore mindset``)."""
     require_flask("mindset")  # before the student loads: a missing extra is the first thing said
-    service = MindsetService(student_dir, db=db, allow_edits=allow_edits)
+    service = MindsetService(student_dir, db=db, allow_edits=allow_edits, packs=packs)
     try:
         server = MindsetServer(service, port)
     except BaseException:

@@ -175,10 +175,10 @@ def attach(model, packs: Sequence[Pack]) -> Attachment:
     model.add_module(PACKS_ATTRIBUTE, nn.ModuleDict({p.name: p for p in packs}).to(device))
     blocks = gpt2_blocks(model)
     for index, block in enumerate(blocks):
-        readers = [p.blocks[str(index)] for p in packs if str(index) in p.blocks]
+        readers = [(p, p.blocks[str(index)]) for p in packs if str(index) in p.blocks]
         if readers:
             attachment.handles.append(block.mlp.register_forward_hook(_add_outputs(readers)))
-    vocabularies = [p.vocabulary for p in packs if p.vocabulary is not None]
+    vocabularies = [(p, p.vocabulary) for p in packs if p.vocabulary is not None]
     if vocabularies:
         wte, head = model.transformer.wte, model.lm_head
         attachment.handles.append(wte.register_forward_hook(_add_embeddings(vocabularies)))
@@ -186,34 +186,67 @@ def attach(model, packs: Sequence[Pack]) -> Attachment:
     return attachment
 
 
-def _add_outputs(readers: list[PackMemory]):
+def _masked(pack: Pack, added: torch.Tensor) -> torch.Tensor:
+    """``added`` (B, ...) with the rows of sequences that did not ask for ``pack`` zeroed."""
+    if pack.row_mask is None:
+        return added
+    mask = pack.row_mask.to(device=added.device, dtype=added.dtype)
+    return added * mask.view(-1, *([1] * (added.dim() - 1)))
+
+
+def _add_outputs(readers: list[tuple[Pack, PackMemory]]):
     def hook(module, inputs, output):
         x = inputs[0]
-        for reader in readers:
-            output = output + reader(x).to(output.dtype)
+        for pack, reader in readers:
+            output = output + _masked(pack, reader(x).to(output.dtype))
         return output
 
     return hook
 
 
-def _add_embeddings(vocabularies: list[VocabularyDelta]):
+def _add_embeddings(vocabularies: list[tuple[Pack, VocabularyDelta]]):
     def hook(module, inputs, output):
         ids = inputs[0]
-        for vocabulary in vocabularies:
-            output = output + vocabulary.embed(ids).to(output.dtype)
+        for pack, vocabulary in vocabularies:
+            output = output + _masked(pack, vocabulary.embed(ids).to(output.dtype))
         return output
 
     return hook
 
 
-def _add_logits(vocabularies: list[VocabularyDelta]):
+def _add_logits(vocabularies: list[tuple[Pack, VocabularyDelta]]):
     def hook(module, inputs, output):
         hidden = inputs[0]
-        for vocabulary in vocabularies:
-            output = vocabulary.logits(hidden, output)
+        for pack, vocabulary in vocabularies:
+            output = output + _masked(pack, vocabulary.logits(hidden, torch.zeros_like(output)))
         return output
 
     return hook
+
+
+def attached_packs(model) -> dict[str, Pack]:
+    """The packs attached to ``model`` by name (empty when none)."""
+    packs = getattr(model, PACKS_ATTRIBUTE, None)
+    return {} if packs is None else dict(packs.items())
+
+
+def select_packs(model, per_row: Sequence[Sequence[str]] | None) -> None:
+    """Which attached packs act on each row of the next batches: ``per_row[b]`` names the packs
+    of sequence ``b`` (a server batches requests that chose different packs); None: every
+    attached pack acts on every row. Unknown names are refused (one line)."""
+    packs = attached_packs(model)
+    if per_row is None:
+        for pack in packs.values():
+            pack.row_mask = None
+        return
+    for names in per_row:
+        unknown = sorted(set(names) - set(packs))
+        if unknown:
+            raise PackError(
+                f"pack {unknown[0]!r} is not attached (attached: {', '.join(packs) or 'none'})"
+            )
+    for name, pack in packs.items():
+        pack.row_mask = torch.tensor([float(name in names) for names in per_row])
 
 
 def attach_packs(

@@ -101,6 +101,9 @@ class Pack(nn.Module):
         self.name = name
         self.blocks = nn.ModuleDict({str(i): m for i, m in sorted(blocks.items())})
         self.vocabulary = vocabulary
+        #: (B,) 1/0 per batch row: whether this pack acts on that sequence (None: on all); set by
+        #: :func:`memstore_gpt2.packs.attach.select_packs` for batches that mix packs.
+        self.row_mask: torch.Tensor | None = None
 
     @property
     def layers(self) -> list[int]:
