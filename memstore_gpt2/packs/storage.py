@@ -191,8 +191,7 @@ def _parse_manifest(name: str, text: str) -> dict[str, Any]:
 def drop_pack(store, name: str) -> list[str]:
     """Delete the pack's table row and its collections in one transaction; the collections
     dropped. The student's own rows are never touched (only ``pack.<name>.*`` collections)."""
-    record_manifest = next((m for m in read_manifests(store) if m["name"] == name), None)
-    if record_manifest is None:
+    if not has_pack(store, check_pack_name(name)):  # not read_manifests: a damaged pack drops too
         read_pack(store, name)  # raises the one-line "no pack named" error
     prefix = f"{COLLECTION_PREFIX}{name}."
     dropped = []
