@@ -123,13 +123,21 @@ def test_ngram_overlap_counts_test_ngrams_seen_in_training(knowledge):
     assert knowledge.ngram_overlap(train, np.array([1, 2]), n=3) == 0.0
 
 
-def test_knn_interpolation_and_search(knowledge):
+@pytest.mark.parametrize("faiss", ["installed", "absent"])
+def test_knn_interpolation_and_search(knowledge, faiss, monkeypatch):
+    import sys
+
     import torch
 
+    if faiss == "absent":
+        monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    else:
+        pytest.importorskip("faiss")
     keys = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
     dists, idx = knowledge.knn_search(torch.tensor([[0.9, 0.0]]), keys, k=2)
-    assert idx.tolist() == [[1, 0]]
+    assert idx.tolist() == [[1, 0]] and idx.dtype == torch.int64
     assert dists[0].tolist() == pytest.approx([0.01, 0.81])
+    assert knowledge.knn_search(torch.tensor([[0.9, 0.0]]), keys, k=5)[1].shape == (1, 3)
     lm_logp = torch.log(torch.tensor([0.25]))
     match = torch.tensor([[True, False]])
     got = knowledge.knn_logp(lm_logp, dists, match, lam=0.5, temp=1.0)
