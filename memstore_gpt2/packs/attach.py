@@ -172,7 +172,10 @@ def attach(model, packs: Sequence[Pack]) -> Attachment:
     if not packs:
         return attachment
     device = next(model.parameters()).device
-    model.add_module(PACKS_ATTRIBUTE, nn.ModuleDict({p.name: p for p in packs}).to(device))
+    # keyed by position, not by name: a pack may be called "half" or "to", which a ModuleDict
+    # cannot hold as keys (they are nn.Module attributes)
+    holder = nn.ModuleDict({f"pack{i}": p for i, p in enumerate(packs)})
+    model.add_module(PACKS_ATTRIBUTE, holder.to(device))
     blocks = gpt2_blocks(model)
     for index, block in enumerate(blocks):
         readers = [(p, p.blocks[str(index)]) for p in packs if str(index) in p.blocks]
@@ -227,7 +230,7 @@ def _add_logits(vocabularies: list[tuple[Pack, VocabularyDelta]]):
 def attached_packs(model) -> dict[str, Pack]:
     """The packs attached to ``model`` by name (empty when none)."""
     packs = getattr(model, PACKS_ATTRIBUTE, None)
-    return {} if packs is None else dict(packs.items())
+    return {} if packs is None else {pack.name: pack for pack in packs.values()}
 
 
 def select_packs(model, per_row: Sequence[Sequence[str]] | None) -> None:

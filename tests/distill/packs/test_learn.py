@@ -67,11 +67,12 @@ def pack_state(student: Path, name: str) -> tuple[dict, dict[str, np.ndarray]]:
 def test_learn_changes_only_the_pack_and_detach_is_bit_identical(student, domain_text):
     before = logits(student)
     own_rows, own_files = student_rows(student), files(student)
-    summary = learn_pack(student, [domain_text], "python", TINY)
+    # "half" is also an nn.Module method: a pack name is data, never an attribute
+    summary = learn_pack(student, [domain_text], "half", TINY)
     assert summary["steps"] == TINY.steps and summary["trainable_parameters"] > 0
     assert student_rows(student) == own_rows  # the student's rows: not one byte changed
     assert files(student) == own_files  # nor its files (dense.pt, manifest, tokenizer)
-    attached = logits(student, ("python",))
+    attached = logits(student, ("half",))
     assert not torch.equal(attached, before)  # the pack does something
     assert torch.equal(logits(student), before)  # and the bare student is bit for bit the same
 
