@@ -3,11 +3,13 @@ distilled a few steps) and texts for a pack to learn, plus a private copy per te
 
 from __future__ import annotations
 
-import json
-import shutil
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pack_helpers import copy_student  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,33 +31,25 @@ def base_student_dir(tmp_path_factory, teacher_dir, corpus_dir) -> Path:
 @pytest.fixture
 def student(tmp_path, base_student_dir) -> Path:
     """A private copy of the student (its database travels with it): free to learn packs into."""
-    from memstore_gpt2.student import STUDENT_FILE, default_db_url
+    return copy_student(base_student_dir, tmp_path / "student")
 
-    out = tmp_path / "student"
-    shutil.copytree(base_student_dir, out)
-    manifest_path = out / STUDENT_FILE
-    manifest = json.loads(manifest_path.read_text())
-    manifest["db"] = default_db_url(out)
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    return out
+
+def _topics(tmp_path_factory, name: str, first: int, last: int) -> Path:
+    """A directory of Python help topics ``first:last`` (beyond the teacher's training topics)."""
+    from memstore_gpt2.text_data import python_docs_corpus
+
+    root = tmp_path_factory.mktemp(name)
+    for i, text in enumerate(python_docs_corpus()[first:last]):
+        (root / f"{i}.txt").write_text(text, encoding="utf-8")
+    return root
 
 
 @pytest.fixture(scope="session")
 def domain_text(tmp_path_factory) -> Path:
     """Text the student never saw: help topics beyond the ones the teacher was trained on."""
-    from memstore_gpt2.text_data import python_docs_corpus
-
-    root = tmp_path_factory.mktemp("domain")
-    for i, text in enumerate(python_docs_corpus()[40:46]):
-        (root / f"{i}.txt").write_text(text, encoding="utf-8")
-    return root
+    return _topics(tmp_path_factory, "domain", 40, 46)
 
 
 @pytest.fixture(scope="session")
 def other_text(tmp_path_factory) -> Path:
-    from memstore_gpt2.text_data import python_docs_corpus
-
-    root = tmp_path_factory.mktemp("other")
-    for i, text in enumerate(python_docs_corpus()[60:64]):
-        (root / f"{i}.txt").write_text(text, encoding="utf-8")
-    return root
+    return _topics(tmp_path_factory, "other", 60, 64)

@@ -4,6 +4,7 @@ one seed gives one pack, a killed run resumes to the same pack, bad packs are re
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +16,8 @@ from memstore_gpt2.packs.learn import LearnOptions, learn_pack
 from memstore_gpt2.packs.storage import read_pack
 from memstore_gpt2.student import load_student
 
-TINY = LearnOptions(
-    steps=6, rows=64, k=4, key_dim=16, batch_size=4, background_blocks=8, background_batch=2,
-    checkpoint_every=2, warmup=1, vocab_rows=64, block_len=32,
-)  # fmt: skip
-PROMPT = torch.tensor([[5, 17, 42, 9, 100, 3, 77, 12]])
-
-
-def logits(student: Path, packs=()) -> torch.Tensor:
-    loaded = load_student(student, packs=packs)
-    try:
-        with torch.no_grad():
-            return loaded.model(input_ids=PROMPT).logits.clone()
-    finally:
-        loaded.close()
+sys.path.insert(0, str(Path(__file__).parent))
+from pack_helpers import TINY, logits  # noqa: E402
 
 
 def student_rows(student: Path) -> dict[str, bytes]:

@@ -5,8 +5,8 @@ removes only the pack, and list / show / diff say what packs hold."""
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,23 +19,10 @@ from memstore_gpt2.errors import PackError
 from memstore_gpt2.packs import manage
 from memstore_gpt2.packs.learn import LearnOptions, learn_pack
 from memstore_gpt2.packs.storage import read_pack
-from memstore_gpt2.student import STUDENT_FILE, default_db_url, load_student
+from memstore_gpt2.student import load_student
 
-TINY = LearnOptions(
-    steps=6, rows=64, k=4, key_dim=16, batch_size=4, background_blocks=8, background_batch=2,
-    checkpoint_every=2, warmup=1, vocab_rows=64, block_len=32,
-)  # fmt: skip
-PROMPT = torch.tensor([[5, 17, 42, 9, 100, 3, 77, 12]])
-
-
-def copy_student(source: Path, out: Path) -> Path:
-    """A private copy of a student directory whose manifest names its own database."""
-    shutil.copytree(source, out)
-    manifest_path = out / STUDENT_FILE
-    manifest = json.loads(manifest_path.read_text())
-    manifest["db"] = default_db_url(out)
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    return out
+sys.path.insert(0, str(Path(__file__).parent))
+from pack_helpers import TINY, copy_student, logits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +44,6 @@ def exported(tmp_path, packed) -> Path:
     out = tmp_path / "python.pack.db"
     manage.export_pack(packed, "python", out)
     return out
-
-
-def logits(student: Path, packs=()) -> torch.Tensor:
-    loaded = load_student(student, packs=packs)
-    try:
-        with torch.no_grad():
-            return loaded.model(input_ids=PROMPT).logits.clone()
-    finally:
-        loaded.close()
 
 
 def database_content(student: Path) -> dict[str, object]:
