@@ -505,15 +505,16 @@ def knn_arm(model, domains: Domains, args) -> Arm:
 
 
 # ----------------------------------------------------------------------------- learn (packs)
-def learn(student_dir: Path, data: Path, pack: str, args) -> dict:
-    """``memstore learn STUDENT --data DATA --pack PACK`` through the Python API: the one place
-    this benchmark calls the pack method."""
+def learn(student_dir: Path, data: Path, pack: str, args, background: Path | None = None) -> dict:
+    """``memstore learn STUDENT --data DATA --pack PACK [--background TEXT]`` through the Python
+    API: the one place this benchmark calls the pack method."""
     from memstore_gpt2.packs.learn import LearnOptions, learn_pack
 
     chosen = {"lr": args.learn_lr} if args.learn_lr is not None else {}
     options = LearnOptions(steps=args.steps, rows=args.pack_rows, layers=None,
                            batch_size=args.batch_size, seed=args.seed, **chosen)  # fmt: skip
-    return learn_pack(str(student_dir), data=[str(data)], pack=pack, options=options)
+    return learn_pack(str(student_dir), data=[str(data)], pack=pack, options=options,
+                      background=None if background is None else str(background))  # fmt: skip
 
 
 def learn_arms(student_dir: Path, domains: Domains, base_logits: list[torch.Tensor], args):
@@ -521,7 +522,8 @@ def learn_arms(student_dir: Path, domains: Domains, base_logits: list[torch.Tens
     the A pack, learnt into its database. Returns (arm, the figures of detach and compose)."""
     copy = copy_student(student_dir, "learn", Path(args.work))
     log(f"learning pack {PACK_B!r} on B-train ({args.steps} steps) ...")
-    summary_b = learn(copy, domains.b_train_dir, PACK_B, args)
+    # the text to keep is the student's own domain: A-train, as a user gives --background
+    summary_b = learn(copy, domains.b_train_dir, PACK_B, args, background=domains.a_train_path)
     student = load(copy, (PACK_B,))
     try:
         arm = Arm(f"learn (pack {PACK_B!r})", ppl(student.model, domains.b_test, args.eval_batch),

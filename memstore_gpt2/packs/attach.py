@@ -1,12 +1,16 @@
 """Attaching packs to a loaded student, and detaching them (the student is never modified).
 
 Attaching adds the packs as one submodule, ``model.knowledge_packs`` (so ``.to(device)``,
-``memory_layers`` and Mindset's walks find their rows like any memory layer's), and forward hooks:
-on each block's MLP (``+ gate * memory``), on ``wte`` (``+ delta_in``) and on ``lm_head``
-(``+ gate * h . delta_out`` at the pack's token columns). Hooks leave every module and weight of
-the student as it was, so :meth:`Attachment.detach` gives the student back bit for bit -- and the
-same hooks work in transformers' forward and in the server's KV-cache decoder, which both call
-these modules.
+``memory_layers`` and Mindset's walks find their rows like any memory layer's), and forward hooks
+that only *record* what the student computes -- each read block's MLP input, the residual into
+``ln_f``, the token ids -- plus one on ``lm_head`` that turns the student's logits into the log of
+the mixture of its distribution and the packs' (:mod:`memstore_gpt2.packs.modules`). Hooks leave
+every module and weight of the student as it was, so :meth:`Attachment.detach` gives the student
+back bit for bit -- and the same hooks work in transformers' forward and in the server's KV-cache
+decoder, which both call these modules.
+
+The logits of an attached model are therefore normalised log-probabilities (``log p``): argmax,
+softmax, log-softmax and perplexity read them as they read raw logits.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,7 @@ import torch
 from torch import nn
 
 from memstore_gpt2.errors import PackError
-from memstore_gpt2.packs.modules import Pack, PackMemory, VocabularyDelta
+from memstore_gpt2.packs.modules import Pack, VocabularyDelta
 from memstore_gpt2.packs.storage import PackRecord, read_pack
 from memstore_gpt2.surgery import gpt2_blocks
 from memstore_torch import ProductKeyMemory
@@ -99,7 +104,7 @@ def build_pack(record: PackRecord, store, cache_rows: dict[int, int | None] | No
         for layer in record.manifest["layers"]:
             saved = configs[str(layer)]
             memory = ProductKeyMemory.from_config(saved, store, cache_rows=cache_rows.get(layer))
-            blocks[layer] = PackMemory(memory)
+            blocks[layer] = memory
         vocabulary = None
         if "vocabulary.token_ids" in record.parts:
             vocabulary = VocabularyDelta(
@@ -109,7 +114,7 @@ def build_pack(record: PackRecord, store, cache_rows: dict[int, int | None] | No
             )
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
         raise PackError(f"pack {record.name!r} is damaged ({type(exc).__name__}: {exc})") from None
-    pack = Pack(record.name, blocks, vocabulary)
+    pack = Pack(record.name, blocks, vocabulary, int(record.manifest["student"]["d_model"]))
     load_parts(pack, record.parts)
     return pack
 
@@ -140,6 +145,26 @@ def load_parts(pack: Pack, parts: dict[str, torch.Tensor]) -> None:
             raise PackError(f"pack {pack.name!r} is damaged: {key} holds NaN or infinite values")
 
 
+class _StudentStates:
+    """What the student computed in the forward under way, recorded by the attachment's hooks
+    for the packs to read at ``lm_head`` (and dropped there: nothing outlives one forward)."""
+
+    def __init__(self) -> None:
+        self.block_inputs: dict[str, torch.Tensor] = {}
+        self.residual: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None
+        #: True while ``memstore learn`` runs the student without autograd: the packs' part of
+        #: the forward (only it) then records gradients.
+        self.learning = False
+        #: True on ``learn``'s background text: there only the gates train (the pack's own
+        #: prediction is held fixed), so a pack cannot lower that loss by imitating the student on
+        #: the background it saw -- which did not carry over to other text of that domain.
+        self.gate_only = False
+
+    def clear(self) -> None:
+        self.block_inputs, self.residual, self.ids = {}, None, None
+
+
 @dataclass
 class Attachment:
     """Packs attached to a model; :meth:`detach` removes every hook and module they added."""
@@ -147,6 +172,7 @@ class Attachment:
     model: Any
     packs: list[Pack]
     handles: list[Any] = field(default_factory=list)
+    states: _StudentStates = field(default_factory=_StudentStates)
 
     @property
     def names(self) -> list[str]:
@@ -156,13 +182,15 @@ class Attachment:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.states.clear()
         if hasattr(self.model, PACKS_ATTRIBUTE):
             delattr(self.model, PACKS_ATTRIBUTE)
         self.packs = []
 
 
 def attach(model, packs: Sequence[Pack]) -> Attachment:
-    """Attach ``packs`` (their outputs summed, each behind its own gates) to ``model``."""
+    """Attach ``packs`` to ``model``: its next-token distribution becomes the mixture of the
+    student's and theirs (:mod:`memstore_gpt2.packs.modules`)."""
     if hasattr(model, PACKS_ATTRIBUTE):
         raise PackError("packs are already attached to this model: detach them first")
     names = [p.name for p in packs]
@@ -176,55 +204,99 @@ def attach(model, packs: Sequence[Pack]) -> Attachment:
     # cannot hold as keys (they are nn.Module attributes)
     holder = nn.ModuleDict({f"pack{i}": p for i, p in enumerate(packs)})
     model.add_module(PACKS_ATTRIBUTE, holder.to(device))
-    blocks = gpt2_blocks(model)
-    for index, block in enumerate(blocks):
-        readers = [(p, p.blocks[str(index)]) for p in packs if str(index) in p.blocks]
-        if readers:
-            attachment.handles.append(block.mlp.register_forward_hook(_add_outputs(readers)))
-    vocabularies = [(p, p.vocabulary) for p in packs if p.vocabulary is not None]
-    if vocabularies:
-        wte, head = model.transformer.wte, model.lm_head
-        attachment.handles.append(wte.register_forward_hook(_add_embeddings(vocabularies)))
-        attachment.handles.append(head.register_forward_hook(_add_logits(vocabularies)))
+    states, handles = attachment.states, attachment.handles
+    read = {layer for p in packs for layer in p.blocks}
+    for index, block in enumerate(gpt2_blocks(model)):
+        if str(index) in read:
+            handles.append(block.mlp.register_forward_hook(_record_block_input(states, str(index))))
+    transformer = model.transformer
+    handles.append(transformer.ln_f.register_forward_hook(_record_residual(states)))
+    if any(p.vocabulary is not None for p in packs):
+        handles.append(transformer.wte.register_forward_hook(_record_ids(states)))
+    handles.append(model.lm_head.register_forward_hook(_mix(states, list(packs), transformer.ln_f)))
     return attachment
 
 
-def _masked(pack: Pack, added: torch.Tensor) -> torch.Tensor:
-    """``added`` (B, ...) with the rows of sequences that did not ask for ``pack`` zeroed."""
-    if pack.row_mask is None:
-        return added
-    mask = pack.row_mask.to(device=added.device, dtype=added.dtype)
-    return added * mask.view(-1, *([1] * (added.dim() - 1)))
-
-
-def _add_outputs(readers: list[tuple[Pack, PackMemory]]):
+def _record_block_input(states: _StudentStates, key: str):
     def hook(module, inputs, output):
-        x = inputs[0]
-        for pack, reader in readers:
-            output = output + _masked(pack, reader(x).to(output.dtype))
-        return output
+        states.block_inputs[key] = inputs[0]
 
     return hook
 
 
-def _add_embeddings(vocabularies: list[tuple[Pack, VocabularyDelta]]):
+def _record_residual(states: _StudentStates):
     def hook(module, inputs, output):
-        ids = inputs[0]
-        for pack, vocabulary in vocabularies:
-            output = output + _masked(pack, vocabulary.embed(ids).to(output.dtype))
-        return output
+        states.residual = inputs[0]
 
     return hook
 
 
-def _add_logits(vocabularies: list[tuple[Pack, VocabularyDelta]]):
+def _record_ids(states: _StudentStates):
+    def hook(module, inputs, output):
+        states.ids = inputs[0]
+
+    return hook
+
+
+def _mix(states: _StudentStates, packs: list[Pack], ln_f: nn.LayerNorm):
+    """The ``lm_head`` hook: the student's logits -> log of the mixture of its distribution and
+    the acting packs'. Rows no pack acts on keep the student's logits exactly."""
+
     def hook(module, inputs, output):
         hidden = inputs[0]
-        for pack, vocabulary in vocabularies:
-            output = output + _masked(pack, vocabulary.logits(hidden, torch.zeros_like(output)))
-        return output
+        acting = [p for p in packs if p.row_mask is None or bool(p.row_mask.any())]
+        if not acting or states.residual is None:
+            states.clear()
+            return output
+        try:
+            with torch.enable_grad() if states.learning else nullcontext():
+                return _mixture(states, acting, ln_f, module.weight, hidden, output)
+        finally:
+            states.clear()
 
     return hook
+
+
+def _last(tensor: torch.Tensor, positions: int) -> torch.Tensor:
+    """The last ``positions`` positions of ``tensor`` (B, T, ...): transformers' ``generate``
+    runs ``lm_head`` on the last position only (``logits_to_keep``)."""
+    return tensor if tensor.shape[1] == positions else tensor[:, -positions:]
+
+
+def _mixture(states, packs, ln_f, head_weight, hidden, student_logits):
+    if hidden.dim() != 3:
+        raise PackError(
+            f"packs read (batch, positions, d) hidden states, got {tuple(hidden.shape)}"
+        )
+    positions = hidden.shape[1]
+    inputs = {k: _last(v, positions) for k, v in states.block_inputs.items()}
+    residual = _last(states.residual, positions)
+    ids = None if states.ids is None else _last(states.ids, positions)
+    student_logp = torch.log_softmax(student_logits.float(), dim=-1)
+    gates, logps = [torch.zeros_like(student_logp[..., :1])], []
+    acts_somewhere = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    for pack in packs:
+        gate, logp = pack.predict(inputs, residual, ids, ln_f, head_weight, student_logits,
+                                  student_logp, hidden)  # fmt: skip
+        gate = gate.float()
+        if pack.row_mask is None:
+            acts_somewhere[:] = True
+        else:
+            mask = pack.row_mask.to(device=gate.device, dtype=torch.bool)
+            acts_somewhere |= mask
+            gate = gate.masked_fill(~mask.view(-1, 1, 1), float("-inf"))
+        gates.append(gate)
+        logps.append(logp.detach() if states.gate_only else logp)
+    log_weights = torch.log_softmax(torch.cat(gates, dim=-1), dim=-1)  # (B, T, 1 + packs)
+    for i, pack in enumerate(packs):
+        pack.last_weight = log_weights[..., i + 1 : i + 2].exp()
+    mixed = log_weights[..., :1] + student_logp
+    for i, logp in enumerate(logps):
+        mixed = torch.logaddexp(mixed, log_weights[..., i + 1 : i + 2] + logp)
+    if not bool(acts_somewhere.all()):
+        keep = ~acts_somewhere.view(-1, 1, 1)
+        mixed = torch.where(keep, student_logits.float(), mixed)
+    return mixed.to(student_logits.dtype)
 
 
 def attached_packs(model) -> dict[str, Pack]:

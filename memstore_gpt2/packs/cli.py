@@ -113,7 +113,7 @@ def list_command(student, db, as_json) -> None:
 @json_option
 def show_command(student, name, top, tokens, db, as_json) -> None:
     """Pack NAME: its manifest, rows in use and read per block, what its most-read rows promote,
-    its gates, and the vocabulary-delta tokens with the largest rows.
+    its mixing gate, and the vocabulary-delta tokens with the largest rows.
 
     \b
       memstore packs show student/ python
@@ -136,10 +136,11 @@ def show_command(student, name, top, tokens, db, as_json) -> None:
     options = manifest.get("options") or {}
     shown = ("rows", "k", "heads", "key_dim", "lr", "rows_lr", "vocab_rows", "seed")
     click.echo("  options: " + ", ".join(f"{k}={options[k]}" for k in shown if k in options))
+    click.echo(f"  mixing {_gate(report['gate'])}")
     for layer in report["layers"]:
         click.echo(
             f"block {layer['layer']} ({layer['collection']}): {layer['rows']} rows, "
-            f"{layer['rows_in_use']} in use, {layer['rows_read']} read; {_gate(layer['gate'])}"
+            f"{layer['rows_in_use']} in use, {layer['rows_read']} read"
         )
         for row in layer["top_rows"]:
             click.echo(
@@ -149,7 +150,7 @@ def show_command(student, name, top, tokens, db, as_json) -> None:
     if vocabulary is None:
         click.echo("vocabulary delta: none")
         return
-    click.echo(f"vocabulary delta: {vocabulary['rows']} tokens; {_gate(vocabulary['gate'])}")
+    click.echo(f"vocabulary delta: {vocabulary['rows']} tokens")
     for entry in vocabulary["top_tokens"]:
         click.echo(
             f"  {entry['token']!r:<16} |in| {entry['delta_in_norm']:.4f}  "

@@ -2,16 +2,20 @@
 
 The student's language part never changes: every one of its weights and rows is frozen (and the
 student's files are only read), so detaching the pack gives it back bit for bit. What trains is a
-fresh pack (:mod:`memstore_gpt2.packs.modules`): per block a zero-initialised product-key memory
-behind a token gate, and a gated vocabulary delta over the tokens the text selects.
+fresh pack (:mod:`memstore_gpt2.packs.modules`): per read block a zero-initialised product-key
+memory, a vocabulary delta over the tokens the text selects, and the pack's mixing gate. The pack
+never writes into the student's stream: it predicts its own next-token distribution, and the
+attached model is the per-token mixture of the student's and the pack's (docs/design.md,
+Knowledge packs), so the student runs without gradients and only the pack's parts train.
 
 The objective (docs/design.md, What a pack learns) has three terms:
 
-* next-token cross-entropy on the new text, with the pack attached;
+* next-token cross-entropy of the mixture on the new text;
 * on *background* text, the KL divergence from the bare student's next-token distribution to the
-  attached one (top-``BACKGROUND_TOPK`` tokens of the student plus the rest's mass as one
-  outcome): the pack must not change what the student predicts on text it is not about;
-* on background text, the mean gate value (L1): the gates learn to close there, which is what
+  mixture (top-``BACKGROUND_TOPK`` tokens of the student plus the rest's mass as one outcome),
+  through the gate only (the pack's own prediction is detached there): the gate learns where the
+  pack does not know better, rather than the pack learning to imitate the student;
+* on background text, the mean mixing weight (L1): the gate learns to close there, which is what
   keeps a pack quiet off its domain and lets packs compose.
 
 Background text is what the user gives with ``background`` (general text of the student's own
@@ -50,7 +54,7 @@ from memstore_gpt2.packs.attach import (
     student_fingerprint,
     student_shape,
 )
-from memstore_gpt2.packs.modules import Pack, PackMemory, VocabularyDelta
+from memstore_gpt2.packs.modules import Pack, VocabularyDelta
 from memstore_gpt2.packs.storage import (
     PackRecord,
     check_pack_name,
@@ -89,10 +93,10 @@ class LearnOptions:
     #: Most tokens of the vocabulary delta (0: none), chosen by TF-IDF against the background.
     vocab_rows: int = 4096
     #: Background blocks (sampled by the student when no background text is given).
-    background_blocks: int = 64
-    background_batch: int = 4
-    background_weight: float = 1.0
-    gate_weight: float = 0.05
+    background_blocks: int = 512
+    background_batch: int = 16
+    background_weight: float = 8.0
+    gate_weight: float = 0.5
     warmup: int = 10
     checkpoint_every: int = 50
     seed: int = 0
@@ -214,13 +218,13 @@ def new_pack(
             collection=layer_collection(name, layer),
             cache_rows=(cache_rows or {}).get(layer),
         )
-        blocks[layer] = PackMemory(memory)
+        blocks[layer] = memory
     vocabulary = None
     if len(token_ids):
         vocabulary = VocabularyDelta(
             int(model.config.vocab_size), d_model, torch.from_numpy(token_ids)
         )
-    return Pack(name, blocks, vocabulary)
+    return Pack(name, blocks, vocabulary, d_model)
 
 
 # -- optimizer state as tensors (a pack's state blob is safetensors: no pickle) ---------------------
@@ -265,6 +269,7 @@ class _Run:
     manifest: dict[str, Any]
     dense_optimizer: torch.optim.Optimizer
     row_optimizer: RowwiseAdagrad | None
+    attachment: Any = None
     step: int = 0
     #: A paged pack writes rows back between checkpoints inside this (one transaction per
     #: checkpoint interval), so a kill loses them all and the database stays at the checkpoint.
@@ -322,7 +327,7 @@ def learn_pack(
             run = _start(
                 loaded, student_dir, pack, options, data, background, resume, memory_budget
             )
-            paged = any(m.memory.paged for m in run.pack.blocks.values())
+            paged = any(m.paged for m in run.pack.blocks.values())
             with WriteBackInterval(loaded.store) if paged else nullcontext() as interval:
                 run.interval = interval
                 summary = _train(run, progress, handle_signals)
@@ -401,13 +406,14 @@ def _start(loaded, student_dir, name, options, data, background, resume, memory_
         manifest["steps"] = options.steps
         manifest["options"] = {k: _as_json(v) for k, v in asdict(options).items()}
         pack = build_pack(record, store, pack_cache)
-    attach(model, [pack])
+    attachment = attach(model, [pack])
+    attachment.states.learning = True  # the student runs without autograd, the pack with it
     sparse = split_parameters(pack).sparse
     dense = [p for p in pack.parameters() if p.requires_grad and all(p is not s for s in sparse)]
     dense_optimizer = torch.optim.AdamW(dense, lr=options.lr, weight_decay=0.0)
     row_optimizer = RowwiseAdagrad(sparse, lr=options.rows_lr) if sparse else None
     run = _Run(name, loaded, pack, options, blocks, bg, targets, manifest, dense_optimizer,
-               row_optimizer)  # fmt: skip
+               row_optimizer, attachment)  # fmt: skip
     if record is not None:
         _restore_optimizer("dense", dense_optimizer, record.state)
         if row_optimizer is not None:
@@ -439,7 +445,7 @@ def _manifest(name, model, pack, options, blocks, fingerprint, data, background)
         "name": name,
         "student": {**student_shape(model), "fingerprint": fingerprint},
         "layers": pack.layers,
-        "memories": {str(i): m.memory.extra_config() for i, m in pack.blocks.items()},
+        "memories": {str(i): m.extra_config() for i, m in pack.blocks.items()},
         "steps": options.steps,
         "options": {k: _as_json(v) for k, v in asdict(options).items()},
         "vocabulary_rows": 0 if pack.vocabulary is None else len(pack.vocabulary.token_ids),
@@ -468,6 +474,13 @@ def _kl_to_student(logits: torch.Tensor, targets) -> torch.Tensor:
     return kl.mean()
 
 
+def _attached_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The attached model's log-mixture on ``ids``: the frozen student's forward without
+    autograd (nothing of it trains), the pack's part with it (the attachment's learning flag)."""
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
 def _train(run: _Run, progress, handle_signals: bool) -> dict[str, Any]:
     opts, model = run.options, run.loaded.model
     bg_rows = np.arange(len(run.background))[:, None]
@@ -485,18 +498,21 @@ def _train(run: _Run, progress, handle_signals: bool) -> dict[str, Any]:
                 for group in run.row_optimizer.param_groups:
                     group["lr"] = opts.rows_lr * scale
             ids = batch_for_step(run.blocks, step, opts.batch_size, opts.seed)
-            ce = next_token_ce(model(input_ids=ids, use_cache=False).logits, ids)
+            ce = next_token_ce(_attached_logits(model, ids), ids)
             loss = ce
             if opts.background_weight > 0 or opts.gate_weight > 0:
                 pick = batch_for_step(bg_rows, step, opts.background_batch, opts.seed + 1)[:, 0]
                 bg_ids = torch.from_numpy(np.ascontiguousarray(run.background[pick.numpy()]))
-                bg_logits = model(input_ids=bg_ids, use_cache=False).logits
+                run.attachment.states.gate_only = True
+                try:
+                    bg_logits = _attached_logits(model, bg_ids)
+                finally:
+                    run.attachment.states.gate_only = False
                 targets = tuple(t[pick] for t in run.targets)
                 if opts.background_weight > 0:
                     loss = loss + opts.background_weight * _kl_to_student(bg_logits, targets)
                 if opts.gate_weight > 0:
-                    gates = torch.cat([g.reshape(-1) for g in run.pack.gates()])
-                    loss = loss + opts.gate_weight * gates.mean()
+                    loss = loss + opts.gate_weight * run.pack.last_weight.mean()
             if not torch.isfinite(loss):
                 raise PackError(f"the loss became {float(loss)} at step {step}; lower --lr")
             run.dense_optimizer.zero_grad(set_to_none=True)

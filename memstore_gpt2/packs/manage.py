@@ -136,8 +136,8 @@ def list_packs(student_dir: str | os.PathLike, db: str | None = None) -> list[di
 
 # -- show ------------------------------------------------------------------------------------------
 def _gate_summary(gate) -> dict[str, float]:
-    """A token gate in numbers: its bias, how open it is on a hidden state it reads as zero,
-    and the norm of its read (how strongly the hidden state moves it)."""
+    """The pack's mixing gate in numbers: its bias, the pack's weight where the gate reads a zero
+    hidden state, and the norm of its read (how strongly the hidden state moves it)."""
     bias = float(gate.read.bias.detach().reshape(-1)[0])
     return {
         "bias": round(bias, 4),
@@ -173,8 +173,7 @@ def _promoted(mindset, memory, values: np.ndarray, top: int) -> list[list[dict]]
 
 
 def _layer_report(mindset, pack, layer: int, top_rows: int, top_tokens: int) -> dict[str, Any]:
-    part = pack.blocks[str(layer)]
-    memory = part.memory
+    memory = pack.blocks[str(layer)]
     rows, in_use = _layer_rows(mindset.store, memory.collection_name)
     chosen = _top_read(rows, top_rows)
     promoted = _promoted(mindset, memory, rows.values[chosen], top_tokens)
@@ -188,7 +187,6 @@ def _layer_report(mindset, pack, layer: int, top_rows: int, top_tokens: int) -> 
             {"id": int(rows.ids[p]), "hits": int(rows.hits[p]), "promotes": tokens}
             for p, tokens in zip(chosen, promoted, strict=True)
         ],
-        "gate": _gate_summary(part.gate),
     }
 
 
@@ -239,7 +237,7 @@ def show_pack(
 ) -> dict[str, Any]:
     """Everything about one pack: its manifest, per block the rows in use (non-zero values), the
     rows read (hits > 0), the ``top`` most-read rows and the ``tokens`` tokens each promotes, the
-    gates, and the vocabulary-delta tokens with the largest rows."""
+    mixing gate, and the vocabulary-delta tokens with the largest rows."""
     from memstore_gpt2.mindset.session import Mindset
 
     _check_counts(top=top, tokens=tokens)
@@ -251,12 +249,12 @@ def show_pack(
         if pack.vocabulary is not None:
             vocabulary = {
                 "rows": int(len(pack.vocabulary.token_ids)),
-                "gate": _gate_summary(pack.vocabulary.gate),
                 "top_tokens": _vocabulary_tokens(mindset, pack, max(top, tokens)),
             }
     return {
         **_summary(record.manifest),
         "manifest": record.manifest,
+        "gate": _gate_summary(pack.gate),
         "layers": layers,
         "vocabulary": vocabulary,
     }
@@ -283,7 +281,7 @@ def _row_promotions(mindset, pack, top_rows: int, tokens: int) -> dict[int, floa
     promotes most. A token many well-read rows promote comes first."""
     weights: dict[int, float] = {}
     for layer in pack.layers:
-        memory = pack.blocks[str(layer)].memory
+        memory = pack.blocks[str(layer)]
         rows, _ = _layer_rows(mindset.store, memory.collection_name)
         chosen = _top_read(rows, top_rows)
         total = float(rows.hits.sum()) or 1.0
@@ -298,7 +296,7 @@ def _row_promotions(mindset, pack, top_rows: int, tokens: int) -> dict[int, floa
 def _pack_side(mindset, pack) -> dict[int, dict[str, Any]]:
     side = {}
     for layer in pack.layers:
-        memory = pack.blocks[str(layer)].memory
+        memory = pack.blocks[str(layer)]
         rows, in_use = _layer_rows(mindset.store, memory.collection_name)
         side[layer] = {
             "collection": memory.collection_name,

@@ -42,7 +42,9 @@ PACKS = sa.Table(
     ),
 )
 
-PACK_FORMAT = 1
+#: Version of a pack's manifest and parts: 2 since packs mix their prediction with the
+#: student's instead of writing into its stream (a format-1 pack cannot be read as one).
+PACK_FORMAT = 2
 #: Pack names become parts of collection names (64 characters at most), so they are short
 #: identifiers; a name is also what users type after ``--pack``.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
@@ -180,7 +182,7 @@ def _parse_manifest(name: str, text: str) -> dict[str, Any]:
     if manifest.get("format") != PACK_FORMAT:
         raise PackError(
             f"pack {name!r} has format {manifest.get('format')!r}; this memstore reads "
-            f"{PACK_FORMAT}"
+            f"{PACK_FORMAT}: drop it ('memstore packs drop {name}') and learn it again"
         )
     layers = manifest.get("layers")
     if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):

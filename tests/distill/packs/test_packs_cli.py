@@ -327,7 +327,7 @@ def test_show(packed):
         hits = [row["hits"] for row in layer["top_rows"]]
         assert hits == sorted(hits, reverse=True) and hits[0] > 0
         assert all(len(row["promotes"]) == 8 for row in layer["top_rows"])
-        assert set(layer["gate"]) == {"bias", "open_at_zero", "weight_norm"}
+    assert set(report["gate"]) == {"bias", "open_at_zero", "weight_norm"}
     tokens = report["vocabulary"]["top_tokens"]
     norms = [(t["delta_in_norm"] ** 2 + t["delta_out_norm"] ** 2) for t in tokens]
     assert tokens and norms == sorted(norms, reverse=True)
