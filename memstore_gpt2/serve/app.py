@@ -151,6 +151,7 @@ class Metrics:
     requests: dict = field(default_factory=dict)  # (endpoint, status) -> count
     latency_counts: dict = field(default_factory=dict)  # endpoint -> per-bucket counts (+Inf last)
     latency_sum: dict = field(default_factory=dict)
+    pack_requests: dict = field(default_factory=dict)  # pack name -> requests it acted on
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, endpoint: str, status: int, seconds: float | None) -> None:
@@ -166,6 +167,11 @@ class Metrics:
             counts[-1] += 1
             self.latency_sum[endpoint] = self.latency_sum.get(endpoint, 0.0) + seconds
 
+    def record_packs(self, names) -> None:
+        with self.lock:
+            for name in names:
+                self.pack_requests[name] = self.pack_requests.get(name, 0) + 1
+
 
 class ServeState:
     """What the HTTP threads share: the model's name and context, the tokenizer (behind a lock),
@@ -177,6 +183,8 @@ class ServeState:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.context = scheduler.decoder.context
+        #: The knowledge packs the server loaded (``--pack``); a request chooses among them.
+        self.packs: list[str] = list(scheduler.decoder.pack_names)
         self.api_key = api_key
         self.loopback_only = loopback_only
         self.metrics = Metrics()
@@ -256,13 +264,30 @@ def _common_checks(state: ServeState, data: dict) -> None:
     if model is not None and model != state.model_name:
         raise ApiError(404, f"the model {model!r} does not exist; this server has "
                        f"{state.model_name!r}", param="model", code="model_not_found")  # fmt: skip
-    if data.get("pack") is not None:
-        raise ApiError(400, "packs are not implemented yet", param="pack")
     n = _number(data, "n", 1, 1, 1 << 30, integer=True)
     if n != 1:
         raise ApiError(400, "n must be 1 (one choice per prompt)", param="n")
     if data.get("top_p") == 0:
         raise ApiError(400, "top_p must be greater than 0", param="top_p")
+
+
+def _packs(state: ServeState, data: dict) -> tuple[str, ...] | None:
+    """The loaded packs a request chose (``"pack"``: a name or a list of names; absent or null:
+    every loaded pack; ``[]``: the bare student)."""
+    chosen = data.get("pack")
+    if chosen is None:
+        return None
+    names = [chosen] if isinstance(chosen, str) else chosen
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ApiError(400, "pack must be a pack name or a list of pack names", param="pack")
+    loaded = ", ".join(repr(n) for n in state.packs) or "none (start it with --pack NAME)"
+    for name in names:
+        if name not in state.packs:
+            raise ApiError(400, f"pack {name!r} is not loaded by this server; loaded: {loaded}",
+                           param="pack")  # fmt: skip
+    if len(set(names)) != len(names):
+        raise ApiError(400, f"pack names a pack twice: {names}", param="pack")
+    return tuple(names)
 
 
 def _prompts(state: ServeState, prompt) -> list[tuple[str | None, list[int]]]:
@@ -366,15 +391,18 @@ def _start(state: ServeState, data: dict, prompts, stops, *, logprobs, echo,
         sampling.validate()
     except InvalidInputError as exc:
         raise ApiError(400, str(exc), param=exc.parameter) from None
+    packs = _packs(state, data)
     planned = []
     for _, ids in prompts:
         planned.append((ids, _max_tokens(state, data, len(ids), default_tokens)))
     choices = []
     for index, (ids, max_tokens) in enumerate(planned):
         request = Request(ids, max_tokens, SamplingParams(**vars(sampling)), logprobs=logprobs,
-                          score_prompt=echo and logprobs is not None, eos_id=state.eos_id)  # fmt: skip
+                          score_prompt=echo and logprobs is not None, eos_id=state.eos_id,
+                          packs=packs)  # fmt: skip
         state.scheduler.submit(request)
         choices.append(Choice(index, request, TextStream(state.decode, stops)))
+    state.metrics.record_packs(state.packs if packs is None else packs)
     return choices
 
 
@@ -513,7 +541,7 @@ def create_app(state: ServeState):
 
     @app.get("/health")
     def health():
-        return jsonify(status="ok", model=state.model_name)
+        return jsonify(status="ok", model=state.model_name, packs=state.packs)
 
     @app.get("/v1/models")
     def models():
@@ -649,7 +677,13 @@ def _stream_logprobs(state: ServeState, choice: Choice, seen: int) -> dict:
 
 def _model_card(state: ServeState) -> dict:
     return {"id": state.model_name, "object": "model", "created": state.created,
-            "owned_by": "memstore", "max_model_len": state.context}  # fmt: skip
+            "owned_by": "memstore", "max_model_len": state.context,
+            "packs": state.packs}  # fmt: skip
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def render_metrics(state: ServeState) -> str:
@@ -670,6 +704,7 @@ def render_metrics(state: ServeState) -> str:
         requests = sorted(state.metrics.requests.items())
         latency = {k: list(v) for k, v in state.metrics.latency_counts.items()}
         latency_sum = dict(state.metrics.latency_sum)
+        pack_requests = dict(state.metrics.pack_requests)
     metric("memstore_requests_total", "counter", "HTTP requests answered, by endpoint and status.",
            [((("endpoint", e), ("status", s)), n) for (e, s), n in requests])  # fmt: skip
     lines.append("# HELP memstore_request_duration_seconds Time from request to last byte.")
@@ -684,6 +719,9 @@ def render_metrics(state: ServeState) -> str:
                      f"{latency_sum.get(endpoint, 0.0)}")  # fmt: skip
         lines.append(f'memstore_request_duration_seconds_count{{endpoint="{endpoint}"}} '
                      f"{counts[-1]}")  # fmt: skip
+    metric("memstore_pack_requests_total", "counter",
+           "Requests each loaded knowledge pack acted on (a request chooses with \"pack\").",
+           [((("pack", _label(name)),), pack_requests.get(name, 0)) for name in state.packs])  # fmt: skip
     metric("memstore_prompt_tokens_total", "counter", "Prompt tokens prefilled.",
            [((), stats.prompt_tokens)])  # fmt: skip
     metric("memstore_generation_tokens_total", "counter", "Tokens generated.",

@@ -28,7 +28,8 @@ TIMEOUT_S = 600
 class ChatClient:
     """Streams chat completions from one server (``base_url`` ends in ``/v1`` or is the root)."""
 
-    def __init__(self, base_url: str, api_key: str | None = None) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None,
+                 packs: tuple[str, ...] | None = None) -> None:  # fmt: skip
         parsed = urllib.parse.urlsplit(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise InvalidInputError(f"not an http(s) URL: {base_url!r}", parameter="student_or_url")
@@ -37,6 +38,8 @@ class ChatClient:
         path = parsed.path.rstrip("/")
         self.path = (path if path.endswith("/v1") else path + "/v1") + "/chat/completions"
         self.api_key = api_key
+        #: The server's packs each reply uses (None: the server's default, all it loaded).
+        self.packs = packs
 
     def _connection(self) -> http.client.HTTPConnection:
         kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
@@ -44,8 +47,10 @@ class ChatClient:
 
     def stream(self, messages: list[dict], **sampling) -> Iterator[str]:
         """The reply's text pieces as the server streams them (SSE ``data:`` lines)."""
-        body = json.dumps({"model": "student", "messages": messages, "stream": True,
-                           **{k: v for k, v in sampling.items() if v is not None}})  # fmt: skip
+        fields = {k: v for k, v in sampling.items() if v is not None}
+        if self.packs is not None:
+            fields["pack"] = list(self.packs)
+        body = json.dumps({"model": "student", "messages": messages, "stream": True, **fields})
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -149,8 +154,11 @@ def chat_loop(client: ChatClient, lines, out, *, system: str | None, **sampling)
 @click.option("--api-key", default=None, envvar="MEMSTORE_API_KEY",
               help="Bearer key of the server (a URL only; or set MEMSTORE_API_KEY).")  # fmt: skip
 @click.option("--db", default=None, help="Use this memory database (a student directory only).")
+@click.option("--pack", "packs", multiple=True,
+              help="Knowledge pack the replies use (repeatable): attached to a student directory, "
+                   "chosen among a server's loaded packs for a URL [default: the server's all].")  # fmt: skip
 @memory_budget_option
-def chat_command(student_or_url, max_tokens, temperature, seed, system, api_key, db,
+def chat_command(student_or_url, max_tokens, temperature, seed, system, api_key, db, packs,
                  memory_budget) -> None:  # fmt: skip
     """Chat in the terminal with a student directory or a running `memstore serve` URL.
 
@@ -159,6 +167,7 @@ def chat_command(student_or_url, max_tokens, temperature, seed, system, api_key,
     Examples:
       memstore chat student/
       memstore chat http://127.0.0.1:8000/v1 --temperature 0
+      memstore chat student/ --pack python-help
     """
     if max_tokens < 1:
         raise bad_parameter("max_tokens", f"must be >= 1, got {max_tokens}")
@@ -171,7 +180,8 @@ def chat_command(student_or_url, max_tokens, temperature, seed, system, api_key,
         if db is not None or memory_budget is not None:
             raise InvalidInputError("--db and --memory-budget apply to a student directory, "
                                     "not a URL", parameter="db")  # fmt: skip
-        chat_loop(ChatClient(student_or_url, api_key), lines, out, system=system, **sampling)
+        client = ChatClient(student_or_url, api_key, tuple(packs) if packs else None)
+        chat_loop(client, lines, out, system=system, **sampling)
         return
     require_torch()
     from memstore_gpt2.serve.commands import Server
@@ -180,7 +190,8 @@ def chat_command(student_or_url, max_tokens, temperature, seed, system, api_key,
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     key = secrets.token_urlsafe(16)  # the loopback port is reachable by this machine's users
     server = Server(student_or_url, host="127.0.0.1", port=0, db=db,
-                    memory_budget=memory_budget, device="auto", api_key=key)  # fmt: skip
+                    memory_budget=memory_budget, device="auto", api_key=key,
+                    packs=tuple(packs))  # fmt: skip
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

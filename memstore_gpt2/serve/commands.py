@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from memstore.errors import InvalidInputError, bad_parameter
+from memstore.errors import bad_parameter
 from memstore_gpt2.commands import memory_budget_option, require_flask, require_torch
 
 DEFAULT_PORT = 8000
@@ -24,8 +24,8 @@ class Server:
 
     def __init__(self, student_dir: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  db: str | None = None, memory_budget: str | None = None, device: str = "auto",
-                 precision: str = "fp32", max_batch: int = 16,
-                 api_key: str | None = None) -> None:  # fmt: skip
+                 precision: str = "fp32", max_batch: int = 16, api_key: str | None = None,
+                 packs: tuple[str, ...] = ()) -> None:  # fmt: skip
         from werkzeug.serving import make_server
 
         from memstore_gpt2.commands import _open_for_run
@@ -43,7 +43,7 @@ class Server:
         if api_key is not None and not api_key.strip():
             raise bad_parameter("api_key", "is empty")
         known = versions_before_load(student_dir, db)  # edits during the load are applied after
-        self.run = _open_for_run(student_dir, db, memory_budget, device)
+        self.run = _open_for_run(student_dir, db, memory_budget, device, packs)
         try:
             model = self.run.model
             decoder = Decoder(model, precision)
@@ -98,7 +98,9 @@ class Server:
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int,
               help="0: any free port (the first line printed names it).")  # fmt: skip
 @click.option("--db", default=None, help="Use this memory database instead of the saved one.")
-@click.option("--pack", "packs", multiple=True, help="Knowledge pack (not implemented yet).")
+@click.option("--pack", "packs", multiple=True,
+              help="Attach this knowledge pack (repeatable); a request chooses among them with "
+                   '"pack" (default: all).')  # fmt: skip
 @memory_budget_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="auto: CUDA when available, else CPU.")  # fmt: skip
@@ -120,8 +122,6 @@ def serve_command(student_dir, host, port, db, packs, memory_budget, device, pre
       curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
           -d '{"prompt": "The for statement", "max_tokens": 20}'
     """
-    if packs:
-        raise InvalidInputError("--pack: knowledge packs are not implemented yet", parameter="pack")
     if max_batch < 1:
         raise bad_parameter("max_batch", f"must be >= 1, got {max_batch}")
     if not 0 <= port <= 65535:
@@ -129,14 +129,15 @@ def serve_command(student_dir, host, port, db, packs, memory_budget, device, pre
     require_torch()
     server = Server(student_dir, host=host, port=port, db=db, memory_budget=memory_budget,
                     device=device, precision=precision, max_batch=max_batch,
-                    api_key=api_key)  # fmt: skip
+                    api_key=api_key, packs=tuple(packs))  # fmt: skip
 
     def stop(signum, frame) -> None:  # SIGTERM ends the server as Ctrl-C does
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    loaded = f", packs {', '.join(server.state.packs)}" if server.state.packs else ""
     click.echo(f"memstore serve: {server.url}/v1 (model {server.state.model_name!r}, "
-               f"device {server.run.device}, max batch {max_batch}); Ctrl-C stops it")  # fmt: skip
+               f"device {server.run.device}, max batch {max_batch}{loaded}); Ctrl-C stops it")  # fmt: skip
     sys.stdout.flush()
     try:
         server.serve_forever()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from memstore.errors import bad_parameter
 from memstore_gpt2.lm_training import model_device
+from memstore_gpt2.packs.attach import attached_packs, select_packs
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -123,12 +124,32 @@ class Decoder:
         self.context = int(config.n_positions)
         self.transformer = model.transformer
         self.blocks = list(self.transformer.h)
+        #: The knowledge packs attached to the model (all act unless a forward chooses).
+        self.pack_names: list[str] = list(attached_packs(model))
+
+    @contextlib.contextmanager
+    def _packs(self, per_row: list[tuple[str, ...] | None] | None):
+        """Let each row's chosen packs act in the forward under way (``per_row[b]``: the names
+        of sequence ``b``'s packs, None: all attached ones), every pack again afterwards."""
+        chosen = None
+        if self.pack_names and per_row is not None and any(n is not None for n in per_row):
+            chosen = [tuple(self.pack_names) if n is None else n for n in per_row]
+        if chosen is None:
+            yield
+            return
+        select_packs(self.model, chosen)
+        try:
+            yield
+        finally:
+            select_packs(self.model, None)
 
     # -- forwards ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, ids: list[int]) -> tuple[KVBatch, torch.Tensor]:
+    def prefill(self, ids: list[int], packs: tuple[str, ...] | None = None
+                ) -> tuple[KVBatch, torch.Tensor]:  # fmt: skip
         """Run one sequence's prompt: its cache (a batch of one) and its logits ``(T, V)`` fp32
-        (every position's, so a request can score its prompt)."""
+        (every position's, so a request can score its prompt). ``packs``: the attached knowledge
+        packs that act on it (None: all; empty: the bare student)."""
         if not ids:
             raise bad_parameter("prompt", "is empty after tokenization: give some text")
         if len(ids) > self.context:
@@ -136,7 +157,7 @@ class Decoder:
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         positions = torch.arange(len(ids), device=self.device).unsqueeze(0)
         keys, values = [], []
-        with precision_context(self.device, self.precision):
+        with self._packs([packs]), precision_context(self.device, self.precision):
             hidden = self._embed(tokens, positions)
             for index, block in enumerate(self.blocks):
                 hidden, k, v = self._block(index, block, hidden, None, None, None)
@@ -147,8 +168,10 @@ class Decoder:
         return KVBatch(keys, values, mask, [len(ids)]), logits[0].float()
 
     @torch.no_grad()
-    def step(self, batch: KVBatch, tokens: list[int]) -> tuple[KVBatch, torch.Tensor]:
-        """Feed one new token per sequence: the extended cache and the next logits ``(B, V)``."""
+    def step(self, batch: KVBatch, tokens: list[int],
+             packs: list[tuple[str, ...] | None] | None = None) -> tuple[KVBatch, torch.Tensor]:  # fmt: skip
+        """Feed one new token per sequence: the extended cache and the next logits ``(B, V)``.
+        ``packs[b]``: the knowledge packs acting on sequence ``b`` (None: all attached ones)."""
         if len(tokens) != batch.size:
             raise bad_parameter("tokens", f"{len(tokens)} tokens for {batch.size} sequences")
         if max(batch.lengths) >= self.context:
@@ -158,8 +181,10 @@ class Decoder:
         ones = torch.ones(batch.size, 1, dtype=torch.bool, device=self.device)
         mask = torch.cat([batch.mask, ones], dim=1)  # (B, L+1)
         attend = mask[:, None, None, :]  # (B, 1, 1, L+1): SDPA's boolean mask, True attends
+        if packs is not None and len(packs) != batch.size:
+            raise bad_parameter("packs", f"{len(packs)} pack choices for {batch.size} sequences")
         keys, values = [], []
-        with precision_context(self.device, self.precision):
+        with self._packs(packs), precision_context(self.device, self.precision):
             hidden = self._embed(new, positions)
             for index, block in enumerate(self.blocks):
                 hidden, k, v = self._block(index, block, hidden, batch.keys[index],

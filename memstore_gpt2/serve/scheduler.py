@@ -69,7 +69,8 @@ class Failed:
 @dataclass
 class Request:
     """One sequence to decode. ``logprobs``: how many top alternatives to report per token
-    (None: no log-probabilities); ``score_prompt``: also score the prompt tokens."""
+    (None: no log-probabilities); ``score_prompt``: also score the prompt tokens; ``packs``: the
+    server's knowledge packs that act on it (None: all it loaded; empty: the bare student)."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -77,6 +78,7 @@ class Request:
     logprobs: int | None = None
     score_prompt: bool = False
     eos_id: int | None = None
+    packs: tuple[str, ...] | None = None
     events: queue.Queue = field(default_factory=queue.Queue, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     id: int = field(default_factory=itertools.count().__next__)
@@ -208,7 +210,7 @@ class Scheduler:
             request.events.put(Finished("cancelled"))
             return batch, active
         try:
-            cache, logits = self.decoder.prefill(request.prompt_ids)
+            cache, logits = self.decoder.prefill(request.prompt_ids, request.packs)
             self.stats.model_tokens += len(request.prompt_ids)
             self.stats.prompt_tokens += len(request.prompt_ids)
             if request.score_prompt:
@@ -229,7 +231,9 @@ class Scheduler:
 
     def _step(self, batch: KVBatch, active: list[_Active]):
         try:
-            batch, logits = self.decoder.step(batch, [entry.last for entry in active])
+            batch, logits = self.decoder.step(
+                batch, [entry.last for entry in active], [entry.request.packs for entry in active]
+            )
         except Exception as exc:  # noqa: BLE001 - every request in the batch learns it
             self.stats.failures += 1
             for entry in active:

@@ -65,11 +65,11 @@ def test_a_failing_step_fails_its_requests_and_the_scheduler_goes_on(student):
     class BrokenOnce(Decoder):
         broken = True
 
-        def step(self, batch, tokens):
+        def step(self, batch, tokens, packs=None):
             if self.broken:
                 self.broken = False
                 raise RuntimeError("database is locked\nsecond line")
-            return super().step(batch, tokens)
+            return super().step(batch, tokens, packs)
 
     ids = student.tokenizer("A list is", add_special_tokens=False)["input_ids"]
     scheduler = Scheduler(BrokenOnce(student.model), max_batch=4)

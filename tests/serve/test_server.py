@@ -5,11 +5,7 @@ logprobs/echo, the errors, the metrics, and greedy output identical to ``memstor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -18,46 +14,19 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from tests.distill.cli_results import error_line, last_json, run_cli  # noqa: E402
+from tests.distill.cli_results import last_json, run_cli  # noqa: E402
+from tests.serve.server_process import API_KEY, serve_process  # noqa: E402
 
-API_KEY = "test-key"
 BUDGET = "10%"  # the extra rows page through a small cache: /metrics has paging to report
 PROMPT = "The for statement"
-STARTUP_S = 180
 
 
 @pytest.fixture(scope="module")
 def server(student_dir, tmp_path_factory):
-    """The server process (``--port 0``: it prints the port it got) and its base URL; its log
-    (one access line per request) goes to a file, so no pipe can fill up and block it."""
-    code = "from memstore_gpt2.cli import main; main()"
-    args = [sys.executable, "-c", code, "serve", str(student_dir), "--port", "0", "--device",
-            "cpu", "--memory-budget", BUDGET, "--api-key", API_KEY, "--max-batch", "4"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    log = tmp_path_factory.mktemp("server") / "stderr.log"
-    stderr = open(log, "w")  # noqa: SIM115 - open for the server's whole life
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")),
-                              daemon=True)  # fmt: skip
-    reader.start()
-    deadline = time.monotonic() + STARTUP_S
-    while not lines and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if not lines:
-        process.kill()
-        pytest.fail(f"the server did not start: {log.read_text()[-2000:]}")
-    url = lines[0].split()[2]  # "memstore serve: http://127.0.0.1:PORT/v1 (...)"
-    assert url.startswith("http://127.0.0.1:") and url.endswith("/v1"), lines[0]
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        stderr.close()
-    assert process.returncode == 0, log.read_text()[-2000:]
+    """The server process and its base URL."""
+    log_dir = tmp_path_factory.mktemp("server")
+    with serve_process(student_dir, log_dir, "--memory-budget", BUDGET, "--max-batch", 4) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -295,10 +264,3 @@ def test_metrics_report_requests_tokens_and_paging(server, client):
     assert values["memstore_memory_rows_paged_total"] > 0
     assert 0 < values["memstore_memory_cache_hit_rate"] < 1
     assert values["memstore_memory_rows_paged_per_token"] > 0
-
-
-def test_pack_is_refused_in_one_line(student_dir):
-    line = error_line(
-        run_cli(["serve", student_dir, "--pack", "python", "--port", 0]), exit_code=None
-    )
-    assert "not implemented yet" in line

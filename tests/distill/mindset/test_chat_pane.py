@@ -224,7 +224,7 @@ def test_raw_json_a_client_could_send_is_a_400(client, raw, words):
 def test_a_model_that_fails_while_decoding_is_a_500_with_one_line(client, service, monkeypatch):
     _chat(client, max_tokens=1)  # the decoder exists once a chat ran
 
-    def broken(ids):
+    def broken(ids, packs=None):
         raise RuntimeError("the memory database went away\nmore detail")
 
     monkeypatch.setattr(service._chat.scheduler.decoder, "prefill", broken)
