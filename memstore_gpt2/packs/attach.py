@@ -277,7 +277,7 @@ def _mixture(states, packs, ln_f, head_weight, hidden, student_logits):
     acts_somewhere = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
     for pack in packs:
         gate, logp = pack.predict(inputs, residual, ids, ln_f, head_weight, student_logits,
-                                  student_logp, hidden)  # fmt: skip
+                                  student_logp, hidden, gate_only=states.gate_only)  # fmt: skip
         gate = gate.float()
         if pack.row_mask is None:
             acts_somewhere[:] = True
@@ -286,7 +286,7 @@ def _mixture(states, packs, ln_f, head_weight, hidden, student_logits):
             acts_somewhere |= mask
             gate = gate.masked_fill(~mask.view(-1, 1, 1), float("-inf"))
         gates.append(gate)
-        logps.append(logp.detach() if states.gate_only else logp)
+        logps.append(logp)
     log_weights = torch.log_softmax(torch.cat(gates, dim=-1), dim=-1)  # (B, T, 1 + packs)
     for i, pack in enumerate(packs):
         pack.last_weight = log_weights[..., i + 1 : i + 2].exp()

@@ -29,6 +29,7 @@ training the token embeddings alone. The delta covers only the tokens the pack's
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -143,10 +144,25 @@ class Pack(nn.Module):
         student_logits: torch.Tensor,
         student_logp: torch.Tensor,
         hidden: torch.Tensor,
+        *,
+        gate_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The pack's mixing logit ``(B, T, 1)`` and its next-token log-probabilities
         ``(B, T, V)`` (fp32) from the student's states at the same positions (``hidden``: the
         student's ``lm_head`` input, ``student_logp`` its log-softmax).
+
+        ``gate_only``: the prediction is computed without autograd (only the gate trains on
+        ``learn``'s background text), which spares its backward pass.
+        """
+        with torch.no_grad() if gate_only else nullcontext():
+            logp = self.propose(block_inputs, residual, ids, ln_f, head_weight, student_logits,
+                                hidden)  # fmt: skip
+        statistics = distribution_statistics(student_logp, logp.detach())
+        return self.gate(hidden, statistics), logp
+
+    def propose(self, block_inputs, residual, ids, ln_f, head_weight, student_logits, hidden):
+        """The pack's next-token log-probabilities (fp32): the student's head over the
+        student's final residual plus what the pack's memories and input deltas add.
 
         ``student_logits + lm_head(ln_f(r_pack) - hidden)`` equals ``lm_head(ln_f(r_pack))``
         (the head is linear) and keeps the student's own rounding where the pack adds nothing.
@@ -163,6 +179,4 @@ class Pack(nn.Module):
         logits = student_logits + F.linear(mine - hidden, head_weight.to(mine.dtype))
         if self.vocabulary is not None:
             logits = self.vocabulary.logits(mine, logits)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        statistics = distribution_statistics(student_logp, logp.detach())
-        return self.gate(hidden, statistics), logp
+        return torch.log_softmax(logits.float(), dim=-1)
