@@ -8,8 +8,12 @@ batching (``--max-batch 16``) and with batching off (``--max-batch 1``). For eac
 count, that many client threads (stdlib HTTP, one connection per request) each send
 ``--requests`` greedy ``/v1/completions`` requests of ``--max-tokens`` tokens one after another;
 tokens/s is all completion tokens over the wall time of the round, latency is per request
-(p50/p99). The dense teacher decodes the same prompt through transformers' ``generate()`` (greedy,
-its KV cache, one sequence) in this process for ``vs_hf_generate_1``.
+(p50/p99). The reference, the dense teacher through transformers' ``generate()`` (greedy, its KV
+cache, one sequence, in this process), decodes the same prompts one after another as the
+1-client round does (after a warm-up, as the server gets one), measured the same way: all tokens
+over the wall time; ``vs_hf_generate_1`` is the server's 1-client figure over it (the server's
+includes HTTP and tokenizing; the reference's neither). ``--pack NAME`` (repeatable) serves the
+student with knowledge packs attached (every request uses them).
 
 Also checks that the server's greedy text equals ``memstore generate``'s loop
 (``sample_tokens``, temperature 0) for the same prompt (``greedy_identical``).
@@ -17,7 +21,8 @@ Also checks that the server's greedy text equals ``memstore generate``'s loop
 JSON keys: ``tokens_per_s_1``, ``tokens_per_s_4``, ``tokens_per_s_16`` (batched server),
 ``unbatched_tokens_per_s_*``, ``batching_speedup_16`` (batched / unbatched at 16 clients),
 ``hf_generate_tokens_per_s``, ``vs_hf_generate_1`` (server at 1 client / HF generate),
-``p50_ms_*``, ``p99_ms_*``, ``greedy_identical``.
+``p50_ms_*``, ``p99_ms_*``, ``greedy_identical``, ``machine``. The table is printed first; with
+``--json`` the last line is the JSON object.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -33,16 +39,20 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from machine_info import cpu_model  # benchmarks/ is sys.path[0]
+
 #: Short prompts (at most 5 tokens in the tiny test tokenizer): prompt + max_tokens must fit the
 #: model's context, or the server refuses the request (400).
 PROMPTS = ["The for statement", "A list is", "x = 1", "The value"]
 
 
-def start_server(student: str, max_batch: int, device: str, log: Path):
+def start_server(student: str, max_batch: int, device: str, log: Path, packs=()):
     """(process, base URL) of ``memstore serve`` on a free port."""
     code = "from memstore_gpt2.cli import main; main()"
     args = [sys.executable, "-c", code, "serve", student, "--port", "0", "--device", device,
             "--max-batch", str(max_batch)]  # fmt: skip
+    for pack in packs:
+        args += ["--pack", pack]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     handle = open(log, "w")  # noqa: SIM115 - the server's whole life
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=handle, text=True, env=env)
@@ -102,33 +112,67 @@ def load_round(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "p50_ms": pct(0.5), "p99_ms": pct(0.99)}  # fmt: skip
 
 
-def hf_generate_tokens_per_s(teacher: str, device: str, max_tokens: int, rounds: int) -> float:
-    """The dense teacher through transformers' ``generate()`` (greedy, KV cache): best of rounds."""
+def hf_generate_tokens_per_s(teacher: str, device: str, max_tokens: int, requests: int) -> float:
+    """The dense teacher through transformers' ``generate()`` (greedy, KV cache): ``requests``
+    prompts one after another, as one client sends them, after one warm-up run."""
     import torch
 
     from memstore_gpt2.teacher import load_teacher
 
     model, tokenizer = load_teacher(teacher)
     model.to(device).eval()
-    ids = torch.tensor([tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]],
-                       device=device)  # fmt: skip
-    best = 0.0
+    prompts = [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]], device=device)
+               for p in PROMPTS]  # fmt: skip
+
+    def run(ids) -> int:
+        out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        return out.shape[1] - ids.shape[1]
+
     with torch.no_grad():
-        for _ in range(rounds):
-            started = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
-            seconds = time.perf_counter() - started
-            best = max(best, (out.shape[1] - ids.shape[1]) / seconds)
-    return best
+        run(prompts[0])
+        started = time.perf_counter()
+        tokens = sum(run(prompts[r % len(prompts)]) for r in range(requests))
+        return tokens / (time.perf_counter() - started)
 
 
-def reference_greedy(student: str, max_tokens: int) -> str:
+def machine() -> dict:
+    import torch
+
+    return {"cores": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
+
+
+def format_table(result: dict) -> str:
+    rows = ["| clients | tokens/s, batching | tokens/s, batching off | p50 ms | p99 ms |",
+            "|---|---|---|---|---|"]  # fmt: skip
+    for clients in result["clients"]:
+        rows.append(f"| {clients} | {result[f'tokens_per_s_{clients}']:.1f} | "
+                    f"{result[f'unbatched_tokens_per_s_{clients}']:.1f} | "
+                    f"{result[f'p50_ms_{clients}']:.0f} | {result[f'p99_ms_{clients}']:.0f} |")  # fmt: skip
+    m = result["machine"]
+    last = result["clients"][-1]
+    return "\n".join([
+        f"# memstore serve: {result['student']} ({result['device']}, packs: "
+        f"{', '.join(result['packs']) or 'none'}); {result['requests_per_client']} greedy "
+        f"requests of {result['max_tokens']} tokens per client",
+        f"# machine: {m['cores']} cores ({m['cpu']}), torch {m['torch']} ({m['torch_threads']} "
+        f"threads), Python {m['python']}; load average at the end {m['load_average'][0]}",
+        *rows,
+        f"reference: the dense teacher through transformers' generate(), "
+        f"{result['hf_generate_tokens_per_s']:.1f} tokens/s; vs_hf_generate_1 "
+        f"{result['vs_hf_generate_1']:.2f}; batching_speedup_{last} "
+        f"{result[f'batching_speedup_{last}']:.2f}; greedy_identical {result['greedy_identical']}",
+    ])  # fmt: skip
+
+
+def reference_greedy(student: str, max_tokens: int, packs=()) -> str:
     """``memstore generate``'s greedy continuation of the first prompt."""
     from memstore_gpt2.generate import sample_continuation
     from memstore_gpt2.model_dir import open_model_dir
 
-    with open_model_dir(student) as opened:
+    with open_model_dir(student, packs=tuple(packs)) as opened:
         text, _ = sample_continuation(opened.model, opened.tokenizer, PROMPTS[0],
                                       max_new_tokens=max_tokens, temperature=0)  # fmt: skip
     return text[len(PROMPTS[0]) :]
@@ -142,6 +186,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--requests", type=int, default=3, help="Requests per client per round.")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pack", action="append", default=[], help="Serve with this pack.")
     parser.add_argument("--work", default=None, help="Where the server logs go [default: tmp].")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -151,27 +196,29 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     counts = [int(c) for c in args.clients.split(",")]
     result: dict = {"clients": counts, "max_tokens": args.max_tokens, "device": args.device,
-                    "requests_per_client": args.requests}  # fmt: skip
+                    "requests_per_client": args.requests, "packs": args.pack,
+                    "student": str(args.student)}  # fmt: skip
     for label, max_batch in (("", 16), ("unbatched_", 1)):
         process, url = start_server(args.student, max_batch, args.device,
-                                    work / f"server{max_batch}.log")  # fmt: skip
+                                    work / f"server{max_batch}.log", args.pack)  # fmt: skip
         try:
             complete(url, PROMPTS[0], 2)  # warm-up
             if not label:
                 text, _ = complete(url, PROMPTS[0], args.max_tokens)
                 result["greedy_identical"] = text == reference_greedy(args.student,
-                                                                      args.max_tokens)  # fmt: skip
+                                                                      args.max_tokens, args.pack)  # fmt: skip
             for clients in counts:
                 measured = load_round(url, clients, args.requests, args.max_tokens)
                 for key, value in measured.items():
                     result[f"{label}{key}_{clients}"] = value
-                if not args.json:
-                    print(f"{label or 'batched_'}{clients} clients: {measured}", flush=True)
+                print(f"{label or 'batched_'}{clients} clients: {measured}", file=sys.stderr,
+                      flush=True)  # fmt: skip
         finally:
             process.terminate()
             process.wait(timeout=60)
-    result["hf_generate_tokens_per_s"] = hf_generate_tokens_per_s(args.teacher, args.device,
-                                                                  args.max_tokens, 3)  # fmt: skip
+    result["hf_generate_tokens_per_s"] = hf_generate_tokens_per_s(
+        args.teacher, args.device, args.max_tokens, args.requests
+    )
     last = counts[-1]
     result[f"batching_speedup_{last}"] = (
         result[f"tokens_per_s_{last}"] / result[f"unbatched_tokens_per_s_{last}"]
@@ -179,11 +226,10 @@ def main() -> None:
     result["vs_hf_generate_1"] = (
         result.get("tokens_per_s_1", 0) / result["hf_generate_tokens_per_s"]
     )
+    result["machine"] = machine()
+    print(format_table(result), flush=True)
     if args.json:
         print(json.dumps(result, sort_keys=True))
-    else:
-        for key in sorted(result):
-            print(f"{key}: {result[key]}")
 
 
 if __name__ == "__main__":

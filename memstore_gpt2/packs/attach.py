@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from memstore_gpt2.errors import PackError
@@ -178,6 +179,25 @@ class Attachment:
     def names(self) -> list[str]:
         return [p.name for p in self.packs]
 
+    def mix_states(self, block_inputs: dict[str, torch.Tensor], residual: torch.Tensor,
+                   ids: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The attached model's log-mixture ``(B, T, V)`` from student states recorded earlier
+        (:func:`record_student_states`) instead of a forward: the student is frozen, so what it
+        computes on a fixed text can be kept (``learn`` keeps its background text's)."""
+        transformer, head = self.model.transformer, self.model.lm_head
+        ln_f = transformer.ln_f
+        with torch.no_grad():
+            hidden = F.layer_norm(residual, ln_f.normalized_shape, ln_f.weight, ln_f.bias,
+                                  ln_f.eps)  # fmt: skip
+            logits = F.linear(hidden, head.weight, head.bias)
+        states = self.states
+        states.block_inputs, states.residual, states.ids = dict(block_inputs), residual, ids
+        try:
+            with torch.enable_grad() if states.learning else nullcontext():
+                return _mixture(states, self.packs, ln_f, head.weight, hidden, logits)
+        finally:
+            states.clear()
+
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
@@ -215,6 +235,25 @@ def attach(model, packs: Sequence[Pack]) -> Attachment:
         handles.append(transformer.wte.register_forward_hook(_record_ids(states)))
     handles.append(model.lm_head.register_forward_hook(_mix(states, list(packs), transformer.ln_f)))
     return attachment
+
+
+def record_student_states(model, ids: torch.Tensor, blocks: Sequence[int | str]):
+    """What the bare ``model`` computes on ``ids`` without autograd, as packs read it:
+    ``(block MLP inputs {str(block): (B, T, d)}, ln_f input (B, T, d), logits (B, T, V))``."""
+    if hasattr(model, PACKS_ATTRIBUTE):
+        raise PackError("record the student's states with no packs attached")
+    states = _StudentStates()
+    keys = {str(b) for b in blocks}
+    handles = [block.mlp.register_forward_hook(_record_block_input(states, str(i)))
+               for i, block in enumerate(gpt2_blocks(model)) if str(i) in keys]  # fmt: skip
+    handles.append(model.transformer.ln_f.register_forward_hook(_record_residual(states)))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return states.block_inputs, states.residual, logits
 
 
 def _record_block_input(states: _StudentStates, key: str):

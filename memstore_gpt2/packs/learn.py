@@ -18,6 +18,10 @@ The objective (docs/design.md, What a pack learns) has three terms:
 * on background text, the mean mixing weight (L1): the gate learns to close there, which is what
   keeps a pack quiet off its domain and lets packs compose.
 
+The student is frozen, so what it computes on the background text is computed once: its top-k
+targets, and the states a pack reads (when they fit ``BACKGROUND_STATES_BYTES``), from which a
+step mixes the pack in without running the student again.
+
 Background text is what the user gives with ``background`` (general text of the student's own
 domain), else text the student samples itself (seeded): the student's distribution *is* the
 knowledge to keep, so its own samples are background without any other data set.
@@ -51,6 +55,7 @@ from memstore_gpt2.packs.attach import (
     attach,
     build_pack,
     dense_parts,
+    record_student_states,
     student_fingerprint,
     student_shape,
 )
@@ -69,6 +74,9 @@ from memstore_torch.optim import RowwiseAdagrad
 
 #: Student tokens per background position whose probabilities the KL term keeps exactly.
 BACKGROUND_TOPK = 32
+#: The most the student's states on the background text may take in memory to be kept (see
+#: :func:`background_reference`); beyond it every step runs the student on its background batch.
+BACKGROUND_STATES_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -159,19 +167,38 @@ def sample_background(model, tokenizer, n_blocks: int, block_len: int, seed: int
 
 
 @torch.no_grad()
-def background_targets(model, blocks: np.ndarray, batch: int = 16):
-    """The bare student's top-k next-token log-probabilities on each background position, and
-    the log of the remaining mass: what the KL term compares the attached model with."""
+def background_reference(model, blocks: np.ndarray, read_blocks: Sequence[int], *,
+                         keep_states: bool, batch: int = 16):  # fmt: skip
+    """What the bare student computes on the background text, once (it is frozen): its top-k
+    next-token log-probabilities at each position and the log of the remaining mass (what the
+    KL term compares the attached model with), and with ``keep_states`` the states a pack reads
+    (block MLP inputs, ``ln_f`` input), so a step mixes the pack in without running the
+    student on it again. Returns ``(targets, states or None)``."""
     top_ids, top_logp, rest = [], [], []
+    inputs: dict[str, list[torch.Tensor]] = {str(b): [] for b in read_blocks}
+    residuals: list[torch.Tensor] = []
     for start in range(0, len(blocks), batch):
         ids = torch.from_numpy(np.ascontiguousarray(blocks[start : start + batch]))
-        logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        block_inputs, residual, logits = record_student_states(model, ids, read_blocks)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         values, indices = logp.topk(BACKGROUND_TOPK, dim=-1)
         top_ids.append(indices)
         top_logp.append(values)
         mass = values.exp().sum(-1).clamp(max=1.0 - 1e-6)
         rest.append(torch.log1p(-mass))
-    return torch.cat(top_ids), torch.cat(top_logp), torch.cat(rest)
+        if keep_states:
+            for key, value in block_inputs.items():
+                inputs[key].append(value)
+            residuals.append(residual)
+    targets = (torch.cat(top_ids), torch.cat(top_logp), torch.cat(rest))
+    if not keep_states:
+        return targets, None
+    return targets, ({k: torch.cat(v) for k, v in inputs.items()}, torch.cat(residuals))
+
+
+def background_state_bytes(blocks: np.ndarray, read_blocks: Sequence[int], d_model: int) -> int:
+    """Bytes :func:`background_reference` keeps with ``keep_states`` (fp32)."""
+    return int(blocks.size) * d_model * (len(read_blocks) + 1) * 4
 
 
 def vocabulary_tokens(
@@ -270,6 +297,9 @@ class _Run:
     dense_optimizer: torch.optim.Optimizer
     row_optimizer: RowwiseAdagrad | None
     attachment: Any = None
+    #: The bare student's states on ``background`` (block MLP inputs, ``ln_f`` input), when
+    #: they fit :data:`BACKGROUND_STATES_BYTES`; None: steps run the student on it.
+    background_states: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
     step: int = 0
     #: A paged pack writes rows back between checkpoints inside this (one transaction per
     #: checkpoint interval), so a kill loses them all and the database stays at the checkpoint.
@@ -391,7 +421,10 @@ def _start(loaded, student_dir, name, options, data, background, resume, memory_
         bg = sample_background(
             model, loaded.tokenizer, options.background_blocks, min(block_len, 64), options.seed
         )
-    targets = background_targets(model, bg)
+    read_blocks = options.blocks(int(model.config.n_layer))
+    keep = background_state_bytes(bg, read_blocks, int(model.config.n_embd))
+    targets, states = background_reference(model, bg, read_blocks,
+                                           keep_states=keep <= BACKGROUND_STATES_BYTES)  # fmt: skip
     pack_cache = _pack_cache_rows(options, model, memory_budget, loaded)
     if record is None:
         token_ids = vocabulary_tokens(blocks, bg, int(model.config.vocab_size), options.vocab_rows)
@@ -413,7 +446,7 @@ def _start(loaded, student_dir, name, options, data, background, resume, memory_
     dense_optimizer = torch.optim.AdamW(dense, lr=options.lr, weight_decay=0.0)
     row_optimizer = RowwiseAdagrad(sparse, lr=options.rows_lr) if sparse else None
     run = _Run(name, loaded, pack, options, blocks, bg, targets, manifest, dense_optimizer,
-               row_optimizer, attachment)  # fmt: skip
+               row_optimizer, attachment, background_states=states)  # fmt: skip
     if record is not None:
         _restore_optimizer("dense", dense_optimizer, record.state)
         if row_optimizer is not None:
@@ -505,7 +538,13 @@ def _train(run: _Run, progress, handle_signals: bool) -> dict[str, Any]:
                 bg_ids = torch.from_numpy(np.ascontiguousarray(run.background[pick.numpy()]))
                 run.attachment.states.gate_only = True
                 try:
-                    bg_logits = _attached_logits(model, bg_ids)
+                    if run.background_states is None:
+                        bg_logits = _attached_logits(model, bg_ids)
+                    else:
+                        inputs, residual = run.background_states
+                        bg_logits = run.attachment.mix_states(
+                            {k: v[pick] for k, v in inputs.items()}, residual[pick], bg_ids
+                        )
                 finally:
                     run.attachment.states.gate_only = False
                 targets = tuple(t[pick] for t in run.targets)

@@ -140,3 +140,46 @@ def test_existing_pack_is_not_overwritten(student, domain_text):
     learn_pack(student, [domain_text], "python", TINY)
     with pytest.raises(PackError, match="already exists"):
         learn_pack(student, [domain_text], "python", TINY)
+
+
+def test_kept_background_states_mix_as_the_attached_forward(student, domain_text):
+    """``learn`` keeps the frozen student's states on its background text and mixes the pack in
+    from them; that is the attached model's forward on the same ids."""
+    from memstore_gpt2.packs.attach import attach, attached_packs, record_student_states
+
+    learn_pack(student, [domain_text], "p", TINY)
+    ids = torch.tensor([[5, 17, 42, 9, 100, 3, 77, 12], [8, 8, 1, 2, 3, 4, 5, 6]])
+    with_pack = load_student(student, packs=("p",))
+    bare = load_student(student)
+    try:
+        pack = attached_packs(with_pack.model)["p"]
+        with torch.no_grad():
+            expected = with_pack.model(input_ids=ids).logits
+        inputs, residual, _ = record_student_states(bare.model, ids, pack.layers)
+        attachment = attach(bare.model, [pack])
+        with torch.no_grad():
+            mixed = attachment.mix_states(inputs, residual, ids)
+        assert torch.allclose(mixed, expected, atol=1e-5, rtol=0)
+        with pytest.raises(PackError, match="no packs attached"):
+            record_student_states(bare.model, ids, pack.layers)
+    finally:
+        with_pack.close()
+        bare.close()
+
+
+def test_kept_background_states_learn_the_pack_a_forward_per_step_learns(
+    tmp_path, monkeypatch, student, domain_text
+):
+    from memstore_gpt2.packs import learn as learn_module
+    from pack_helpers import copy_student
+
+    other = copy_student(student, tmp_path / "other")
+    learn_pack(student, [domain_text], "p", TINY)
+    monkeypatch.setattr(learn_module, "BACKGROUND_STATES_BYTES", 0)  # a forward every step
+    learn_pack(other, [domain_text], "p", TINY)
+    (kept, kept_rows), (ran, ran_rows) = pack_state(student, "p"), pack_state(other, "p")
+    assert kept.keys() == ran.keys()
+    for key in kept:
+        assert torch.allclose(kept[key].float(), ran[key].float(), atol=1e-4), key
+    for key in kept_rows:
+        assert np.allclose(kept_rows[key], ran_rows[key], atol=1e-4), key
