@@ -121,6 +121,7 @@ def serve_command(student_dir, host, port, db, packs, memory_budget, device, pre
       memstore serve student/ --port 8000
       curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
           -d '{"prompt": "The for statement", "max_tokens": 20}'
+      memstore serve student/ --pack python --pack notes   # a request picks: "pack": ["notes"]
     """
     if max_batch < 1:
         raise bad_parameter("max_batch", f"must be >= 1, got {max_batch}")
