@@ -419,6 +419,27 @@ def _cache_rows(
     return {id(entry): n for entry, n in zip(entries, rows, strict=True)}
 
 
+def budget_split(manifest: dict, memory_budget, records: Sequence[Any]):
+    """``memory_budget`` split over the student's product-key layers and those of the pack
+    ``records``: ``(cache rows by entry id, {pack name: {layer: cache rows}})`` (all None,
+    every row resident, without a budget)."""
+    pack_entries = {
+        (r.name, int(layer)): {"class": "ProductKeyMemory", "config": config}
+        for r in records
+        for layer, config in (r.manifest.get("memories") or {}).items()
+    }
+    try:
+        cache_rows = _cache_rows(manifest, memory_budget, list(pack_entries.values()))
+    except (TypeError, KeyError) as exc:
+        raise StudentFormatError(
+            f"{STUDENT_FILE} or a pack: a product-key layer's config is damaged ({exc})"
+        ) from None
+    pack_cache: dict[str, dict[int, int | None]] = {}
+    for (name, layer), entry in pack_entries.items():
+        pack_cache.setdefault(name, {})[layer] = cache_rows.get(id(entry))
+    return cache_rows, pack_cache
+
+
 def build_student_skeleton(
     student_dir: str | os.PathLike,
     manifest: dict,
@@ -541,22 +562,9 @@ def load_student(
         from memstore_gpt2.packs.storage import read_pack
 
         records = [read_pack(store, name) for name in packs]
-        pack_entries = {
-            (r.name, int(layer)): {"class": "ProductKeyMemory", "config": config}
-            for r in records
-            for layer, config in (r.manifest.get("memories") or {}).items()
-        }
-        try:
-            cache_rows = _cache_rows(manifest, memory_budget, list(pack_entries.values()))
-        except (TypeError, KeyError) as exc:
-            raise StudentFormatError(
-                f"{STUDENT_FILE} or a pack: a product-key layer's config is damaged ({exc})"
-            ) from None
+        cache_rows, pack_cache = budget_split(manifest, memory_budget, records)
         model = build_student_skeleton(student_dir, manifest, store, memory_budget, cache_rows)
         load_dense_state(model, read_dense_weights(weights))
-        pack_cache: dict[str, dict[int, int | None]] = {}
-        for (name, layer), entry in pack_entries.items():
-            pack_cache.setdefault(name, {})[layer] = cache_rows.get(id(entry))
         attached = attach_packs(
             model,
             store,

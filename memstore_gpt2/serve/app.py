@@ -183,8 +183,8 @@ class ServeState:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.context = scheduler.decoder.context
-        #: The knowledge packs the server loaded (``--pack``); a request chooses among them.
-        self.packs: list[str] = list(scheduler.decoder.pack_names)
+        #: Counters of the pack watcher (``serve.pack_watch.PackWatchStats``); None: none.
+        self.pack_watch = None
         self.api_key = api_key
         self.loopback_only = loopback_only
         self.metrics = Metrics()
@@ -193,6 +193,11 @@ class ServeState:
         #: The memory refresher's counters (``serve.refresh.RefreshStats``); None: no memory.
         self.refresh = None
         self._tokenizer_lock = threading.Lock()
+
+    @property
+    def packs(self) -> list[str]:
+        """The knowledge packs served now (``--pack``); a request chooses among them."""
+        return list(self.scheduler.decoder.pack_names)
 
     def encode(self, text: str) -> list[int]:
         with self._tokenizer_lock:
@@ -776,6 +781,15 @@ def render_metrics(state: ServeState) -> str:
          0 if refresh is None else refresh.checks),
         ("memstore_memory_refresh_failures_total", "Checks or refreshes that failed (retried at "
          "the next check).", 0 if refresh is None else refresh.failures),
+    ):  # fmt: skip
+        metric(name, "counter", help_text, [((), value)])
+    watch = state.pack_watch
+    for name, help_text, value in (
+        ("memstore_pack_swaps_total", "Times the served knowledge packs changed (a pack learnt, "
+         "imported or dropped while serving), between decoding steps.",
+         0 if watch is None else watch.swaps),
+        ("memstore_pack_watch_failures_total", "Pack checks that failed, or packs refused (they "
+         "do not fit this student).", 0 if watch is None else watch.failures),
     ):  # fmt: skip
         metric(name, "counter", help_text, [((), value)])
     return "\n".join(lines) + "\n"

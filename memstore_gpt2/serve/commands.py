@@ -25,12 +25,13 @@ class Server:
     def __init__(self, student_dir: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  db: str | None = None, memory_budget: str | None = None, device: str = "auto",
                  precision: str = "fp32", max_batch: int = 16, api_key: str | None = None,
-                 packs: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 packs: tuple[str, ...] = (), all_packs: bool = False) -> None:  # fmt: skip
         from werkzeug.serving import make_server
 
         from memstore_gpt2.commands import _open_for_run
         from memstore_gpt2.serve.app import LOOPBACK_NAMES, ServeState, create_app
         from memstore_gpt2.serve.decoding import Decoder
+        from memstore_gpt2.serve.pack_watch import PackWatcher
         from memstore_gpt2.serve.refresh import (
             REFRESH_INTERVAL_S,
             MemoryRefresher,
@@ -42,6 +43,11 @@ class Server:
         require_flask("serve")  # before the student loads: a missing extra is the first thing said
         if api_key is not None and not api_key.strip():
             raise bad_parameter("api_key", "is empty")
+        if all_packs and packs:
+            raise bad_parameter("all_packs", "serves every pack: give it or --pack, not both")
+        if all_packs and memory_budget is not None:
+            raise bad_parameter("all_packs", "cannot follow new packs under --memory-budget (the "
+                                "budget is split at start); name the packs with --pack")  # fmt: skip
         known = versions_before_load(student_dir, db)  # edits during the load are applied after
         self.run = _open_for_run(student_dir, db, memory_budget, device, packs)
         try:
@@ -53,12 +59,27 @@ class Server:
                 self.state.paging = paging_stats(model)
 
             student = self.run.opened.student
-            self.refresher = None
+            self.refresher = self.pack_watcher = None
             if student is not None:  # a plain GPT-2 directory has no memory to keep fresh
                 self.refresher = MemoryRefresher(model, student.store, known=known)
+                self.pack_watcher = PackWatcher(student, student_dir,
+                                                None if all_packs else packs,
+                                                self.run.budget)  # fmt: skip
+                self.pack_watcher.check(admitting=True)  # --all-packs: every finished one now
+                decoder.refresh_packs()
+                self.refresher.rebind(model)
+            elif all_packs:
+                raise bad_parameter("all_packs", f"{student_dir} is not a memstore student")
+
+            def refresh(admitting: bool) -> None:
+                if self.pack_watcher.check(admitting):
+                    decoder.refresh_packs()
+                    self.refresher.rebind(model)
+                self.refresher.check(admitting)
+
             self.scheduler = Scheduler(
                 decoder, max_batch=max_batch, on_step=snapshot,
-                refresh=None if self.refresher is None else self.refresher.check,
+                refresh=None if self.refresher is None else refresh,
                 refresh_interval=REFRESH_INTERVAL_S,
             )  # fmt: skip
             name = Path(student_dir).resolve().name
@@ -66,6 +87,7 @@ class Server:
                                     loopback_only=host in LOOPBACK_NAMES)  # fmt: skip
             if self.refresher is not None:
                 self.state.refresh = self.refresher.stats
+                self.state.pack_watch = self.pack_watcher.stats
             snapshot()
             try:
                 self.http = make_server(host, port, create_app(self.state), threaded=True)
@@ -98,9 +120,17 @@ class Server:
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int,
               help="0: any free port (the first line printed names it).")  # fmt: skip
 @click.option("--db", default=None, help="Use this memory database instead of the saved one.")
-@click.option("--pack", "packs", multiple=True,
-              help="Attach this knowledge pack (repeatable); a request chooses among them with "
-                   '"pack" (default: all).')  # fmt: skip
+@click.option(
+    "--pack",
+    "packs",
+    multiple=True,
+    help="Attach this knowledge pack (repeatable); a request chooses among them with "
+    '"pack" (default: all). Learnt or imported again, it is served anew; '
+    "dropped, no more (no restart).",
+)
+@click.option("--all-packs", is_flag=True,
+              help="Serve every finished pack of the database, and those learnt or imported "
+                   "while the server runs.")  # fmt: skip
 @memory_budget_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="auto: CUDA when available, else CPU.")  # fmt: skip
@@ -110,8 +140,8 @@ class Server:
               help="Sequences decoded together per step (1: batching off).")  # fmt: skip
 @click.option("--api-key", default=None, envvar="MEMSTORE_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/ (or set MEMSTORE_API_KEY).")  # fmt: skip
-def serve_command(student_dir, host, port, db, packs, memory_budget, device, precision, max_batch,
-                  api_key) -> None:  # fmt: skip
+def serve_command(student_dir, host, port, db, packs, all_packs, memory_budget, device, precision,
+                  max_batch, api_key) -> None:  # fmt: skip
     """Serve a student (or any GPT-2 directory) over the OpenAI HTTP API.
 
     \b
@@ -130,7 +160,7 @@ def serve_command(student_dir, host, port, db, packs, memory_budget, device, pre
     require_torch()
     server = Server(student_dir, host=host, port=port, db=db, memory_budget=memory_budget,
                     device=device, precision=precision, max_batch=max_batch,
-                    api_key=api_key, packs=tuple(packs))  # fmt: skip
+                    api_key=api_key, packs=tuple(packs), all_packs=all_packs)  # fmt: skip
 
     def stop(signum, frame) -> None:  # SIGTERM ends the server as Ctrl-C does
         raise KeyboardInterrupt

@@ -124,8 +124,14 @@ class Decoder:
         self.context = int(config.n_positions)
         self.transformer = model.transformer
         self.blocks = list(self.transformer.h)
-        #: The knowledge packs attached to the model (all act unless a forward chooses).
-        self.pack_names: list[str] = list(attached_packs(model))
+        #: The knowledge packs attached to the model (all act unless a forward chooses); a
+        #: tuple replaced whole (:meth:`refresh_packs`), so other threads may read it any time.
+        self.pack_names: tuple[str, ...] = tuple(attached_packs(model))
+
+    def refresh_packs(self) -> None:
+        """Read the attached packs again (a :class:`~memstore_gpt2.serve.pack_watch.PackWatcher`
+        swapped them between steps)."""
+        self.pack_names = tuple(attached_packs(self.model))
 
     @contextlib.contextmanager
     def _packs(self, per_row: list[tuple[str, ...] | None] | None):
@@ -133,7 +139,9 @@ class Decoder:
         of sequence ``b``'s packs, None: all attached ones), every pack again afterwards."""
         chosen = None
         if self.pack_names and per_row is not None and any(n is not None for n in per_row):
-            chosen = [tuple(self.pack_names) if n is None else n for n in per_row]
+            attached = self.pack_names  # a pack dropped since a request chose it acts no more
+            chosen = [attached if n is None else tuple(x for x in n if x in attached)
+                      for n in per_row]  # fmt: skip
         if chosen is None:
             yield
             return

@@ -64,16 +64,22 @@ class MemoryRefresher:
 
     def __init__(self, model, store, *, known: dict[str, int] | None = None,
                  interval: float = REFRESH_INTERVAL_S) -> None:  # fmt: skip
-        from memstore_torch.model_memory import memory_layers
-
         self.layers: dict[str, list] = {}
-        for layer in memory_layers(model).values():
-            if layer.collection is not None:
-                self.layers.setdefault(layer.collection_name, []).append(layer)
+        self.rebind(model)
         self.feed = ChangeFeed(store, known)
         self.interval = float(interval)
         self.stats = RefreshStats()
         self._due = 0.0
+
+    def rebind(self, model) -> None:
+        """Find ``model``'s memory layers again (its knowledge packs were swapped)."""
+        from memstore_torch.model_memory import memory_layers
+
+        layers: dict[str, list] = {}
+        for layer in memory_layers(model).values():
+            if layer.collection is not None:
+                layers.setdefault(layer.collection_name, []).append(layer)
+        self.layers = layers
 
     def check(self, admitting: bool = False) -> int:
         """Apply every change committed since the last check; returns the collections refreshed.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -23,26 +24,37 @@ CHOICES = [({}, ("alpha", "beta")), ({"pack": []}, ()), ({"pack": "alpha"}, ("al
            ({"pack": ["beta"]}, ("beta",)), ({"pack": ["beta", "alpha"]}, ("beta", "alpha"))]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def pack_student(student_dir, tmp_path_factory):
-    """A copy of the serving student with two packs learnt on different help topics."""
-    from memstore_gpt2.packs.learn import LearnOptions, learn_pack
+def _copy(student_dir, out):
+    """A copy of a student directory whose manifest names its own database."""
     from memstore_gpt2.student import STUDENT_FILE, default_db_url
-    from memstore_gpt2.text_data import python_docs_corpus
 
-    root = tmp_path_factory.mktemp("serve-packs")
-    out = root / "student"
     shutil.copytree(student_dir, out)
     manifest = json.loads((out / STUDENT_FILE).read_text())
     manifest["db"] = default_db_url(out)
     (out / STUDENT_FILE).write_text(json.dumps(manifest))
-    topics = python_docs_corpus()
+    return out
+
+
+def _learn(student, name: str, first_topic: int, seed: int = 0) -> None:
+    """A tiny pack ``name`` learnt on four help topics from ``first_topic``."""
+    from memstore_gpt2.packs.learn import LearnOptions, learn_pack
+    from memstore_gpt2.text_data import python_docs_corpus
+
+    text = student.parent / f"{name}-{first_topic}-{seed}.txt"
+    text.write_text("\n\n".join(python_docs_corpus()[first_topic : first_topic + 4]),
+                    encoding="utf-8")  # fmt: skip
     options = LearnOptions(steps=6, rows=64, k=4, key_dim=16, batch_size=4, background_blocks=8,
-                           background_batch=2, warmup=1, vocab_rows=64, block_len=32)  # fmt: skip
-    for name, first in (("alpha", 40), ("beta", 60)):
-        text = root / f"{name}.txt"
-        text.write_text("\n\n".join(topics[first : first + 4]), encoding="utf-8")
-        learn_pack(out, text, name, options)
+                           background_batch=2, warmup=1, vocab_rows=64, block_len=32,
+                           seed=seed)  # fmt: skip
+    learn_pack(student, text, name, options)
+
+
+@pytest.fixture(scope="module")
+def pack_student(student_dir, tmp_path_factory):
+    """A copy of the serving student with two packs learnt on different help topics."""
+    out = _copy(student_dir, tmp_path_factory.mktemp("serve-packs") / "student")
+    _learn(out, "alpha", 40)
+    _learn(out, "beta", 60)
     return out
 
 
@@ -178,3 +190,78 @@ def test_chat_on_a_url_sends_its_packs(server):
 def test_serve_refuses_a_pack_the_database_does_not_hold(pack_student):
     result = run_cli(["serve", pack_student, "--port", 0, "--pack", "nope"])
     assert "nope" in error_line(result, exit_code=None)
+
+
+def _until(condition, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the server did not follow the database in time"
+        time.sleep(0.2)
+
+
+def _echo_scores(client, packs):
+    reply = client.completions.create(model="student", prompt=PROMPT, max_tokens=0, echo=True,
+                                      logprobs=0, extra_body={"pack": list(packs)})  # fmt: skip
+    return reply.choices[0].logprobs.token_logprobs[1:]
+
+
+def test_all_packs_follows_packs_learnt_and_dropped_while_serving(student_dir, tmp_path):
+    """``--all-packs``: a pack learnt while the server runs joins between steps, is served as a
+    student loaded with it computes, leaves when dropped, and its new version joins when it is
+    learnt again -- no restart."""
+    from transformers import AutoTokenizer
+
+    student = _copy(student_dir, tmp_path / "student")
+    ids = AutoTokenizer.from_pretrained(student)(PROMPT)["input_ids"]
+    with serve_process(student, tmp_path, "--all-packs") as url:
+        client = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)
+        assert _raw(url, "/health").json()["packs"] == []
+        _learn(student, "fresh", 40)
+        _until(lambda: _raw(url, "/health").json()["packs"] == ["fresh"])
+        first = _echo_scores(client, ["fresh"])
+        assert first == pytest.approx(_prompt_logprobs(student, ("fresh",), ids), abs=1e-4)
+        assert run_cli(["packs", "drop", student, "fresh"]).exit_code == 0
+        _until(lambda: _raw(url, "/health").json()["packs"] == [])
+        gone = _raw(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1, "pack": "fresh"})
+        assert gone.status_code == 400 and gone.json()["error"]["param"] == "pack"
+        _learn(student, "fresh", 60, seed=1)  # another version under the same name
+        _until(lambda: _raw(url, "/health").json()["packs"] == ["fresh"])
+        second = _echo_scores(client, ["fresh"])
+        assert second == pytest.approx(_prompt_logprobs(student, ("fresh",), ids), abs=1e-4)
+        assert second != pytest.approx(first, abs=1e-3)
+        swaps = [line for line in _raw(url, "/metrics").text.splitlines()
+                 if line.startswith("memstore_pack_swaps_total ")]  # fmt: skip
+        assert swaps == ["memstore_pack_swaps_total 3"]
+
+
+def test_a_named_pack_is_followed_and_others_are_not(pack_student, tmp_path):
+    """The watcher behind ``--pack``: a pack of the database it does not serve changes nothing;
+    the served pack's new version is swapped in; a pack refused for this student is skipped."""
+    from memstore_gpt2.packs.attach import attached_packs
+    from memstore_gpt2.serve.pack_watch import PackWatcher
+    from memstore_gpt2.student import load_student
+
+    student = _copy(pack_student, tmp_path / "student")
+    loaded = load_student(student, packs=("alpha",))
+    try:
+        watcher = PackWatcher(loaded, str(student), ("alpha",))
+        assert not watcher.check(admitting=True)
+        _learn(student, "gamma", 50)
+        assert not watcher.check(admitting=True)  # not a pack this server serves
+        assert run_cli(["packs", "drop", student, "alpha"]).exit_code == 0
+        assert watcher.check(admitting=True) and list(attached_packs(loaded.model)) == []
+        _learn(student, "alpha", 50, seed=2)
+        assert watcher.check(admitting=True)
+        assert list(attached_packs(loaded.model)) == ["alpha"]
+        assert watcher.stats.swaps == 2 and watcher.stats.failures == 0
+    finally:
+        loaded.close()
+
+
+def test_all_packs_is_refused_with_pack_or_a_budget(pack_student):
+    line = error_line(run_cli(["serve", pack_student, "--port", 0, "--all-packs", "--pack",
+                               "alpha"]), exit_code=None)  # fmt: skip
+    assert "all_packs" in line or "--all-packs" in line
+    line = error_line(run_cli(["serve", pack_student, "--port", 0, "--all-packs",
+                               "--memory-budget", "10%"]), exit_code=None)  # fmt: skip
+    assert "--memory-budget" in line
