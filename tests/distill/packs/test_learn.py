@@ -17,7 +17,7 @@ from memstore_gpt2.packs.storage import read_pack
 from memstore_gpt2.student import load_student
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pack_helpers import TINY, logits  # noqa: E402
+from pack_helpers import TINY, copy_student, logits  # noqa: E402
 
 
 def student_rows(student: Path) -> dict[str, bytes]:
@@ -171,7 +171,6 @@ def test_kept_background_states_learn_the_pack_a_forward_per_step_learns(
     tmp_path, monkeypatch, student, domain_text
 ):
     from memstore_gpt2.packs import learn as learn_module
-    from pack_helpers import copy_student
 
     other = copy_student(student, tmp_path / "other")
     learn_pack(student, [domain_text], "p", TINY)
