@@ -30,7 +30,6 @@ import threading
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from memstore.errors import (
     InvalidInputError,
@@ -40,6 +39,7 @@ from memstore.errors import (
 )
 from memstore_gpt2.commands import require_flask
 from memstore_gpt2.errors import DatabaseInUseError
+from memstore_gpt2.local_pages import is_loopback_host, is_loopback_origin
 from memstore_gpt2.mindset.chat import ChatFailedError
 from memstore_gpt2.mindset.session import (
     DEFAULT_NEW_TOKENS,
@@ -53,7 +53,6 @@ from memstore_gpt2.mindset.session import (
 MAX_NEW_TOKENS = 200
 EDITS_OFF = "edits are off: start the UI with `memstore mindset STUDENT --allow-edits` to edit"
 #: The host names the UI answers to (it listens on 127.0.0.1 only).
-LOCAL_HOSTS = ("127.0.0.1", "localhost")
 #: Row ids are SQLite/PostgreSQL 64-bit integers; anything larger cannot name a row.
 
 
@@ -326,25 +325,6 @@ def _truthy(value) -> bool:
     return str(value).lower() in ("1", "true", "yes", "on")
 
 
-def _is_local(host: str, port: str) -> bool:
-    """Whether a ``Host`` header names this server: a local name and the port it listens on
-    (no port means 80). A page of another local server (``127.0.0.1:3000``) is refused too."""
-    name, sep, given = host.rpartition(":")
-    if not sep:
-        name, given = host, "80"
-    return name.lower() in LOCAL_HOSTS and given == port
-
-
-def _is_local_origin(origin: str, port: str) -> bool:
-    """Whether an ``Origin`` header is this server's own page (``http://127.0.0.1:<port>``)."""
-    try:
-        parts = urlsplit(origin)
-        given = parts.port or 80
-    except ValueError:  # a port that is not a number
-        return False
-    return parts.scheme == "http" and (parts.hostname or "") in LOCAL_HOSTS and str(given) == port
-
-
 def create_app(service: MindsetService):
     """The Flask application over ``service`` (its static page and JSON API)."""
     require_flask("mindset")
@@ -359,12 +339,12 @@ def create_app(service: MindsetService):
     def only_local_pages():
         # the port this server answers on (the real one behind port 0; 80 under the test client)
         port = str(request.environ.get("SERVER_PORT", ""))
-        if not _is_local(request.host or "", port):
+        if not is_loopback_host(request.host or "", port):
             return jsonify(
                 error=f"host {request.host!r} refused: open http://127.0.0.1:{port}/"
             ), 403  # fmt: skip
         origin = request.headers.get("Origin")
-        if origin is not None and not _is_local_origin(origin, port):
+        if origin is not None and not is_loopback_origin(origin, port):
             return jsonify(error=f"origin {origin!r} refused: only this page may call the API"), 403
         return None
 

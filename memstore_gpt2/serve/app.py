@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from memstore.errors import InvalidInputError
 from memstore_gpt2.commands import require_flask
+from memstore_gpt2.local_pages import is_loopback_host
 from memstore_gpt2.serve.decoding import SamplingParams
 from memstore_gpt2.serve.scheduler import (
     Failed,
@@ -45,7 +46,6 @@ MAX_STOP = 16
 MAX_PROMPTS = 64
 #: completions' ``max_tokens`` when the request gives none (OpenAI's default).
 DEFAULT_COMPLETION_TOKENS = 16
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 #: The plain chat template for base models (docs/serve.md): each message on its own paragraph as
 #: ``Role: content``, then ``Assistant:`` for the model to continue; the reply stops where the
 #: model starts the next turn.
@@ -477,8 +477,7 @@ def create_app(state: ServeState):
     def guard():
         g.started = time.perf_counter()
         if state.loopback_only:
-            host = (request.host or "").rsplit(":", 1)[0].strip("[]")
-            if host not in LOOPBACK_NAMES:
+            if not is_loopback_host(request.host or ""):
                 raise ApiError(403, f"host {request.host!r} refused: this server answers "
                                "loopback names only", code="host_refused")  # fmt: skip
         if state.api_key is not None and request.path.startswith("/v1/"):

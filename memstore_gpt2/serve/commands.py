@@ -29,7 +29,8 @@ class Server:
         from werkzeug.serving import make_server
 
         from memstore_gpt2.commands import _open_for_run
-        from memstore_gpt2.serve.app import LOOPBACK_NAMES, ServeState, create_app
+        from memstore_gpt2.local_pages import LOOPBACK_NAMES
+        from memstore_gpt2.serve.app import ServeState, create_app
         from memstore_gpt2.serve.decoding import Decoder
         from memstore_gpt2.serve.pack_watch import PackWatcher
         from memstore_gpt2.serve.refresh import (
