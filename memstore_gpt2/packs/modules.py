@@ -94,7 +94,10 @@ class VocabularyDelta(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(...,) token ids -> (..., d): the delta rows of the pack's tokens, zero elsewhere."""
         slots = self.slot_of[ids]
-        rows = self.delta_in[slots.clamp(min=0)]
+        # F.embedding, not delta_in[slots]: on CPU the backward of advanced indexing (an
+        # accumulating index_put) adds a token's repeats in a thread-dependent order, and a
+        # seeded learn then differs between runs in the last bits
+        rows = F.embedding(slots.clamp(min=0), self.delta_in)
         return rows * (slots >= 0).unsqueeze(-1).to(rows.dtype)
 
     def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

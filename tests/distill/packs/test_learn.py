@@ -182,3 +182,21 @@ def test_kept_background_states_learn_the_pack_a_forward_per_step_learns(
         assert torch.allclose(kept[key].float(), ran[key].float(), atol=1e-4), key
     for key in kept_rows:
         assert np.allclose(kept_rows[key], ran_rows[key], atol=1e-4), key
+
+
+def test_the_vocabulary_delta_gradient_is_the_same_every_time():
+    """Its rows' gradient sums each token's repeats in one order whatever the threads do (the
+    backward of ``delta_in[slots]`` did not, so a seeded learn differed between runs)."""
+    from memstore_gpt2.packs.modules import VocabularyDelta
+
+    generator = torch.Generator().manual_seed(0)
+    delta = VocabularyDelta(2048, 128, torch.arange(0, 2048, 2))
+    ids = torch.randint(0, 2048, (16, 64), generator=generator)
+    grad_out = torch.randn(16, 64, 128, generator=generator)
+
+    def gradient() -> torch.Tensor:
+        (grad,) = torch.autograd.grad(delta.embed(ids), delta.delta_in, grad_out)
+        return grad
+
+    first = gradient()
+    assert all(torch.equal(first, gradient()) for _ in range(20))
