@@ -226,15 +226,22 @@ def attach(model, packs: Sequence[Pack]) -> Attachment:
     model.add_module(PACKS_ATTRIBUTE, holder.to(device))
     states, handles = attachment.states, attachment.handles
     read = {layer for p in packs for layer in p.blocks}
-    for index, block in enumerate(gpt2_blocks(model)):
-        if str(index) in read:
-            handles.append(block.mlp.register_forward_hook(_record_block_input(states, str(index))))
+    handles += _recording_hooks(model, states, read, ids=any(p.vocabulary is not None
+                                                             for p in packs))  # fmt: skip
     transformer = model.transformer
-    handles.append(transformer.ln_f.register_forward_hook(_record_residual(states)))
-    if any(p.vocabulary is not None for p in packs):
-        handles.append(transformer.wte.register_forward_hook(_record_ids(states)))
     handles.append(model.lm_head.register_forward_hook(_mix(states, list(packs), transformer.ln_f)))
     return attachment
+
+
+def _recording_hooks(model, states: _StudentStates, blocks: set[str], *, ids: bool) -> list:
+    """Hooks that record into ``states`` what packs read: the MLP input of each block in
+    ``blocks`` (``str(index)``), the residual into ``ln_f`` and, with ``ids``, the token ids."""
+    handles = [block.mlp.register_forward_hook(_record_block_input(states, str(i)))
+               for i, block in enumerate(gpt2_blocks(model)) if str(i) in blocks]  # fmt: skip
+    handles.append(model.transformer.ln_f.register_forward_hook(_record_residual(states)))
+    if ids:
+        handles.append(model.transformer.wte.register_forward_hook(_record_ids(states)))
+    return handles
 
 
 def record_student_states(model, ids: torch.Tensor, blocks: Sequence[int | str]):
@@ -243,10 +250,7 @@ def record_student_states(model, ids: torch.Tensor, blocks: Sequence[int | str])
     if hasattr(model, PACKS_ATTRIBUTE):
         raise PackError("record the student's states with no packs attached")
     states = _StudentStates()
-    keys = {str(b) for b in blocks}
-    handles = [block.mlp.register_forward_hook(_record_block_input(states, str(i)))
-               for i, block in enumerate(gpt2_blocks(model)) if str(i) in keys]  # fmt: skip
-    handles.append(model.transformer.ln_f.register_forward_hook(_record_residual(states)))
+    handles = _recording_hooks(model, states, {str(b) for b in blocks}, ids=False)
     try:
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits

@@ -766,29 +766,25 @@ def render_metrics(state: ServeState) -> str:
     metric("memstore_memory_row_lookups_per_token", "gauge",
            "Paged-layer row lookups per token run through the model.",
            [((), lookups / tokens if tokens else 0.0)])  # fmt: skip
-    refresh = state.refresh
-    for name, help_text, value in (
+    counters = (  # (metric, help, counters object, its field); an absent object counts 0
         ("memstore_memory_refreshes_total", "Memory collections re-read after another process "
          "recorded a change of them (an edit, a pack), between decoding steps.",
-         0 if refresh is None else refresh.refreshes),
+         state.refresh, "refreshes"),
         ("memstore_memory_rows_refreshed_total", "Memory rows those refreshes read again or "
-         "dropped from a cache.", 0 if refresh is None else refresh.rows),
+         "dropped from a cache.", state.refresh, "rows"),
         ("memstore_memory_reloads_total", "Changes recorded for any row of a collection, "
-         "which reload it whole.",
-         0 if refresh is None else refresh.reloads),
+         "which reload it whole.", state.refresh, "reloads"),
         ("memstore_memory_refresh_checks_total", "Checks for changes of the memory.",
-         0 if refresh is None else refresh.checks),
+         state.refresh, "checks"),
         ("memstore_memory_refresh_failures_total", "Checks or refreshes that failed (retried at "
-         "the next check).", 0 if refresh is None else refresh.failures),
-    ):  # fmt: skip
-        metric(name, "counter", help_text, [((), value)])
-    watch = state.pack_watch
-    for name, help_text, value in (
+         "the next check).", state.refresh, "failures"),
         ("memstore_pack_swaps_total", "Times the served knowledge packs changed (a pack learnt, "
          "imported or dropped while serving), between decoding steps.",
-         0 if watch is None else watch.swaps),
+         state.pack_watch, "swaps"),
         ("memstore_pack_watch_failures_total", "Pack checks that failed, or packs refused (they "
-         "do not fit this student).", 0 if watch is None else watch.failures),
-    ):  # fmt: skip
+         "do not fit this student).", state.pack_watch, "failures"),
+    )  # fmt: skip
+    for name, help_text, source, field_name in counters:
+        value = 0 if source is None else getattr(source, field_name)
         metric(name, "counter", help_text, [((), value)])
     return "\n".join(lines) + "\n"

@@ -4,8 +4,7 @@ packs attached at load computes; the choice is listed, counted and checked."""
 
 from __future__ import annotations
 
-import json
-import shutil
+import dataclasses
 import threading
 import time
 
@@ -15,6 +14,7 @@ import torch
 openai = pytest.importorskip("openai")
 
 from tests.distill.cli_results import error_line, last_json, run_cli  # noqa: E402
+from tests.distill.packs.pack_helpers import TINY, copy_student  # noqa: E402
 from tests.serve.server_process import API_KEY, serve_process  # noqa: E402
 from tests.serve.test_server import _raw  # noqa: E402
 
@@ -24,35 +24,21 @@ CHOICES = [({}, ("alpha", "beta")), ({"pack": []}, ()), ({"pack": "alpha"}, ("al
            ({"pack": ["beta"]}, ("beta",)), ({"pack": ["beta", "alpha"]}, ("beta", "alpha"))]  # fmt: skip
 
 
-def _copy(student_dir, out):
-    """A copy of a student directory whose manifest names its own database."""
-    from memstore_gpt2.student import STUDENT_FILE, default_db_url
-
-    shutil.copytree(student_dir, out)
-    manifest = json.loads((out / STUDENT_FILE).read_text())
-    manifest["db"] = default_db_url(out)
-    (out / STUDENT_FILE).write_text(json.dumps(manifest))
-    return out
-
-
 def _learn(student, name: str, first_topic: int, seed: int = 0) -> None:
     """A tiny pack ``name`` learnt on four help topics from ``first_topic``."""
-    from memstore_gpt2.packs.learn import LearnOptions, learn_pack
+    from memstore_gpt2.packs.learn import learn_pack
     from memstore_gpt2.text_data import python_docs_corpus
 
     text = student.parent / f"{name}-{first_topic}-{seed}.txt"
     text.write_text("\n\n".join(python_docs_corpus()[first_topic : first_topic + 4]),
                     encoding="utf-8")  # fmt: skip
-    options = LearnOptions(steps=6, rows=64, k=4, key_dim=16, batch_size=4, background_blocks=8,
-                           background_batch=2, warmup=1, vocab_rows=64, block_len=32,
-                           seed=seed)  # fmt: skip
-    learn_pack(student, text, name, options)
+    learn_pack(student, text, name, dataclasses.replace(TINY, seed=seed))
 
 
 @pytest.fixture(scope="module")
 def pack_student(student_dir, tmp_path_factory):
     """A copy of the serving student with two packs learnt on different help topics."""
-    out = _copy(student_dir, tmp_path_factory.mktemp("serve-packs") / "student")
+    out = copy_student(student_dir, tmp_path_factory.mktemp("serve-packs") / "student")
     _learn(out, "alpha", 40)
     _learn(out, "beta", 60)
     return out
@@ -211,7 +197,7 @@ def test_all_packs_follows_packs_learnt_and_dropped_while_serving(student_dir, t
     learnt again -- no restart."""
     from transformers import AutoTokenizer
 
-    student = _copy(student_dir, tmp_path / "student")
+    student = copy_student(student_dir, tmp_path / "student")
     ids = AutoTokenizer.from_pretrained(student)(PROMPT)["input_ids"]
     with serve_process(student, tmp_path, "--all-packs") as url:
         client = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)
@@ -241,7 +227,7 @@ def test_a_named_pack_is_followed_and_others_are_not(pack_student, tmp_path):
     from memstore_gpt2.serve.pack_watch import PackWatcher
     from memstore_gpt2.student import load_student
 
-    student = _copy(pack_student, tmp_path / "student")
+    student = copy_student(pack_student, tmp_path / "student")
     loaded = load_student(student, packs=("alpha",))
     try:
         watcher = PackWatcher(loaded, str(student), ("alpha",))
