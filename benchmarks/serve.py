@@ -1,10 +1,13 @@
 """``memstore serve`` throughput and latency under concurrent HTTP clients.
 
     python benchmarks/serve.py --student STUDENT_DIR --teacher TEACHER_DIR [--clients 1,4,16]
-        [--max-tokens 24] [--requests 3] [--device cpu] [--json]
+        [--max-tokens 24] [--requests 3] [--repeats 3] [--device cpu] [--json]
 
 Starts ``memstore serve STUDENT`` twice as its own process on a free port: with continuous
-batching (``--max-batch 16``) and with batching off (``--max-batch 1``). For each ``--clients``
+batching (``--max-batch 16``) and with batching off (``--max-batch 1``). The arms are interleaved
+(``--repeats`` times: each client count on the batched server, then on the unbatched one, then
+the reference), so a slow minute on a shared machine hits every arm alike; each figure is the
+median over the repeats, each ratio the median of the repeats' ratios. For each ``--clients``
 count, that many client threads (stdlib HTTP, one connection per request) each send
 ``--requests`` greedy ``/v1/completions`` requests of ``--max-tokens`` tokens one after another;
 tokens/s is all completion tokens over the wall time of the round, latency is per request
@@ -21,7 +24,8 @@ Also checks that the server's greedy text equals ``memstore generate``'s loop
 JSON keys: ``tokens_per_s_1``, ``tokens_per_s_4``, ``tokens_per_s_16`` (batched server),
 ``unbatched_tokens_per_s_*``, ``batching_speedup_16`` (batched / unbatched at 16 clients),
 ``hf_generate_tokens_per_s``, ``vs_hf_generate_1`` (server at 1 client / HF generate),
-``p50_ms_*``, ``p99_ms_*``, ``greedy_identical``, ``machine``. The table is printed first; with
+``p50_ms_*``, ``p99_ms_*``, ``greedy_identical``, ``repeats`` (every repeat's figures),
+``machine``. The table is printed first; with
 ``--json`` the last line is the JSON object.
 """
 
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -112,27 +117,36 @@ def load_round(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "p50_ms": pct(0.5), "p99_ms": pct(0.99)}  # fmt: skip
 
 
-def hf_generate_tokens_per_s(teacher: str, device: str, max_tokens: int, requests: int) -> float:
-    """The dense teacher through transformers' ``generate()`` (greedy, KV cache): ``requests``
-    prompts one after another, as one client sends them, after one warm-up run."""
-    import torch
+class HFReference:
+    """The dense teacher through transformers' ``generate()`` (greedy, KV cache), loaded once."""
 
-    from memstore_gpt2.teacher import load_teacher
+    def __init__(self, teacher: str, device: str, max_tokens: int) -> None:
+        import torch
 
-    model, tokenizer = load_teacher(teacher)
-    model.to(device).eval()
-    prompts = [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]], device=device)
-               for p in PROMPTS]  # fmt: skip
+        from memstore_gpt2.teacher import load_teacher
 
-    def run(ids) -> int:
-        out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                             do_sample=False, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        self.model, self.tokenizer = load_teacher(teacher)
+        self.model.to(device).eval()
+        self.max_tokens = max_tokens
+        self.prompts = [
+            torch.tensor([self.tokenizer(p, add_special_tokens=False)["input_ids"]], device=device)
+            for p in PROMPTS
+        ]
+        self._run(self.prompts[0])  # warm-up, as the server gets one
+
+    def _run(self, ids) -> int:
+        import torch
+
+        with torch.no_grad():
+            out = self.model.generate(ids, max_new_tokens=self.max_tokens,
+                                      min_new_tokens=self.max_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.eos_token_id)  # fmt: skip
         return out.shape[1] - ids.shape[1]
 
-    with torch.no_grad():
-        run(prompts[0])
+    def tokens_per_s(self, requests: int) -> float:
+        """``requests`` prompts one after another, as one client sends them."""
         started = time.perf_counter()
-        tokens = sum(run(prompts[r % len(prompts)]) for r in range(requests))
+        tokens = sum(self._run(self.prompts[r % len(self.prompts)]) for r in range(requests))
         return tokens / (time.perf_counter() - started)
 
 
@@ -156,7 +170,8 @@ def format_table(result: dict) -> str:
     return "\n".join([
         f"# memstore serve: {result['student']} ({result['device']}, packs: "
         f"{', '.join(result['packs']) or 'none'}); {result['requests_per_client']} greedy "
-        f"requests of {result['max_tokens']} tokens per client",
+        f"requests of {result['max_tokens']} tokens per client; medians of "
+        f"{len(result['repeats'])} interleaved repeats",
         f"# machine: {m['cores']} cores ({m['cpu']}), torch {m['torch']} ({m['torch_threads']} "
         f"threads), Python {m['python']}; load average at the end {m['load_average'][0]}",
         *rows,
@@ -185,6 +200,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--requests", type=int, default=3, help="Requests per client per round.")
+    parser.add_argument("--repeats", type=int, default=3, help="Interleaved rounds of every arm.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pack", action="append", default=[], help="Serve with this pack.")
     parser.add_argument("--work", default=None, help="Where the server logs go [default: tmp].")
@@ -198,34 +214,42 @@ def main() -> None:
     result: dict = {"clients": counts, "max_tokens": args.max_tokens, "device": args.device,
                     "requests_per_client": args.requests, "packs": args.pack,
                     "student": str(args.student)}  # fmt: skip
-    for label, max_batch in (("", 16), ("unbatched_", 1)):
-        process, url = start_server(args.student, max_batch, args.device,
-                                    work / f"server{max_batch}.log", args.pack)  # fmt: skip
-        try:
-            complete(url, PROMPTS[0], 2)  # warm-up
-            if not label:
-                text, _ = complete(url, PROMPTS[0], args.max_tokens)
-                result["greedy_identical"] = text == reference_greedy(args.student,
-                                                                      args.max_tokens, args.pack)  # fmt: skip
+    servers = {}
+    try:
+        for label, max_batch in (("", 16), ("unbatched_", 1)):
+            servers[label] = start_server(args.student, max_batch, args.device,
+                                          work / f"server{max_batch}.log", args.pack)  # fmt: skip
+            complete(servers[label][1], PROMPTS[0], 2)  # warm-up
+        text, _ = complete(servers[""][1], PROMPTS[0], args.max_tokens)
+        result["greedy_identical"] = text == reference_greedy(args.student, args.max_tokens,
+                                                              args.pack)  # fmt: skip
+        reference = HFReference(args.teacher, args.device, args.max_tokens)
+        repeats = []
+        for _ in range(args.repeats):
+            figures: dict = {}
             for clients in counts:
-                measured = load_round(url, clients, args.requests, args.max_tokens)
-                for key, value in measured.items():
-                    result[f"{label}{key}_{clients}"] = value
-                print(f"{label or 'batched_'}{clients} clients: {measured}", file=sys.stderr,
-                      flush=True)  # fmt: skip
-        finally:
+                for label, (_, url) in servers.items():
+                    measured = load_round(url, clients, args.requests, args.max_tokens)
+                    for key, value in measured.items():
+                        figures[f"{label}{key}_{clients}"] = value
+                    print(f"{label or 'batched_'}{clients} clients: {measured}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+            figures["hf_generate_tokens_per_s"] = reference.tokens_per_s(args.requests)
+            repeats.append(figures)
+    finally:
+        for process, _ in servers.values():
             process.terminate()
             process.wait(timeout=60)
-    result["hf_generate_tokens_per_s"] = hf_generate_tokens_per_s(
-        args.teacher, args.device, args.max_tokens, args.requests
-    )
+    for key in repeats[0]:
+        result[key] = statistics.median(r[key] for r in repeats)
     last = counts[-1]
-    result[f"batching_speedup_{last}"] = (
-        result[f"tokens_per_s_{last}"] / result[f"unbatched_tokens_per_s_{last}"]
+    result[f"batching_speedup_{last}"] = statistics.median(
+        r[f"tokens_per_s_{last}"] / r[f"unbatched_tokens_per_s_{last}"] for r in repeats
     )
-    result["vs_hf_generate_1"] = (
-        result.get("tokens_per_s_1", 0) / result["hf_generate_tokens_per_s"]
+    result["vs_hf_generate_1"] = statistics.median(
+        r.get("tokens_per_s_1", 0) / r["hf_generate_tokens_per_s"] for r in repeats
     )
+    result["repeats"] = repeats
     result["machine"] = machine()
     print(format_table(result), flush=True)
     if args.json:
