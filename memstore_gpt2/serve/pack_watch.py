@@ -93,6 +93,8 @@ class PackWatcher:
                 target.pop(name)
                 continue
             records.append(record)
+        if target == self.served:  # what changed was only refused: nothing to swap
+            return False
         _, cache_rows = budget_split(self.loaded.manifest, self.memory_budget, records)
         built = [build_pack(r, store, cache_rows.get(r.name)) for r in records]
         if self.loaded.packs is not None:  # everything new is built: now swap

@@ -251,3 +251,26 @@ def test_all_packs_is_refused_with_pack_or_a_budget(pack_student):
     line = error_line(run_cli(["serve", pack_student, "--port", 0, "--all-packs",
                                "--memory-budget", "10%"]), exit_code=None)  # fmt: skip
     assert "--memory-budget" in line
+
+
+def test_a_pack_that_does_not_fit_is_skipped_once_and_the_rest_served(pack_student, tmp_path):
+    """``--all-packs`` over a database holding a pack learnt for another student: it is refused
+    (counted, its error kept), not retried at every check, and the other packs are served."""
+    from memstore_gpt2.packs.attach import attached_packs
+    from memstore_gpt2.serve.pack_watch import PackWatcher
+    from memstore_gpt2.student import load_student
+
+    student = copy_student(pack_student, tmp_path / "student")
+    loaded = load_student(student)
+    try:
+        watcher = PackWatcher(loaded, str(student), None)
+        real = watcher.fingerprint
+        watcher.fingerprint = "another student"  # as if every stored pack were learnt elsewhere
+        assert not watcher.check(admitting=True)  # nothing served: nothing changed
+        assert watcher.stats.failures == 2 and "another student" in watcher.stats.last_error
+        assert not watcher.check(admitting=True) and watcher.stats.failures == 2  # not retried
+        watcher.fingerprint, watcher.refused = real, {"beta": watcher.refused["beta"]}
+        assert watcher.check(admitting=True)
+        assert list(attached_packs(loaded.model)) == ["alpha"]
+    finally:
+        loaded.close()
