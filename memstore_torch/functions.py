@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .graphless import needs_graph, weighted_bag
+
 WeightFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -139,6 +141,9 @@ def topk_memory_read(
     casts are differentiable, so fp32 rows still get fp32 gradients), because autograd runs a
     Function's backward outside autocast, where mixed bf16/fp32 products would fail.
     """
+    if not needs_graph(q, keys, bias, values):
+        out, idx, weights = _read_without_graph(q, keys, bias, values, k, weight_fn, return_weights)
+        return (out, idx, weights) if return_weights else (out, idx)
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -150,6 +155,31 @@ def topk_memory_read(
         return (out, idx, weights) if return_weights else (out, idx)
     out, idx, weights = TopKMemoryRead.apply(q, keys, bias, values, k, weight_fn, return_weights)
     return (out, idx, weights) if return_weights else (out, idx)
+
+
+def _read_without_graph(q, keys, bias, values, k: int, weight_fn: WeightFn, return_weights: bool):
+    """:class:`TopKMemoryRead`'s forward where no gradient is wanted (decoding, evaluation):
+    the ``k`` selected value rows are read by index (an embedding bag) instead of through the
+    dense ``(N, n)`` weight matrix the backward needs, so a token reads ``k`` rows, not ``n``.
+    The same selection and weights; the sum differs from the dense product by rounding only."""
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):  # the read runs in the autocast dtype, as above
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            q, keys, bias, values = (t.to(dtype) for t in (q, keys, bias, values))
+            return _read_without_graph(q, keys, bias, values, k, weight_fn, return_weights)
+    n = keys.shape[0]
+    scores = torch.addmm(bias, q, keys.T)  # (N, n)
+    if k >= n:
+        weights = weight_fn(scores)  # dense: the MLP itself
+        out = weights @ values
+        idx = torch.arange(n, device=q.device).expand(q.shape[0], n)
+    else:
+        s_sel, idx = scores.topk(k, dim=1)  # (N, k)
+        weights = weight_fn(s_sel)
+        out = weighted_bag(idx, values, weights)  # (N, dv)
+    return out, idx, (weights.clone() if return_weights else None)
+
 
 
 class StraightThroughQuery(torch.autograd.Function):

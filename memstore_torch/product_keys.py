@@ -23,6 +23,8 @@ Gradients flow to ``s1`` and ``s2`` through the selected entries (each returned 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from memstore.errors import InvalidInputError
@@ -42,9 +44,9 @@ def best_first(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None) ->
         raise InvalidInputError(f"k must be in [1, {c}], got {k}")
     values, chosen = scores.topk(min(k + 1, c), dim=1)  # best first; equal values in any order
     chosen = chosen[:, :k]
-    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
-    if bool(tied.any()):
-        rows = tied.nonzero().reshape(-1)
+    equal = values[:, 1:] == values[:, :-1]
+    if bool(equal.any()):  # one test for the whole batch: ties are rare
+        rows = equal.any(dim=1).nonzero().reshape(-1)
         row_ids = (
             torch.arange(c, device=scores.device).expand(rows.numel(), c)
             if ids is None
@@ -64,6 +66,13 @@ def _lexsorted(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def candidate_pairs(k1: int, k2: int, k: int, device: torch.device | str = "cpu"):
+    """See :func:`_candidate_pairs` (made once per shape and device: a decoding step searches
+    one token, where building them again would cost as much as the search itself)."""
+    return _candidate_pairs(k1, k2, k, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_pairs(k1: int, k2: int, k: int, device: torch.device):
     """Rank pairs ``(a, b)`` of two best-first lists that can hold one of the k best sums:
     those with ``(a + 1) * (b + 1) <= k``. Every other pair is beaten by the ``(a+1)(b+1) - 1``
     pairs of ranks ``a' <= a, b' <= b``, all at least as good and with lower row numbers (both

@@ -432,11 +432,12 @@ class ProductKeyMemory(MemoryLayer):
         # a paged memory reads missing rows in (one query) and reads them from their cache slots
         slots = self.index.fetch(rows, pin=may_train, prefetched=searched.ahead)
         out = sparse_row_read(weights.reshape(t, reads), slots, values)  # (T, dv)
-        with torch.no_grad():
-            if may_train:
-                self.index.mark_rows_changed(slots.reshape(-1))  # a gradient may reach them
-            if self.training or self.update_in_eval:
-                self.index.touch(slots)  # one tick; every read counts
+        if may_train or self.training or self.update_in_eval:  # (decoding skips the bookkeeping)
+            with torch.no_grad():
+                if may_train:
+                    self.index.mark_rows_changed(slots.reshape(-1))  # a gradient may reach them
+                if self.training or self.update_in_eval:
+                    self.index.touch(slots)  # one tick; every read counts
         out = out.to(h.dtype)
         if self.out_proj is not None:
             out = self.out_proj(out)

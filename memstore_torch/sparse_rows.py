@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .graphless import needs_graph, weighted_bag
+
 
 class SparseRowRead(torch.autograd.Function):
     """``out (B, d) = sum_p weights (B, P) * values (N, d)[rows (B, P)]``.
@@ -74,4 +76,7 @@ def sparse_row_read(
 ) -> torch.Tensor:
     """Functional form of :class:`SparseRowRead`: weights (B, P), rows (B, P) int64, values
     (N, d) -> (B, d)."""
+    if not needs_graph(weights, values):  # decoding, evaluation: the bag alone
+        return weighted_bag(rows, values, weights)
     return SparseRowRead.apply(weights, rows, values)
+

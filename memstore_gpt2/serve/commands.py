@@ -25,7 +25,8 @@ class Server:
     def __init__(self, student_dir: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  db: str | None = None, memory_budget: str | None = None, device: str = "auto",
                  precision: str = "fp32", max_batch: int = 16, api_key: str | None = None,
-                 packs: tuple[str, ...] = (), all_packs: bool = False) -> None:  # fmt: skip
+                 packs: tuple[str, ...] = (), all_packs: bool = False,
+                 threads: int | None = None) -> None:  # fmt: skip
         from werkzeug.serving import make_server
 
         from memstore_gpt2.commands import _open_for_run
@@ -42,6 +43,8 @@ class Server:
         from memstore_torch.model_memory import paging_stats
 
         require_flask("serve")  # before the student loads: a missing extra is the first thing said
+        if threads is not None and threads < 1:
+            raise bad_parameter("threads", f"must be >= 1, got {threads}")
         if api_key is not None and not api_key.strip():
             raise bad_parameter("api_key", "is empty")
         if all_packs and packs:
@@ -53,7 +56,7 @@ class Server:
         self.run = _open_for_run(student_dir, db, memory_budget, device, packs)
         try:
             model = self.run.model
-            decoder = Decoder(model, precision)
+            decoder = Decoder(model, precision, threads)
             self.state = None
 
             def snapshot() -> None:
@@ -139,10 +142,13 @@ class Server:
               show_default=True, help="bf16/fp16: forwards under torch.autocast.")  # fmt: skip
 @click.option("--max-batch", default=16, show_default=True, type=int,
               help="Sequences decoded together per step (1: batching off).")  # fmt: skip
+@click.option("--threads", default=None, type=int,
+              help="CPU threads per forward [default: by its size: one per 16M multiply-adds, "
+                   "up to all cores].")  # fmt: skip
 @click.option("--api-key", default=None, envvar="MEMSTORE_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/ (or set MEMSTORE_API_KEY).")  # fmt: skip
 def serve_command(student_dir, host, port, db, packs, all_packs, memory_budget, device, precision,
-                  max_batch, api_key) -> None:  # fmt: skip
+                  max_batch, threads, api_key) -> None:  # fmt: skip
     """Serve a student (or any GPT-2 directory) over the OpenAI HTTP API.
 
     \b
@@ -161,7 +167,8 @@ def serve_command(student_dir, host, port, db, packs, all_packs, memory_budget, 
     require_torch()
     server = Server(student_dir, host=host, port=port, db=db, memory_budget=memory_budget,
                     device=device, precision=precision, max_batch=max_batch,
-                    api_key=api_key, packs=tuple(packs), all_packs=all_packs)  # fmt: skip
+                    api_key=api_key, packs=tuple(packs), all_packs=all_packs,
+                    threads=threads)  # fmt: skip
 
     def stop(signum, frame) -> None:  # SIGTERM ends the server as Ctrl-C does
         raise KeyboardInterrupt

@@ -26,6 +26,14 @@ from memstore_gpt2.packs.attach import attached_packs, select_packs
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+#: On a CPU, a forward gets one intra-op thread per this many multiply-adds of dense weights
+#: (tokens x :func:`dense_work_per_token`, rounded up), up to all of them. A decoding step is a hundred-odd
+#: small operations, and waking another thread for each costs more than it saves until each has
+#: real work: measured on 2 cores (docs/serve.md, Threads), a 128-wide student decodes batches up
+#: to 16 faster on one thread (1.6x at batch 1 beside an HTTP client) and gains from two at 64;
+#: a GPT-2-small-sized model (~120M per token) gains from every core at batch 1.
+WORK_PER_THREAD = 16_000_000
+
 
 def precision_context(device: torch.device, precision: str):
     """``torch.autocast`` to bf16/fp16 on ``device`` (weights stay fp32), nothing for fp32.
@@ -41,6 +49,37 @@ def precision_context(device: torch.device, precision: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def dense_work_per_token(model) -> int:
+    """About the multiply-adds one token costs in ``model``'s dense weights: every parameter
+    but the position table and memory rows (a token reads a few of those, by index); the token
+    embedding counts once, as the output head it is tied to."""
+    from memstore_torch.memory_layer import MemoryLayer
+
+    skip = {id(model.transformer.wpe.weight)}
+    for module in model.modules():
+        if isinstance(module, MemoryLayer):
+            for name in MemoryLayer.ROW_PARAMETER_NAMES:
+                rows = getattr(module, name, None)
+                if rows is not None:
+                    skip.add(id(rows))
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None):
+    """torch's CPU intra-op threads set to ``count`` within the block (None: left as they
+    are), as they were afterwards (the setting is process-wide)."""
+    before = torch.get_num_threads()
+    if count is None or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -105,11 +144,13 @@ class KVBatch:
 class Decoder:
     """Prefill and batched single-token steps of a GPT-2 (teacher or memory student).
 
-    Runs where the model's weights are, under ``precision`` (fp32, bf16, fp16 autocast). Not
-    thread-safe: one thread (the scheduler) owns it.
+    Runs where the model's weights are, under ``precision`` (fp32, bf16, fp16 autocast). On a
+    CPU, each forward uses ``threads`` intra-op threads, or by default (None) one per
+    :data:`WORK_PER_THREAD` multiply-adds it does, up to torch's count when the decoder was made.
+    Not thread-safe: one thread (the scheduler) owns it.
     """
 
-    def __init__(self, model, precision: str = "fp32") -> None:
+    def __init__(self, model, precision: str = "fp32", threads: int | None = None) -> None:
         config = model.config
         if getattr(config, "reorder_and_upcast_attn", False):
             raise bad_parameter(
@@ -124,6 +165,11 @@ class Decoder:
         self.context = int(config.n_positions)
         self.transformer = model.transformer
         self.blocks = list(self.transformer.h)
+        if threads is not None and threads < 1:
+            raise bad_parameter("threads", f"must be >= 1, got {threads}")
+        self.threads = threads
+        self.max_threads = torch.get_num_threads()
+        self.work_per_token = dense_work_per_token(model)
         #: The knowledge packs attached to the model (all act unless a forward chooses); a
         #: tuple replaced whole (:meth:`refresh_packs`), so other threads may read it any time.
         self.pack_names: tuple[str, ...] = tuple(attached_packs(model))
@@ -132,6 +178,15 @@ class Decoder:
         """Read the attached packs again (a :class:`~memstore_gpt2.serve.pack_watch.PackWatcher`
         swapped them between steps)."""
         self.pack_names = tuple(attached_packs(self.model))
+
+    def threads_for(self, tokens: int) -> int | None:
+        """Intra-op threads for a forward over ``tokens`` tokens (None: not a CPU model)."""
+        if self.device.type != "cpu":
+            return None
+        if self.threads is not None:
+            return self.threads
+        wanted = -(-tokens * self.work_per_token // WORK_PER_THREAD)  # each thread <= the unit
+        return max(1, min(self.max_threads, wanted))
 
     @contextlib.contextmanager
     def _packs(self, per_row: list[tuple[str, ...] | None] | None):
@@ -165,7 +220,8 @@ class Decoder:
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         positions = torch.arange(len(ids), device=self.device).unsqueeze(0)
         keys, values = [], []
-        with self._packs([packs]), precision_context(self.device, self.precision):
+        with (self._packs([packs]), precision_context(self.device, self.precision),
+              intra_op_threads(self.threads_for(len(ids)))):  # fmt: skip
             hidden = self._embed(tokens, positions)
             for index, block in enumerate(self.blocks):
                 hidden, k, v = self._block(index, block, hidden, None, None, None)
@@ -192,7 +248,8 @@ class Decoder:
         if packs is not None and len(packs) != batch.size:
             raise bad_parameter("packs", f"{len(packs)} pack choices for {batch.size} sequences")
         keys, values = [], []
-        with self._packs(packs), precision_context(self.device, self.precision):
+        with (self._packs(packs), precision_context(self.device, self.precision),
+              intra_op_threads(self.threads_for(batch.size))):  # fmt: skip
             hidden = self._embed(new, positions)
             for index, block in enumerate(self.blocks):
                 hidden, k, v = self._block(index, block, hidden, batch.keys[index],

@@ -58,3 +58,44 @@ def test_top_p_keeps_only_the_nucleus():
     sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.7, seed=0))
     picks = {sampler.pick(logits) for _ in range(200)}
     assert picks == {0, 1}
+
+
+def test_threads_follow_the_size_of_a_forward(student, monkeypatch):
+    """One intra-op thread per WORK_PER_THREAD multiply-adds (rounded up), at most the count
+    torch had when the decoder was made; a fixed count is used as given; the process-wide
+    setting is as before after each forward."""
+    import torch
+
+    from memstore_gpt2.serve import decoding
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    decoder = Decoder(student.model)
+    per_token = decoder.work_per_token
+    assert 0 < per_token < sum(p.numel() for p in student.model.parameters())  # rows left out
+    monkeypatch.setattr(decoding, "WORK_PER_THREAD", per_token * 10)
+    assert [decoder.threads_for(n) for n in (1, 10, 11, 25, 1000)] == [1, 1, 2, 3, 4]
+    assert Decoder(student.model, threads=3).threads_for(1000) == 3
+    from memstore.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="threads must be >= 1"):
+        Decoder(student.model, threads=0)
+
+
+def test_a_forward_runs_on_its_threads_and_restores_the_setting(student, monkeypatch):
+    import torch
+
+    from memstore_gpt2.serve import decoding
+
+    seen = []
+    original = decoding.Decoder._block
+
+    def spy(self, *args):
+        seen.append(torch.get_num_threads())
+        return original(self, *args)
+
+    monkeypatch.setattr(decoding.Decoder, "_block", spy)
+    before = torch.get_num_threads()
+    decoder = Decoder(student.model, threads=1 if before > 1 else 2)
+    batch, _ = decoder.prefill(_ids(student, PROMPTS[0]))
+    decoder.step(batch, [5])
+    assert set(seen) == {decoder.threads} and torch.get_num_threads() == before
