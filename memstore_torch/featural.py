@@ -224,12 +224,16 @@ class FeaturalMemory(MemoryLayer):
                     weights[0].reshape(h.shape[0], self.heads, -1),
                     tuple(lead),
                 )
-            out = out.reshape(h.shape[0], self.heads, -1).sum(1).to(h.dtype)  # (N, dv)
+            if self.heads > 1:
+                out = out.reshape(h.shape[0], self.heads, -1).sum(1)
+            out = out.to(h.dtype)  # (N, dv)
             if self.training or self.update_in_eval:
                 self._after_read(q.detach(), idx)
         if self.out_proj is not None:
             out = self.out_proj(out)  # (N, d)
-        out = self.dropout(out + self.out_bias)
+        out = out + self.out_bias
+        if self.training:  # (an identity in eval, and a module call costs a decoding step)
+            out = self.dropout(out)
         return out.reshape(*lead, self.d_model)
 
     @torch.no_grad()

@@ -99,10 +99,17 @@ def product_topk(s1: torch.Tensor, s2: torch.Tensor, k: int) -> tuple[torch.Tens
     if not 0 < k <= n1 * n2:
         raise InvalidInputError(f"k must be in [1, {n1 * n2}], got {k}")
     k1, k2 = min(k, n1), min(k, n2)
-    i1 = best_first(s1.detach(), k1)  # (m, k1): sub-key indices, best first
-    i2 = best_first(s2.detach(), k2)
+    if n1 == n2:  # both halves in one search (fewer operations: a decoding step's cost)
+        both = torch.cat([s1, s2])  # (2m, n)
+        chosen = best_first(both.detach(), k1)  # (2m, k1): sub-key indices, best first
+        i1, i2 = chosen[:m], chosen[m:]
+        picked = both.gather(1, chosen)  # differentiable
+        v1, v2 = picked[:m], picked[m:]  # (m, k1) each
+    else:
+        i1 = best_first(s1.detach(), k1)  # (m, k1): sub-key indices, best first
+        i2 = best_first(s2.detach(), k2)
+        v1, v2 = s1.gather(1, i1), s2.gather(1, i2)  # (m, k1), (m, k2): differentiable
     a, b = candidate_pairs(k1, k2, k, s1.device)  # (c,) rank pairs, c ~ k ln k
-    v1, v2 = s1.gather(1, i1), s2.gather(1, i2)  # (m, k1), (m, k2): differentiable
     candidates = v1[:, a] + v2[:, b]  # (m, c)
     ids = i1[:, a] * n2 + i2[:, b]  # (m, c) row numbers, distinct within a row
     pos = best_first(candidates.detach(), k, ids)

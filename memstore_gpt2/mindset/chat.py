@@ -94,7 +94,7 @@ class ChatEngine:
         choice = Choice(0, request, TextStream(self.decode, list(CHAT_STOPS)))
         self.scheduler.submit(request)
         try:
-            text = "".join(choice.events())
+            text = choice.text()
         except ApiError as exc:  # the scheduler reported a failure of the model
             raise ChatFailedError(exc.message) from None
         if choice.stream.stopped:  # cancelled at the next turn: wait until the scheduler lets go

@@ -112,13 +112,20 @@ class TextStream:
         self.stops = [s for s in stops if s]
         self.ids: list[int] = []
         self.text = ""
+        self.decoded = 0  # tokens of ``ids`` that ``text`` is the decoding of
         self.emitted = 0
         self.stopped = False
+
+    def hold(self, token: int) -> None:
+        """Take one token without decoding yet: with no stop string to find, a text wanted only
+        whole is decoded once, by :meth:`finish`."""
+        self.ids.append(token)
 
     def add(self, token: int) -> str:
         """Take one token; the text now safe to send (possibly empty)."""
         self.ids.append(token)
         text = self._decode(self.ids)
+        self.decoded = len(self.ids)
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.text, self.stopped = text[: min(hits)], True
@@ -136,6 +143,8 @@ class TextStream:
 
     def finish(self) -> str:
         """The rest of the text (the request ended)."""
+        if self.decoded != len(self.ids):
+            self.text, self.decoded = self._decode(self.ids), len(self.ids)
         return self._take(len(self.text))
 
     def _take(self, end: int) -> str:
@@ -357,9 +366,19 @@ class Choice:
     prompt_scores: PromptScores | None = None
     finish_reason: str | None = None
 
-    def events(self) -> Iterator[str]:
+    def text(self) -> str:
+        """The whole generated text (a request that does not stream). With no stop string to
+        watch for, nothing needs doing per token: this waits for the request's end and decodes
+        once, rather than waking at every token beside the scheduler's thread."""
+        whole = not self.stream.stops
+        if whole:
+            self.request.done.wait(EVENT_TIMEOUT_S)
+        return "".join(self.events(whole=whole))
+
+    def events(self, whole: bool = False) -> Iterator[str]:
         """Text pieces until the request ends (sets ``finish_reason``); cancels the request at a
-        stop string, and when the consumer goes away."""
+        stop string, and when the consumer goes away. ``whole``: no piece before the end (no
+        stop strings; see :meth:`text`)."""
         try:
             for event in self.request.stream(timeout=EVENT_TIMEOUT_S):
                 if isinstance(event, PromptScores):
@@ -368,6 +387,9 @@ class Choice:
                     self.tokens.append(event.id)
                     if event.logprobs is not None:
                         self.logprobs.append(event.logprobs)
+                    if whole:
+                        self.stream.hold(event.id)
+                        continue
                     piece = self.stream.add(event.id)
                     if self.stream.stopped:
                         self.request.cancel()
@@ -585,7 +607,7 @@ def create_app(state: ServeState):
         if not stream:
             out = []
             for choice in choices:
-                text = "".join(choice.events())
+                text = choice.text()
                 if echo:
                     text = prompt_text(choice.index) + text
                 lp = None
@@ -638,7 +660,7 @@ def create_app(state: ServeState):
                 "model": state.model_name}  # fmt: skip
         prompt_tokens = len(prompts[0][1])
         if not stream:
-            text = "".join(choice.events())
+            text = choice.text()
             return jsonify({**head, "object": "chat.completion", "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": text},
                 "logprobs": None, "finish_reason": choice.finish_reason}],

@@ -40,7 +40,7 @@ class Server:
             versions_before_load,
         )
         from memstore_gpt2.serve.scheduler import Scheduler
-        from memstore_torch.model_memory import paging_stats
+        from memstore_torch.model_memory import memory_layers, paging_stats
 
         require_flask("serve")  # before the student loads: a missing extra is the first thing said
         if threads is not None and threads < 1:
@@ -60,7 +60,7 @@ class Server:
             self.state = None
 
             def snapshot() -> None:
-                self.state.paging = paging_stats(model)
+                self.state.paging = paging_stats(model, layers)
 
             student = self.run.opened.student
             self.refresher = self.pack_watcher = None
@@ -79,8 +79,10 @@ class Server:
                 if self.pack_watcher.check(admitting):
                     decoder.refresh_packs()
                     self.refresher.rebind(model)
+                    layers[:] = memory_layers(model).values()
                 self.refresher.check(admitting)
 
+            layers = list(memory_layers(model).values())  # found again when the packs change
             self.scheduler = Scheduler(
                 decoder, max_batch=max_batch, on_step=snapshot,
                 refresh=None if self.refresher is None else refresh,

@@ -165,6 +165,7 @@ class Decoder:
         self.context = int(config.n_positions)
         self.transformer = model.transformer
         self.blocks = list(self.transformer.h)
+        self.scales = [_attention_scale(block.attn, i) for i, block in enumerate(self.blocks)]
         if threads is not None and threads < 1:
             raise bad_parameter("threads", f"must be >= 1, got {threads}")
         self.threads = threads
@@ -279,11 +280,7 @@ class Decoder:
         if past_k is not None:
             k = torch.cat([past_k.to(k.dtype), k], dim=2)
             v = torch.cat([past_v.to(v.dtype), v], dim=2)
-        scale = getattr(attn, "scaling", None)
-        if scale is None:  # older transformers: the same factor from the config's flags
-            scale = head_dim**-0.5 if attn.scale_attn_weights else 1.0
-            if attn.scale_attn_by_inverse_layer_idx:
-                scale /= float(index + 1)
+        scale = self.scales[index]
         if attend is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
         else:
@@ -293,6 +290,16 @@ class Decoder:
         hidden = attn.c_proj(out) + residual
         hidden = block.mlp(block.ln_2(hidden)) + hidden
         return hidden, k, v
+
+
+def _attention_scale(attn, index: int) -> float:
+    """The factor block ``index``'s attention scores are multiplied by."""
+    scale = getattr(attn, "scaling", None)
+    if scale is None:  # older transformers: the same factor from the config's flags
+        scale = attn.head_dim**-0.5 if attn.scale_attn_weights else 1.0
+        if attn.scale_attn_by_inverse_layer_idx:
+            scale /= float(index + 1)
+    return scale
 
 
 @dataclass

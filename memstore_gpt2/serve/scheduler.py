@@ -81,7 +81,16 @@ class Request:
     packs: tuple[str, ...] | None = None
     events: queue.Queue = field(default_factory=queue.Queue, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    #: Set once the last event (:class:`Finished` or :class:`Failed`) is queued: a consumer
+    #: that wants only the whole result waits on it instead of waking at every token.
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
     id: int = field(default_factory=itertools.count().__next__)
+
+    def put(self, event: object) -> None:
+        """Hand the consumer an event (the scheduler's side)."""
+        self.events.put(event)
+        if isinstance(event, Finished | Failed):
+            self.done.set()
 
     def cancel(self) -> None:
         """Stop decoding this request (the client left, or a stop sequence was found)."""
@@ -193,30 +202,30 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory joining caches
                 self.stats.failures += 1
                 for entry in active:
-                    entry.request.events.put(Failed(_one_line(exc)))
+                    entry.request.put(Failed(_one_line(exc)))
                 batch, active = None, []
             self.stats.active = len(active)
             if self._on_step is not None:
                 self._on_step()
         for entry in active:
-            entry.request.events.put(Finished("cancelled"))
+            entry.request.put(Finished("cancelled"))
         with self._cond:
             for request in self._pending:
-                request.events.put(Finished("cancelled"))
+                request.put(Finished("cancelled"))
             self._pending = []
 
     def _admit(self, request: Request, batch, active):
         if request.cancelled.is_set():
-            request.events.put(Finished("cancelled"))
+            request.put(Finished("cancelled"))
             return batch, active
         try:
             cache, logits = self.decoder.prefill(request.prompt_ids, request.packs)
             self.stats.model_tokens += len(request.prompt_ids)
             self.stats.prompt_tokens += len(request.prompt_ids)
             if request.score_prompt:
-                request.events.put(_prompt_scores(logits, request.prompt_ids, request.logprobs))
+                request.put(_prompt_scores(logits, request.prompt_ids, request.logprobs))
             if request.max_tokens == 0:
-                request.events.put(Finished("length"))
+                request.put(Finished("length"))
                 return batch, active
             sampler = Sampler(request.sampling)
             entry = _Active(request, sampler, last=-1, generated=0)
@@ -225,7 +234,7 @@ class Scheduler:
             joined = cache if batch is None else batch.append(cache)
         except Exception as exc:  # noqa: BLE001 - reported to the request, the server goes on
             self.stats.failures += 1
-            request.events.put(Failed(_one_line(exc)))
+            request.put(Failed(_one_line(exc)))
             return batch, active
         return joined, [*active, entry]
 
@@ -237,7 +246,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - every request in the batch learns it
             self.stats.failures += 1
             for entry in active:
-                entry.request.events.put(Failed(_one_line(exc)))
+                entry.request.put(Failed(_one_line(exc)))
             return None, []
         self.stats.steps += 1
         self.stats.stepped_sequences += len(active)
@@ -253,7 +262,7 @@ class Scheduler:
         """Pick and hand over ``entry``'s next token; True when the request is done."""
         request = entry.request
         if request.cancelled.is_set():
-            request.events.put(Finished("cancelled"))
+            request.put(Finished("cancelled"))
             return True
         logits = logits.cpu()
         token = entry.sampler.pick(logits)
@@ -263,12 +272,12 @@ class Scheduler:
         entry.last = token
         entry.generated += 1
         self.stats.generated_tokens += 1
-        request.events.put(Token(token, scores))
+        request.put(Token(token, scores))
         if request.eos_id is not None and token == request.eos_id:
-            request.events.put(Finished("stop"))
+            request.put(Finished("stop"))
             return True
         if entry.generated >= request.max_tokens:
-            request.events.put(Finished("length"))
+            request.put(Finished("length"))
             return True
         return False
 
