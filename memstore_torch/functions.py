@@ -181,7 +181,6 @@ def _read_without_graph(q, keys, bias, values, k: int, weight_fn: WeightFn, retu
     return out, idx, (weights.clone() if return_weights else None)
 
 
-
 class StraightThroughQuery(torch.autograd.Function):
     """Rule 1, ``dQuery = dKeyReturned``: identity on the returned keys (…, k, d); in backward the
     query (…, d) receives the sum of its k returned keys' gradients, and the returned keys keep

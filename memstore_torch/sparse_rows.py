@@ -79,4 +79,3 @@ def sparse_row_read(
     if not needs_graph(weights, values):  # decoding, evaluation: the bag alone
         return weighted_bag(rows, values, weights)
     return SparseRowRead.apply(weights, rows, values)
-
