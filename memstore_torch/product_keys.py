@@ -98,18 +98,33 @@ def product_topk(s1: torch.Tensor, s2: torch.Tensor, k: int) -> tuple[torch.Tens
     n2 = s2.shape[1]
     if not 0 < k <= n1 * n2:
         raise InvalidInputError(f"k must be in [1, {n1 * n2}], got {k}")
-    k1, k2 = min(k, n1), min(k, n2)
     if n1 == n2:  # both halves in one search (fewer operations: a decoding step's cost)
-        both = torch.cat([s1, s2])  # (2m, n)
-        chosen = best_first(both.detach(), k1)  # (2m, k1): sub-key indices, best first
-        i1, i2 = chosen[:m], chosen[m:]
-        picked = both.gather(1, chosen)  # differentiable
-        v1, v2 = picked[:m], picked[m:]  # (m, k1) each
-    else:
-        i1 = best_first(s1.detach(), k1)  # (m, k1): sub-key indices, best first
-        i2 = best_first(s2.detach(), k2)
-        v1, v2 = s1.gather(1, i1), s2.gather(1, i2)  # (m, k1), (m, k2): differentiable
-    a, b = candidate_pairs(k1, k2, k, s1.device)  # (c,) rank pairs, c ~ k ln k
+        return product_topk_stacked(torch.cat([s1, s2]), k)
+    k1, k2 = min(k, n1), min(k, n2)
+    i1 = best_first(s1.detach(), k1)  # (m, k1): sub-key indices, best first
+    i2 = best_first(s2.detach(), k2)
+    v1, v2 = s1.gather(1, i1), s2.gather(1, i2)  # (m, k1), (m, k2): differentiable
+    return _best_pairs(v1, v2, i1, i2, n2, k)
+
+
+def product_topk_stacked(both: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`product_topk` of ``s1 = both[:m]`` and ``s2 = both[m:]`` (``both`` (2m, n): two
+    halves of equal size, as a product-key layer scores them in one product), searched
+    together."""
+    m, n = both.shape[0] // 2, both.shape[1]
+    if both.dim() != 2 or both.shape[0] != 2 * m or not 0 < k <= n * n:
+        raise InvalidInputError(f"both must be (2m, n) with k in [1, n^2], got "
+                                f"{tuple(both.shape)} and k={k}")  # fmt: skip
+    k1 = min(k, n)
+    chosen = best_first(both.detach(), k1)  # (2m, k1): sub-key indices, best first
+    picked = both.gather(1, chosen)  # differentiable
+    return _best_pairs(picked[:m], picked[m:], chosen[:m], chosen[m:], n, k)
+
+
+def _best_pairs(v1, v2, i1, i2, n2: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best sums of the halves' best-first scores ``v1``/``v2`` (m, k1)/(m, k2) at
+    sub-keys ``i1``/``i2``: ``(scores (m, k), rows (m, k))``."""
+    a, b = candidate_pairs(v1.shape[1], v2.shape[1], k, v1.device)  # (c,) rank pairs, c ~ k ln k
     candidates = v1[:, a] + v2[:, b]  # (m, c)
     ids = i1[:, a] * n2 + i2[:, b]  # (m, c) row numbers, distinct within a row
     pos = best_first(candidates.detach(), k, ids)

@@ -55,7 +55,7 @@ from .cofiring import cofiring_pairs, first_occurrences, near_duplicates
 from .config import ProductKeyConfig
 from .memory_layer import MemoryLayer, MemoryRead, OptimizerArg, reset_optimizer_rows
 from .paged_rows import PagedRows, Prefetch
-from .product_keys import product_topk
+from .product_keys import product_topk_stacked
 from .row_table import ResidentRows, RowTable, fetched_chunks
 from .rows_source import CollectionStore, row_block
 from .sparse_rows import sparse_row_read
@@ -390,9 +390,8 @@ class ProductKeyMemory(MemoryLayer):
         sub = self.sub_keys.to(q.dtype)
         s = torch.matmul(q, sub.transpose(-1, -2))  # (H, 2, T, n_keys)
         k = min(self.k, self.n_rows)
-        scores, rows = product_topk(
-            s[:, 0].reshape(heads * t, cfg.n_keys), s[:, 1].reshape(heads * t, cfg.n_keys), k
-        )  # (H * T, k)
+        both = s.transpose(0, 1).reshape(2 * heads * t, cfg.n_keys)  # first halves, then second
+        scores, rows = product_topk_stacked(both, k)  # (H * T, k)
         return scores.view(heads, t, k).transpose(0, 1), rows.view(heads, t, k).transpose(0, 1)
 
     def forward(self, x: torch.Tensor, searched: _Searched | None = None) -> torch.Tensor:

@@ -118,3 +118,21 @@ def test_gradients_reach_the_selected_halves():
 def test_bad_arguments(s1, s2, k):
     with pytest.raises(InvalidInputError):
         product_topk(s1, s2, k)
+
+
+def test_stacked_halves_search_equals_brute_force():
+    """The stacked form a layer uses: every sum ordered by higher score, then lower row."""
+    from memstore_torch.product_keys import product_topk_stacked
+
+    g = torch.Generator().manual_seed(5)
+    s1 = torch.randint(0, 4, (6, 9), generator=g).float()  # many ties
+    s2 = torch.randint(0, 4, (6, 9), generator=g).float()
+    sums = (s1[:, :, None] + s2[:, None, :]).reshape(6, 81)
+    for k in (1, 7, 81):
+        scores, rows = product_topk_stacked(torch.cat([s1, s2]), k)
+        for r in range(6):
+            order = sorted(range(81), key=lambda j: (-float(sums[r, j]), j))[:k]
+            assert rows[r].tolist() == order
+            assert scores[r].tolist() == sums[r, order].tolist()
+    with pytest.raises(InvalidInputError, match="both must be"):
+        product_topk_stacked(torch.zeros(3, 4), 2)
