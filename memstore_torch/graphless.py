@@ -8,6 +8,8 @@ take the direct path when it is False; the answer is the same read.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -22,6 +24,12 @@ def weighted_bag(rows: torch.Tensor, values: torch.Tensor, weights: torch.Tensor
     ``F.embedding_bag(rows, values, per_sample_weights=weights, mode="sum")`` computes, called on
     torch's op itself. No gradient reaches ``values`` through it."""
     bags, per_bag = rows.shape
-    offsets = torch.arange(0, bags * per_bag, per_bag, device=rows.device)
+    offsets = _offsets(bags, per_bag, rows.device)
     return torch.embedding_bag(values, rows.reshape(-1), offsets, False, 0, False,
                                weights.reshape(-1), False, None)[0]  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def _offsets(bags: int, per_bag: int, device: torch.device) -> torch.Tensor:
+    """Where each of ``bags`` equal bags starts (made once per shape: read, never written)."""
+    return torch.arange(0, bags * per_bag, per_bag, device=device)

@@ -99,33 +99,49 @@ def product_topk(s1: torch.Tensor, s2: torch.Tensor, k: int) -> tuple[torch.Tens
     if not 0 < k <= n1 * n2:
         raise InvalidInputError(f"k must be in [1, {n1 * n2}], got {k}")
     if n1 == n2:  # both halves in one search (fewer operations: a decoding step's cost)
-        return product_topk_stacked(torch.cat([s1, s2]), k)
+        return product_topk_stacked(torch.stack([s1, s2], dim=1), k)
     k1, k2 = min(k, n1), min(k, n2)
-    i1 = best_first(s1.detach(), k1)  # (m, k1): sub-key indices, best first
-    i2 = best_first(s2.detach(), k2)
+    i1 = best_first(_detached(s1), k1)  # (m, k1): sub-key indices, best first
+    i2 = best_first(_detached(s2), k2)
     v1, v2 = s1.gather(1, i1), s2.gather(1, i2)  # (m, k1), (m, k2): differentiable
-    return _best_pairs(v1, v2, i1, i2, n2, k)
-
-
-def product_topk_stacked(both: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`product_topk` of ``s1 = both[:m]`` and ``s2 = both[m:]`` (``both`` (2m, n): two
-    halves of equal size, as a product-key layer scores them in one product), searched
-    together."""
-    m, n = both.shape[0] // 2, both.shape[1]
-    if both.dim() != 2 or both.shape[0] != 2 * m or not 0 < k <= n * n:
-        raise InvalidInputError(f"both must be (2m, n) with k in [1, n^2], got "
-                                f"{tuple(both.shape)} and k={k}")  # fmt: skip
-    k1 = min(k, n)
-    chosen = best_first(both.detach(), k1)  # (2m, k1): sub-key indices, best first
-    picked = both.gather(1, chosen)  # differentiable
-    return _best_pairs(picked[:m], picked[m:], chosen[:m], chosen[m:], n, k)
-
-
-def _best_pairs(v1, v2, i1, i2, n2: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best sums of the halves' best-first scores ``v1``/``v2`` (m, k1)/(m, k2) at
-    sub-keys ``i1``/``i2``: ``(scores (m, k), rows (m, k))``."""
-    a, b = candidate_pairs(v1.shape[1], v2.shape[1], k, v1.device)  # (c,) rank pairs, c ~ k ln k
+    a, b = candidate_pairs(k1, k2, k, s1.device)  # (c,) rank pairs, c ~ k ln k
     candidates = v1[:, a] + v2[:, b]  # (m, c)
     ids = i1[:, a] * n2 + i2[:, b]  # (m, c) row numbers, distinct within a row
-    pos = best_first(candidates.detach(), k, ids)
+    return _best_candidates(candidates, ids, k)
+
+
+def product_topk_stacked(halves: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`product_topk` of ``s1 = halves[:, 0]`` and ``s2 = halves[:, 1]`` (``halves``
+    (m, 2, n): each row's two halves, as a product-key layer scores them in one product),
+    searched together: one top-k over the 2m halves, and the candidate pairs read from each
+    row's 2k best as they lie."""
+    if halves.dim() != 3 or halves.shape[1] != 2 or not 0 < k <= halves.shape[2] ** 2:
+        raise InvalidInputError(f"halves must be (m, 2, n) with k in [1, n^2], got "
+                                f"{tuple(halves.shape)} and k={k}")  # fmt: skip
+    m, _, n = halves.shape
+    k1 = min(k, n)
+    flat = halves.reshape(2 * m, n)  # row 2i: token i's first half, 2i + 1: its second
+    chosen = best_first(_detached(flat), k1)  # (2m, k1): sub-key indices, best first
+    picked = flat.gather(1, chosen).reshape(m, 2 * k1)  # differentiable; [first k1 | second k1]
+    chosen = chosen.reshape(m, 2 * k1)
+    a, b = _candidate_columns(k1, k, halves.device)
+    candidates = picked[:, a] + picked[:, b]  # (m, c)
+    ids = chosen[:, a] * n + chosen[:, b]  # (m, c) row numbers, distinct within a row
+    return _best_candidates(candidates, ids, k)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_columns(k1: int, k: int, device: torch.device):
+    """:func:`candidate_pairs` of two k1-lists as columns of their concatenation."""
+    a, b = candidate_pairs(k1, k1, k, device)
+    return a, b + k1
+
+
+def _detached(scores: torch.Tensor) -> torch.Tensor:
+    return scores.detach() if scores.requires_grad else scores
+
+
+def _best_candidates(candidates, ids, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of the candidate sums (m, c) with row numbers ``ids``: ``(scores, rows)``."""
+    pos = best_first(_detached(candidates), k, ids)
     return candidates.gather(1, pos), ids.gather(1, pos)

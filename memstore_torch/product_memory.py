@@ -387,12 +387,12 @@ class ProductKeyMemory(MemoryLayer):
         cfg = self.config
         t, heads, dk = x.shape[0], cfg.heads, cfg.key_dim
         q = self.queries(x).reshape(t, heads, 2, dk // 2).permute(1, 2, 0, 3)  # (H, 2, T, dk/2)
-        sub = self.sub_keys.to(q.dtype)
+        sub = self.sub_keys if self.sub_keys.dtype == q.dtype else self.sub_keys.to(q.dtype)
         s = torch.matmul(q, sub.transpose(-1, -2))  # (H, 2, T, n_keys)
         k = min(self.k, self.n_rows)
-        both = s.transpose(0, 1).reshape(2 * heads * t, cfg.n_keys)  # first halves, then second
-        scores, rows = product_topk_stacked(both, k)  # (H * T, k)
-        return scores.view(heads, t, k).transpose(0, 1), rows.view(heads, t, k).transpose(0, 1)
+        halves = s.permute(2, 0, 1, 3).reshape(t * heads, 2, cfg.n_keys)  # (T * H, 2, n_keys)
+        scores, rows = product_topk_stacked(halves, k)  # (T * H, k), token-major
+        return scores.view(t, heads, k), rows.view(t, heads, k)
 
     def forward(self, x: torch.Tensor, searched: _Searched | None = None) -> torch.Tensor:
         """``(..., d_model) -> (..., d_model)``; ``searched``: what :meth:`start` already found
@@ -419,7 +419,8 @@ class ProductKeyMemory(MemoryLayer):
         weights = torch.softmax(
             scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)
         )
-        weights = weights.to(values.dtype)
+        if weights.dtype != values.dtype:
+            weights = weights.to(values.dtype)
         if self.record_reads:  # what this forward reads: row r is stored with id r + 1
             self.last_read = MemoryRead(
                 rows.detach() + 1, weights.detach(), tuple(lead), scores.detach()
@@ -437,7 +438,8 @@ class ProductKeyMemory(MemoryLayer):
                     self.index.mark_rows_changed(slots.reshape(-1))  # a gradient may reach them
                 if self.training or self.update_in_eval:
                     self.index.touch(slots)  # one tick; every read counts
-        out = out.to(h.dtype)
+        if out.dtype != h.dtype:
+            out = out.to(h.dtype)
         if self.out_proj is not None:
             out = self.out_proj(out)
         return out.reshape(*lead, self.d_model)

@@ -245,7 +245,8 @@ class Decoder:
         positions = torch.tensor(batch.lengths, dtype=torch.long, device=self.device).unsqueeze(1)
         ones = torch.ones(batch.size, 1, dtype=torch.bool, device=self.device)
         mask = torch.cat([batch.mask, ones], dim=1)  # (B, L+1)
-        attend = mask[:, None, None, :]  # (B, 1, 1, L+1): SDPA's boolean mask, True attends
+        # (B, 1, 1, L+1): SDPA's boolean mask, True attends; none when no sequence is padded
+        attend = None if min(batch.lengths) == batch.width else mask[:, None, None, :]
         if packs is not None and len(packs) != batch.size:
             raise bad_parameter("packs", f"{len(packs)} pack choices for {batch.size} sequences")
         keys, values = [], []
@@ -262,7 +263,7 @@ class Decoder:
         return KVBatch(keys, values, mask, lengths), logits[:, -1].float()
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.transformer.drop(self.transformer.wte(tokens) + self.transformer.wpe(positions))
+        return self.transformer.wte(tokens) + self.transformer.wpe(positions)  # (eval: no dropout)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.transformer.ln_f(hidden))
@@ -278,18 +279,23 @@ class Decoder:
         shape = (hidden.shape[0], hidden.shape[1], heads, head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         if past_k is not None:
-            k = torch.cat([past_k.to(k.dtype), k], dim=2)
-            v = torch.cat([past_v.to(v.dtype), v], dim=2)
+            k = torch.cat([_as(past_k, k.dtype), k], dim=2)
+            v = torch.cat([_as(past_v, v.dtype), v], dim=2)
         scale = self.scales[index]
         if attend is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
         else:
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attend,
-                                                 scale=scale)  # fmt: skip
+            out = F.scaled_dot_product_attention(q, _as(k, q.dtype), _as(v, q.dtype),
+                                                 attn_mask=attend, scale=scale)  # fmt: skip
         out = out.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[1], -1)
         hidden = attn.c_proj(out) + residual
         hidden = block.mlp(block.ln_2(hidden)) + hidden
         return hidden, k, v
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (a cache kept in fp32 under autocast); no call when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _attention_scale(attn, index: int) -> float:

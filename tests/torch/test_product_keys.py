@@ -129,10 +129,10 @@ def test_stacked_halves_search_equals_brute_force():
     s2 = torch.randint(0, 4, (6, 9), generator=g).float()
     sums = (s1[:, :, None] + s2[:, None, :]).reshape(6, 81)
     for k in (1, 7, 81):
-        scores, rows = product_topk_stacked(torch.cat([s1, s2]), k)
+        scores, rows = product_topk_stacked(torch.stack([s1, s2], dim=1), k)
         for r in range(6):
             order = sorted(range(81), key=lambda j: (-float(sums[r, j]), j))[:k]
             assert rows[r].tolist() == order
             assert scores[r].tolist() == sums[r, order].tolist()
-    with pytest.raises(InvalidInputError, match="both must be"):
+    with pytest.raises(InvalidInputError, match="halves must be"):
         product_topk_stacked(torch.zeros(3, 4), 2)
