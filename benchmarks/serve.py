@@ -1,36 +1,37 @@
 """``memstore serve`` throughput and latency under concurrent HTTP clients.
 
     python benchmarks/serve.py --student STUDENT_DIR --teacher TEACHER_DIR [--clients 1,4,16]
-        [--max-tokens 24] [--requests 3] [--repeats 3] [--device cpu] [--threads N] [--json]
+        [--max-tokens 24] [--requests 3] [--repeats 3] [--paired-requests 12] [--device cpu]
+        [--threads N] [--json]
 
 Starts ``memstore serve STUDENT`` twice as its own process on a free port: with continuous
-batching (``--max-batch 16``) and with batching off (``--max-batch 1``). The arms are interleaved
-(``--repeats`` times: each client count on the batched server, then on the unbatched one, the
-reference right after the first count's rounds, the ones ``vs_hf_generate_1`` sets it against),
-so a slow minute on a shared machine hits every arm alike; each figure is the median over the
-repeats, each ratio the median of the repeats' ratios. For each ``--clients`` count, that many client threads (stdlib HTTP, one connection per request) each send
+batching (``--max-batch 16``) and with batching off (``--max-batch 1``). For each ``--clients``
+count, that many client threads (stdlib HTTP, one connection per request) each send
 ``--requests`` greedy ``/v1/completions`` requests of ``--max-tokens`` tokens one after another;
 tokens/s is all completion tokens over the wall time of the round, latency is per request
-(p50/p99). The reference, the dense teacher through transformers' ``generate()`` (greedy, its KV
-cache, one sequence, in this process), decodes the same prompts one after another as the
-1-client round does (after a warm-up, as the server gets one), measured the same way: all tokens
-over the wall time, on one intra-op thread and on torch's default count, the better of the two
-counting (the server chooses its threads per step by the step's size); ``vs_hf_generate_1`` is
-the server's 1-client figure over it (the server's includes HTTP and tokenizing; the
-reference's neither). ``--pack NAME`` (repeatable) serves the
-student with knowledge packs attached (every request uses them); ``--threads N`` gives both
-servers ``--threads N`` (default: their own choice per step).
+(p50/p99). The reference is the dense teacher through transformers' ``generate()`` (greedy, its
+KV cache, one sequence, in this process, after a warm-up as the server gets one). It is timed
+against the batched server with one client request by request: ``--paired-requests`` times, one
+server request, then the same prompt through ``generate()`` on one intra-op thread and on
+torch's default count (the better of the two counts: the server picks its threads per step),
+so the two are measured milliseconds apart. ``vs_hf_generate_1`` is the server's tokens/s in
+that paired round over the reference's (the server's includes HTTP and tokenizing; the
+reference's neither).
 
-Also checks that the server's greedy text equals ``memstore generate``'s loop
+The arms are interleaved ``--repeats`` times (each client count on the batched server, then on
+the unbatched one, then the paired round), so a slow minute on a shared machine hits every arm
+alike; each figure is the median over the repeats, each ratio the median of the repeats' ratios.
+``--pack NAME`` (repeatable) serves the student with knowledge packs attached (every request
+uses them); ``--threads N`` gives both servers ``--threads N`` (default: their own choice per
+step). Also checks that the server's greedy text equals ``memstore generate``'s loop
 (``sample_tokens``, temperature 0) for the same prompt (``greedy_identical``).
 
 JSON keys: ``tokens_per_s_1``, ``tokens_per_s_4``, ``tokens_per_s_16`` (batched server),
 ``unbatched_tokens_per_s_*``, ``batching_speedup_16`` (batched / unbatched at 16 clients),
-``hf_generate_tokens_per_s`` (the better of ``hf_generate_tokens_per_s_threads_N``),
-``vs_hf_generate_1`` (server at 1 client / HF generate),
-``p50_ms_*``, ``p99_ms_*``, ``greedy_identical``, ``repeats`` (every repeat's figures),
-``machine``. The table is printed first; with
-``--json`` the last line is the JSON object.
+``paired_tokens_per_s_1`` (the server in the paired round), ``hf_generate_tokens_per_s`` (the
+better of ``hf_generate_tokens_per_s_threads_N``), ``vs_hf_generate_1``, ``p50_ms_*``,
+``p99_ms_*``, ``greedy_identical``, ``repeats`` (every repeat's figures), ``machine``. The table
+is printed first; with ``--json`` the last line is the JSON object.
 """
 
 from __future__ import annotations
@@ -150,24 +151,41 @@ class HFReference:
                                       pad_token_id=self.tokenizer.eos_token_id)  # fmt: skip
         return out.shape[1] - ids.shape[1]
 
-    def tokens_per_s(self, requests: int) -> dict[int, float]:
-        """``requests`` prompts one after another, as one client sends them: tokens/s on one
-        intra-op thread and on torch's default count (the server picks its threads per step,
-        so the reference gets its better setting too)."""
-        import torch
+    def run(self, index: int) -> int:
+        """Generate from prompt ``index`` (of :data:`PROMPTS`); the new tokens."""
+        return self._run(self.prompts[index % len(self.prompts)])
 
-        default = torch.get_num_threads()
-        figures = {}
-        try:
-            for threads in sorted({1, default}):
-                torch.set_num_threads(threads)
+
+def paired_round(url: str, reference: HFReference, requests: int, max_tokens: int) -> dict:
+    """The server with one client and the reference in turn, request by request (the same
+    prompt each time): so the two are timed within milliseconds of each other, and a slow
+    moment of a shared machine falls on both. The reference runs each prompt on one intra-op
+    thread and on torch's default count (the server picks its threads per step, so the
+    reference gets its better setting too)."""
+    import torch
+
+    default = torch.get_num_threads()
+    arms = ["server", *sorted({1, default})]
+    seconds, tokens = dict.fromkeys(arms, 0.0), dict.fromkeys(arms, 0)
+    try:
+        for r in range(requests):
+            for arm in arms:
                 started = time.perf_counter()
-                tokens = sum(self._run(self.prompts[r % len(self.prompts)])
-                             for r in range(requests))  # fmt: skip
-                figures[threads] = tokens / (time.perf_counter() - started)
-        finally:
-            torch.set_num_threads(default)
-        return figures
+                if arm == "server":
+                    n = complete(url, PROMPTS[r % len(PROMPTS)], max_tokens)[1]
+                else:
+                    torch.set_num_threads(arm)
+                    n = reference.run(r)
+                seconds[arm] += time.perf_counter() - started
+                tokens[arm] += n
+    finally:
+        torch.set_num_threads(default)
+    rates = {arm: tokens[arm] / seconds[arm] for arm in arms}
+    figures = {"paired_tokens_per_s_1": rates.pop("server")}
+    for threads, rate in rates.items():
+        figures[f"hf_generate_tokens_per_s_threads_{threads}"] = rate
+    figures["hf_generate_tokens_per_s"] = max(rates.values())
+    return figures
 
 
 def machine() -> dict:
@@ -196,9 +214,10 @@ def format_table(result: dict) -> str:
         f"# machine: {m['cores']} cores ({m['cpu']}), torch {m['torch']} ({m['torch_threads']} "
         f"threads), Python {m['python']}; load average at the end {m['load_average'][0]}",
         *rows,
-        f"reference: the dense teacher through transformers' generate(), "
-        f"{result['hf_generate_tokens_per_s']:.1f} tokens/s ({reference_threads(result)}); "
-        "vs_hf_generate_1 "
+        f"reference, request by request against the server at "
+        f"{result['paired_tokens_per_s_1']:.1f} tokens/s: the dense teacher through transformers' "
+        f"generate(), {result['hf_generate_tokens_per_s']:.1f} tokens/s "
+        f"({reference_threads(result)}); vs_hf_generate_1 "
         f"{result['vs_hf_generate_1']:.2f}; batching_speedup_{last} "
         f"{result[f'batching_speedup_{last}']:.2f}; greedy_identical {result['greedy_identical']}",
     ])  # fmt: skip
@@ -231,6 +250,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--requests", type=int, default=3, help="Requests per client per round.")
     parser.add_argument("--repeats", type=int, default=3, help="Interleaved rounds of every arm.")
+    parser.add_argument("--paired-requests", type=int, default=12,
+                        help="Requests of the server and the reference in turn, per repeat.")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pack", action="append", default=[], help="Serve with this pack.")
     parser.add_argument("--threads", type=int, default=None,
@@ -268,11 +289,8 @@ def main() -> None:
                         figures[f"{label}{key}_{clients}"] = value
                     print(f"{label or 'batched_'}{clients} clients: {measured}",
                           file=sys.stderr, flush=True)  # fmt: skip
-                if clients == counts[0]:  # the reference right after the round it is set against
-                    by_threads = reference.tokens_per_s(args.requests)
-                    for threads, value in by_threads.items():
-                        figures[f"hf_generate_tokens_per_s_threads_{threads}"] = value
-                    figures["hf_generate_tokens_per_s"] = max(by_threads.values())
+            figures.update(paired_round(servers[""][1], reference, args.paired_requests,
+                                        args.max_tokens))  # fmt: skip
             repeats.append(figures)
     finally:
         for process, _ in servers.values():
@@ -285,7 +303,7 @@ def main() -> None:
         r[f"tokens_per_s_{last}"] / r[f"unbatched_tokens_per_s_{last}"] for r in repeats
     )
     result["vs_hf_generate_1"] = statistics.median(
-        r.get("tokens_per_s_1", 0) / r["hf_generate_tokens_per_s"] for r in repeats
+        r["paired_tokens_per_s_1"] / r["hf_generate_tokens_per_s"] for r in repeats
     )
     result["repeats"] = repeats
     result["machine"] = machine()
