@@ -27,11 +27,11 @@ from memstore_gpt2.packs.attach import attached_packs, select_packs
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: On a CPU, a forward gets one intra-op thread per this many multiply-adds of dense weights
-#: (tokens x :func:`dense_work_per_token`, rounded up), up to all of them. A decoding step is a hundred-odd
-#: small operations, and waking another thread for each costs more than it saves until each has
-#: real work: measured on 2 cores (docs/serve.md, Threads), a 128-wide student decodes batches up
-#: to 16 faster on one thread (1.6x at batch 1 beside an HTTP client) and gains from two at 64;
-#: a GPT-2-small-sized model (~120M per token) gains from every core at batch 1.
+#: (tokens x :func:`dense_work_per_token`, rounded up), up to all of them. A decoding step is a
+#: hundred-odd small operations, and waking another thread for each costs more than it saves
+#: until each has real work: with ``benchmarks/serve.py`` on 2 cores (docs/serve.md, Threads) a
+#: 128-wide student (under 0.5M per token) served at 0.84 of the dense teacher's generate() on
+#: one thread and 0.60 on two, while 88M-parameter students run on both.
 WORK_PER_THREAD = 16_000_000
 
 
