@@ -78,8 +78,10 @@ class ChatEngine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def reply(self, prompt: str, prompt_ids: list[int], max_tokens: int, sampling) -> ChatReply:
-        """The reply to a rendered conversation, decoded as serve decodes a chat completion."""
+    def reply(self, prompt: str, prompt_ids: list[int], max_tokens: int, sampling,
+              packs: tuple[str, ...] | None = None) -> ChatReply:  # fmt: skip
+        """The reply to a rendered conversation, decoded as serve decodes a chat completion;
+        ``packs``: the attached knowledge packs that act on it (None: all; empty: none)."""
         from memstore_gpt2.serve.app import (
             CHAT_STOPS,
             EVENT_TIMEOUT_S,
@@ -90,7 +92,7 @@ class ChatEngine:
         from memstore_gpt2.serve.scheduler import Request
 
         eos = self.tokenizer.eos_token_id
-        request = Request(list(prompt_ids), max_tokens, sampling, eos_id=eos)
+        request = Request(list(prompt_ids), max_tokens, sampling, eos_id=eos, packs=packs)
         choice = Choice(0, request, TextStream(self.decode, list(CHAT_STOPS)))
         self.scheduler.submit(request)
         try:

@@ -97,6 +97,7 @@ class MindsetService:
                 "allow_edits": self.allow_edits,
                 "context": self.mindset.context,
                 "layers": [entry.describe() for entry in self.mindset.layers.values()],
+                "packs": list(self.packs),
             }
 
     def trace(self, prompt: str, top: int = 8, promotes: int = 5) -> dict:
@@ -125,17 +126,23 @@ class MindsetService:
         return labels
 
     def chat(self, messages, max_tokens=None, temperature=0.0, top_p=1.0, top_k=0, seed=None,
-             top=8, promotes: int = 5) -> dict:  # fmt: skip
+             top=8, promotes: int = 5, packs=None) -> dict:  # fmt: skip
         """The student's reply to ``messages`` (OpenAI's ``[{"role", "content"}]``), decoded as
         ``memstore serve`` decodes a chat completion (greedy unless ``temperature`` > 0), and per
         reply token the ``top`` rows each layer selected for it, labelled like :meth:`trace`.
+        ``packs``: the session's knowledge packs that act on this reply, as serve's ``"pack"``
+        (a name or a list; None: every one; ``[]``: the bare student).
 
         The rows are the trace of the conversation and reply as token ids
-        (:mod:`memstore_gpt2.mindset.chat`); ``offset`` is where the reply starts in it."""
+        (:mod:`memstore_gpt2.mindset.chat`), with the same packs acting (the layers of the packs
+        left out are not shown); ``offset`` is where the reply starts in it."""
         from memstore_gpt2.mindset.chat import DEFAULT_REPLY_TOKENS, ChatEngine, chat_prompt
         from memstore_gpt2.mindset.trace import LayerTrace, trace_tokens
+        from memstore_gpt2.packs.attach import chosen_packs, packs_acting
+        from memstore_gpt2.packs.storage import owned_by
         from memstore_gpt2.serve.decoding import SamplingParams
 
+        packs = chosen_packs(packs, self.packs, "this Mindset session")
         prompt = chat_prompt(messages)
         asked = DEFAULT_REPLY_TOKENS if max_tokens is None else max_tokens
         asked = _int(asked, "max_tokens", 1, MAX_NEW_TOKENS)
@@ -160,16 +167,23 @@ class MindsetService:
             if self._chat is None or self._chat.model is not ms.model:  # reloaded by an edit
                 self._close_chat()
                 self._chat = ChatEngine(ms.model, ms.tokenizer)
-            reply = self._chat.reply(prompt, prompt_ids, min(asked, room), sampling)
+            reply = self._chat.reply(prompt, prompt_ids, min(asked, room), sampling, packs)
             out = {"reply": reply.text, "finish_reason": reply.finish_reason,
                    "prompt": reply.prompt, "prompt_tokens": len(reply.prompt_ids),
                    "offset": len(reply.prompt_ids),
                    "tokens": [ms.token_text(t) for t in reply.token_ids],
                    "token_ids": reply.token_ids, "max_tokens": min(asked, room),
+                   "packs": list(self.packs if packs is None else packs),
                    "layers": {}, "labels": {}}  # fmt: skip
             if not reply.token_ids:
                 return out
-            trace = trace_tokens(ms, reply.prompt_ids + reply.token_ids, None, top)
+            left_out = [p for p in self.packs if p not in out["packs"]]
+            shown = None if not left_out else ",".join(
+                entry.name for entry in ms.layers.values()
+                if not any(owned_by(entry.name, p) for p in left_out)
+            )  # fmt: skip
+            with packs_acting(ms.model, packs):
+                trace = trace_tokens(ms, reply.prompt_ids + reply.token_ids, shown, top)
             start = len(reply.prompt_ids)
             layers = {
                 name: LayerTrace(layer.ids[start:], layer.weights[start:],
@@ -399,7 +413,7 @@ def create_app(service: MindsetService):
         return jsonify(service.chat(data.get("messages"), data.get("max_tokens"),
                                     data.get("temperature", 0.0), data.get("top_p", 1.0),
                                     data.get("top_k", 0), data.get("seed"),
-                                    data.get("top", 8)))  # fmt: skip
+                                    data.get("top", 8), packs=data.get("pack")))  # fmt: skip
 
     @app.get("/api/rows")
     def rows():

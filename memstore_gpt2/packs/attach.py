@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memstore.errors import bad_parameter
 from memstore_gpt2.errors import PackError
 from memstore_gpt2.packs.modules import Pack, VocabularyDelta
 from memstore_gpt2.packs.storage import PackRecord, read_pack
@@ -346,6 +347,38 @@ def attached_packs(model) -> dict[str, Pack]:
     """The packs attached to ``model`` by name (empty when none)."""
     packs = getattr(model, PACKS_ATTRIBUTE, None)
     return {} if packs is None else {pack.name: pack for pack in packs.values()}
+
+
+def chosen_packs(choice, loaded: Sequence[str], where: str) -> tuple[str, ...] | None:
+    """The packs a request chose among ``loaded`` (``choice``: a name or a list of names; None:
+    every loaded pack; ``[]``: the bare student), checked; ``where`` says what loaded them
+    ("this server") in the errors, which name the parameter ``pack``."""
+    if choice is None:
+        return None
+    names = [choice] if isinstance(choice, str) else choice
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad_parameter("pack", "must be a pack name or a list of pack names")
+    listed = ", ".join(repr(n) for n in loaded) or "none (start it with --pack NAME)"
+    for name in names:
+        if name not in loaded:
+            raise bad_parameter("pack", f"{name!r} is not loaded by {where}; loaded: {listed}")
+    if len(set(names)) != len(names):
+        raise bad_parameter("pack", f"names a pack twice: {names}")
+    return tuple(names)
+
+
+@contextmanager
+def packs_acting(model, names: Sequence[str] | None):
+    """Within the block only the attached packs ``names`` act on every row (None: all of them),
+    every pack again afterwards."""
+    if names is None:
+        yield
+        return
+    select_packs(model, [names])
+    try:
+        yield
+    finally:
+        select_packs(model, None)
 
 
 def select_packs(model, per_row: Sequence[Sequence[str]] | None) -> None:

@@ -66,6 +66,11 @@ def layer_collection(pack: str, layer: int) -> str:
     return f"{COLLECTION_PREFIX}{check_pack_name(pack)}.layer{int(layer)}"
 
 
+def owned_by(collection: str, pack: str) -> bool:
+    """True for a collection of ``pack``'s rows."""
+    return collection.startswith(f"{COLLECTION_PREFIX}{pack}.")
+
+
 def is_pack_collection(name: str) -> bool:
     """True for a collection a pack owns (the student's own commands leave those alone)."""
     return name.startswith(COLLECTION_PREFIX)

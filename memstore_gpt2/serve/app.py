@@ -288,20 +288,12 @@ def _common_checks(state: ServeState, data: dict) -> None:
 def _packs(state: ServeState, data: dict) -> tuple[str, ...] | None:
     """The loaded packs a request chose (``"pack"``: a name or a list of names; absent or null:
     every loaded pack; ``[]``: the bare student)."""
-    chosen = data.get("pack")
-    if chosen is None:
-        return None
-    names = [chosen] if isinstance(chosen, str) else chosen
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ApiError(400, "pack must be a pack name or a list of pack names", param="pack")
-    loaded = ", ".join(repr(n) for n in state.packs) or "none (start it with --pack NAME)"
-    for name in names:
-        if name not in state.packs:
-            raise ApiError(400, f"pack {name!r} is not loaded by this server; loaded: {loaded}",
-                           param="pack")  # fmt: skip
-    if len(set(names)) != len(names):
-        raise ApiError(400, f"pack names a pack twice: {names}", param="pack")
-    return tuple(names)
+    from memstore_gpt2.packs.attach import chosen_packs
+
+    try:
+        return chosen_packs(data.get("pack"), state.packs, "this server")
+    except InvalidInputError as exc:
+        raise ApiError(400, str(exc), param="pack") from None
 
 
 def _prompts(state: ServeState, prompt) -> list[tuple[str | None, list[int]]]:

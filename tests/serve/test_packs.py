@@ -4,7 +4,6 @@ packs attached at load computes; the choice is listed, counted and checked."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 
@@ -14,7 +13,7 @@ import torch
 openai = pytest.importorskip("openai")
 
 from tests.distill.cli_results import error_line, last_json, run_cli  # noqa: E402
-from tests.distill.packs.pack_helpers import TINY, copy_student  # noqa: E402
+from tests.distill.packs.pack_helpers import copy_student, learn_tiny_pack  # noqa: E402
 from tests.serve.server_process import API_KEY, serve_process  # noqa: E402
 from tests.serve.test_server import _raw  # noqa: E402
 
@@ -24,23 +23,12 @@ CHOICES = [({}, ("alpha", "beta")), ({"pack": []}, ()), ({"pack": "alpha"}, ("al
            ({"pack": ["beta"]}, ("beta",)), ({"pack": ["beta", "alpha"]}, ("beta", "alpha"))]  # fmt: skip
 
 
-def _learn(student, name: str, first_topic: int, seed: int = 0) -> None:
-    """A tiny pack ``name`` learnt on four help topics from ``first_topic``."""
-    from memstore_gpt2.packs.learn import learn_pack
-    from memstore_gpt2.text_data import python_docs_corpus
-
-    text = student.parent / f"{name}-{first_topic}-{seed}.txt"
-    text.write_text("\n\n".join(python_docs_corpus()[first_topic : first_topic + 4]),
-                    encoding="utf-8")  # fmt: skip
-    learn_pack(student, text, name, dataclasses.replace(TINY, seed=seed))
-
-
 @pytest.fixture(scope="module")
 def pack_student(student_dir, tmp_path_factory):
     """A copy of the serving student with two packs learnt on different help topics."""
     out = copy_student(student_dir, tmp_path_factory.mktemp("serve-packs") / "student")
-    _learn(out, "alpha", 40)
-    _learn(out, "beta", 60)
+    learn_tiny_pack(out, "alpha", 40)
+    learn_tiny_pack(out, "beta", 60)
     return out
 
 
@@ -202,7 +190,7 @@ def test_all_packs_follows_packs_learnt_and_dropped_while_serving(student_dir, t
     with serve_process(student, tmp_path, "--all-packs") as url:
         client = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)
         assert _raw(url, "/health").json()["packs"] == []
-        _learn(student, "fresh", 40)
+        learn_tiny_pack(student, "fresh", 40)
         _until(lambda: _raw(url, "/health").json()["packs"] == ["fresh"])
         first = _echo_scores(client, ["fresh"])
         assert first == pytest.approx(_prompt_logprobs(student, ("fresh",), ids), abs=1e-4)
@@ -210,7 +198,7 @@ def test_all_packs_follows_packs_learnt_and_dropped_while_serving(student_dir, t
         _until(lambda: _raw(url, "/health").json()["packs"] == [])
         gone = _raw(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1, "pack": "fresh"})
         assert gone.status_code == 400 and gone.json()["error"]["param"] == "pack"
-        _learn(student, "fresh", 60, seed=1)  # another version under the same name
+        learn_tiny_pack(student, "fresh", 60, seed=1)  # another version under the same name
         _until(lambda: _raw(url, "/health").json()["packs"] == ["fresh"])
         second = _echo_scores(client, ["fresh"])
         assert second == pytest.approx(_prompt_logprobs(student, ("fresh",), ids), abs=1e-4)
@@ -232,11 +220,11 @@ def test_a_named_pack_is_followed_and_others_are_not(pack_student, tmp_path):
     try:
         watcher = PackWatcher(loaded, str(student), ("alpha",))
         assert not watcher.check(admitting=True)
-        _learn(student, "gamma", 50)
+        learn_tiny_pack(student, "gamma", 50)
         assert not watcher.check(admitting=True)  # not a pack this server serves
         assert run_cli(["packs", "drop", student, "alpha"]).exit_code == 0
         assert watcher.check(admitting=True) and list(attached_packs(loaded.model)) == []
-        _learn(student, "alpha", 50, seed=2)
+        learn_tiny_pack(student, "alpha", 50, seed=2)
         assert watcher.check(admitting=True)
         assert list(attached_packs(loaded.model)) == ["alpha"]
         assert watcher.stats.swaps == 2 and watcher.stats.failures == 0

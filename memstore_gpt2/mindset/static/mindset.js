@@ -171,10 +171,22 @@ async function regenerate() {
 // The page keeps the conversation and sends it whole with every message (the server keeps none).
 function chatOptions() {
   const seed = $("chat-seed").value;
-  return {
+  const options = {
     max_tokens: Number($("chat-max-tokens").value), temperature: Number($("chat-temperature").value),
     seed: seed === "" ? null : Number(seed),
   };
+  if (state.info.packs.length) {  // the packs ticked act on the reply ([]: the bare student)
+    options.pack = [...document.querySelectorAll("#chat-packs input:checked")].map((box) => box.value);
+  }
+  return options;
+}
+
+// One box per knowledge pack the session attached, all ticked: each reply uses the packs ticked.
+function renderChatPacks() {
+  const holder = $("chat-packs");
+  holder.hidden = !state.info.packs.length;
+  holder.replaceChildren("packs:", ...state.info.packs.map((name) => el("label", {},
+    el("input", { type: "checkbox", value: name, checked: true, "data-pack": name }), ` ${name}`)));
 }
 
 function userMessage(text) {
@@ -190,7 +202,8 @@ function replyMessage(reply, r) {
   }));
   const body = chips.length ? el("div", { class: "tokens" }, ...chips)
     : el("div", { class: "muted", text: "(an empty reply: the model began the next turn at once)" });
-  const note = reply.finish_reason === "length" ? ` · cut at ${reply.max_tokens} tokens` : "";
+  let note = reply.finish_reason === "length" ? ` · cut at ${reply.max_tokens} tokens` : "";
+  if (state.info.packs.length) note += ` · packs: ${reply.packs.join(", ") || "none"}`;
   return el("div", { class: "msg assistant", "data-reply": r, title: `the prompt the model continued:\n${reply.prompt}` },
     el("div", { class: "who", text: `student · ${reply.tokens.length} tokens${note}` }), body);
 }
@@ -366,6 +379,7 @@ async function init() {
   $("edit-cancel").addEventListener("click", () => { $("edit-plan").hidden = true; });
   $("edit-action").addEventListener("change", () => { $("factor-label").hidden = $("edit-action").value !== "scale"; });
   $("edit-layer").addEventListener("change", fitEditActions);
+  renderChatPacks();
   $("chat-form").addEventListener("submit", sendChat);
   $("chat-reset").addEventListener("click", resetChat);
   $("chat-input").addEventListener("keydown", (e) => {

@@ -1,7 +1,9 @@
-"""What the pack tests share: tiny learn options, a private copy of a student, its logits."""
+"""What the pack tests share: tiny learn options, a private copy of a student, a tiny pack
+learnt on help topics, its logits."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -37,3 +39,14 @@ def logits(student: Path, packs=()) -> torch.Tensor:
             return loaded.model(input_ids=PROMPT).logits.clone()
     finally:
         loaded.close()
+
+
+def learn_tiny_pack(student: Path, name: str, first_topic: int, seed: int = 0) -> None:
+    """A tiny pack ``name`` learnt on four help topics from ``first_topic``."""
+    from memstore_gpt2.packs.learn import learn_pack
+    from memstore_gpt2.text_data import python_docs_corpus
+
+    text = student.parent / f"{name}-{first_topic}-{seed}.txt"
+    text.write_text("\n\n".join(python_docs_corpus()[first_topic : first_topic + 4]),
+                    encoding="utf-8")  # fmt: skip
+    learn_pack(student, text, name, dataclasses.replace(TINY, seed=seed))
