@@ -264,3 +264,11 @@ def test_metrics_report_requests_tokens_and_paging(server, client):
     assert values["memstore_memory_rows_paged_total"] > 0
     assert 0 < values["memstore_memory_cache_hit_rate"] < 1
     assert values["memstore_memory_rows_paged_per_token"] > 0
+
+
+def test_bad_threads_are_refused_before_loading(student_dir):
+    from tests.distill.cli_results import error_line
+
+    for value in ("0", "-2"):
+        line = error_line(run_cli(["serve", student_dir, "--port", 0, "--threads", value]))
+        assert f"threads must be >= 1, got {value}" in line
