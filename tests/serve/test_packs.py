@@ -232,13 +232,57 @@ def test_a_named_pack_is_followed_and_others_are_not(pack_student, tmp_path):
         loaded.close()
 
 
-def test_all_packs_is_refused_with_pack_or_a_budget(pack_student):
+def test_all_packs_is_refused_with_pack_or_a_budget_in_bytes(pack_student):
     line = error_line(run_cli(["serve", pack_student, "--port", 0, "--all-packs", "--pack",
                                "alpha"]), exit_code=None)  # fmt: skip
     assert "all_packs" in line or "--all-packs" in line
     line = error_line(run_cli(["serve", pack_student, "--port", 0, "--all-packs",
-                               "--memory-budget", "10%"]), exit_code=None)  # fmt: skip
-    assert "--memory-budget" in line
+                               "--memory-budget", "2MB"]), exit_code=None)  # fmt: skip
+    assert "--memory-budget in bytes" in line and "10%" in line
+
+
+def test_under_a_share_a_pack_learnt_later_pages_its_share_alone(student_dir, tmp_path):
+    """``--all-packs --memory-budget 50%``: the watcher gives a pack learnt after the start half
+    of each of its tables, leaves the student's caches as they were, and the pack computes what
+    it computes resident."""
+    import torch
+
+    from memstore_gpt2.commands import parse_memory_budget
+    from memstore_gpt2.packs.attach import attached_packs
+    from memstore_gpt2.serve.pack_watch import PackWatcher
+    from memstore_gpt2.student import load_student
+    from memstore_torch import PagedRows, ProductKeyMemory
+
+    student = copy_student(student_dir, tmp_path / "student")
+    budget = parse_memory_budget("50%")
+    loaded = load_student(student, memory_budget=budget)
+    try:
+        def caches():
+            return {id(m): m.index.capacity for m in loaded.model.modules()
+                    if isinstance(m, ProductKeyMemory) and isinstance(m.index, PagedRows)}  # fmt: skip
+
+        before = caches()
+        assert before  # the student's own product-key rows page too
+        watcher = PackWatcher(loaded, str(student), None, budget)
+        learn_tiny_pack(student, "fresh", 40)
+        assert watcher.check(admitting=True) and list(attached_packs(loaded.model)) == ["fresh"]
+        pack = attached_packs(loaded.model)["fresh"]
+        paged = [m for m in pack.modules() if isinstance(m, ProductKeyMemory)]
+        assert paged and all(isinstance(m.index, PagedRows) for m in paged)
+        assert all(m.index.capacity == -(-m.n_rows // 2) for m in paged)
+        after = caches()
+        assert {k: after[k] for k in before} == before  # the student's caches did not move
+        with torch.no_grad():
+            got = loaded.model(input_ids=torch.tensor([[5, 17, 42, 9, 100]])).logits
+        resident = load_student(student, packs=("fresh",))
+        try:
+            with torch.no_grad():
+                want = resident.model(input_ids=torch.tensor([[5, 17, 42, 9, 100]])).logits
+        finally:
+            resident.close()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        loaded.close()
 
 
 def test_a_pack_that_does_not_fit_is_skipped_once_and_the_rest_served(pack_student, tmp_path):
