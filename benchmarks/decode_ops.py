@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 
-from machine_info import cpu_model  # benchmarks/ is sys.path[0]
+from machine_info import machine_facts  # benchmarks/ is sys.path[0]
 
 MATMULS = {"aten::addmm", "aten::mm", "aten::bmm"}
 PROMPT = "The value of the"
@@ -90,16 +88,14 @@ def main() -> None:
     with torch.no_grad():
         result = profile_steps(decoders, ids, args.steps)
     student.store.close()
-    result["machine"] = {"cores": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
-                         "threads": args.threads, "python": platform.python_version(),
-                         "load_average": round(os.getloadavg()[0], 2)}  # fmt: skip
+    result["machine"] = {**machine_facts(), "threads": args.threads}
     m = result["machine"]
     print(
         f"# decoding steps of {args.student} and {args.teacher}; {args.steps} steps, "
         f"{args.threads} thread(s), per step, profiler times (compare rows, not runs)"
     )
     print(f"# machine: {m['cores']} cores ({m['cpu']}), torch {m['torch']}, Python {m['python']}; "
-          f"load average {m['load_average']}")  # fmt: skip
+          f"load average {m['load_average'][0]}")  # fmt: skip
     print("| model | matrix products ms | other operators ms | operator calls |")
     print("|---|---|---|---|")
     for name in ("student", "teacher"):

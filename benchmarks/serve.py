@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from machine_info import cpu_model  # benchmarks/ is sys.path[0]
+from machine_info import machine_facts  # benchmarks/ is sys.path[0]
 
 #: Short prompts (at most 5 tokens in the tiny test tokenizer): prompt + max_tokens must fit the
 #: model's context, or the server refuses the request (400).
@@ -188,14 +187,6 @@ def paired_round(url: str, reference: HFReference, requests: int, max_tokens: in
     return figures
 
 
-def machine() -> dict:
-    import torch
-
-    return {"cores": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "load_average": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
-
-
 def format_table(result: dict) -> str:
     rows = ["| clients | tokens/s, batching | tokens/s, batching off | p50 ms | p99 ms |",
             "|---|---|---|---|---|"]  # fmt: skip
@@ -306,7 +297,7 @@ def main() -> None:
         r["paired_tokens_per_s_1"] / r["hf_generate_tokens_per_s"] for r in repeats
     )
     result["repeats"] = repeats
-    result["machine"] = machine()
+    result["machine"] = machine_facts()
     print(format_table(result), flush=True)
     if args.json:
         print(json.dumps(result, sort_keys=True))

@@ -37,6 +37,13 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def typed_first_line(exc: BaseException) -> str:
+    """``"<type>: <first line>"`` (just the type when the message is empty): how a server
+    reports a failure it survived (a scheduler's, a refresher's) in one line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 class DimensionMismatchError(InvalidInputError):
     """An array's trailing dimension does not match the collection's key or value dimension."""
 

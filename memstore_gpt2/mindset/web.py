@@ -182,7 +182,7 @@ class MindsetService:
                 entry.name for entry in ms.layers.values()
                 if not any(owned_by(entry.name, p) for p in left_out)
             )  # fmt: skip
-            with packs_acting(ms.model, packs):
+            with packs_acting(ms.model, None if packs is None else [packs]):
                 trace = trace_tokens(ms, reply.prompt_ids + reply.token_ids, shown, top)
             start = len(reply.prompt_ids)
             layers = {

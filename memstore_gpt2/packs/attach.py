@@ -237,11 +237,17 @@ def attach(model, packs: Sequence[Pack]) -> Attachment:
 def _recording_hooks(model, states: _StudentStates, blocks: set[str], *, ids: bool) -> list:
     """Hooks that record into ``states`` what packs read: the MLP input of each block in
     ``blocks`` (``str(index)``), the residual into ``ln_f`` and, with ``ids``, the token ids."""
-    handles = [block.mlp.register_forward_hook(_record_block_input(states, str(i)))
+
+    def record_block_input(key: str):
+        return _recording(lambda x: states.block_inputs.__setitem__(key, x))
+
+    handles = [block.mlp.register_forward_hook(record_block_input(str(i)))
                for i, block in enumerate(gpt2_blocks(model)) if str(i) in blocks]  # fmt: skip
-    handles.append(model.transformer.ln_f.register_forward_hook(_record_residual(states)))
+    handles.append(model.transformer.ln_f.register_forward_hook(
+        _recording(lambda x: setattr(states, "residual", x))))  # fmt: skip
     if ids:
-        handles.append(model.transformer.wte.register_forward_hook(_record_ids(states)))
+        handles.append(model.transformer.wte.register_forward_hook(
+            _recording(lambda x: setattr(states, "ids", x))))  # fmt: skip
     return handles
 
 
@@ -261,23 +267,11 @@ def record_student_states(model, ids: torch.Tensor, blocks: Sequence[int | str])
     return states.block_inputs, states.residual, logits
 
 
-def _record_block_input(states: _StudentStates, key: str):
+def _recording(keep):
+    """A forward hook handing the module's input to ``keep`` (the output stays as it was)."""
+
     def hook(module, inputs, output):
-        states.block_inputs[key] = inputs[0]
-
-    return hook
-
-
-def _record_residual(states: _StudentStates):
-    def hook(module, inputs, output):
-        states.residual = inputs[0]
-
-    return hook
-
-
-def _record_ids(states: _StudentStates):
-    def hook(module, inputs, output):
-        states.ids = inputs[0]
+        keep(inputs[0])
 
     return hook
 
@@ -368,13 +362,13 @@ def chosen_packs(choice, loaded: Sequence[str], where: str) -> tuple[str, ...] |
 
 
 @contextmanager
-def packs_acting(model, names: Sequence[str] | None):
-    """Within the block only the attached packs ``names`` act on every row (None: all of them),
-    every pack again afterwards."""
-    if names is None:
+def packs_acting(model, per_row: Sequence[Sequence[str]] | None):
+    """Within the block the attached packs ``per_row[b]`` act on row ``b`` (as
+    :func:`select_packs`; None: every pack on every row), every pack again afterwards."""
+    if per_row is None:
         yield
         return
-    select_packs(model, [names])
+    select_packs(model, per_row)
     try:
         yield
     finally:

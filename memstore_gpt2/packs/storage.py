@@ -150,12 +150,12 @@ def finished_pack_versions(store) -> dict[str, str]:
     """``{name: version}`` of every finished pack: a digest of its manifest and parts, which
     changes when the pack is written again (learnt again after a drop, imported), so a running
     server can tell a new version from the one it holds. One small query: no blob is read."""
-    if not has_table(store):
-        return {}
     import hashlib
 
     query = sa.select(PACKS.c.name, PACKS.c.manifest, sa.func.length(PACKS.c.parts))
-    with store.read() as conn:
+    with store.read() as conn:  # one connection: a server asks before each admission
+        if not sa.inspect(conn).has_table(PACKS.name):
+            return {}
         rows = conn.execute(query.order_by(PACKS.c.name)).all()
     versions = {}
     for name, text, size in rows:

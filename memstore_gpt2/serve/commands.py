@@ -61,9 +61,16 @@ class Server:
             model = self.run.model
             decoder = Decoder(model, precision, threads)
             self.state = None
+            layers = list(memory_layers(model).values())  # found again when the packs change
 
             def snapshot() -> None:
                 self.state.paging = paging_stats(model, layers)
+
+            def packs_changed() -> None:
+                """The attached packs were swapped: what holds the model's modules finds them."""
+                decoder.refresh_packs()
+                self.refresher.rebind(model)
+                layers[:] = memory_layers(model).values()
 
             student = self.run.opened.student
             self.refresher = self.pack_watcher = None
@@ -72,20 +79,16 @@ class Server:
                 self.pack_watcher = PackWatcher(student, student_dir,
                                                 None if all_packs else packs,
                                                 self.run.budget)  # fmt: skip
-                self.pack_watcher.check(admitting=True)  # --all-packs: every finished one now
-                decoder.refresh_packs()
-                self.refresher.rebind(model)
+                if self.pack_watcher.check(admitting=True):  # --all-packs: every finished one
+                    packs_changed()
             elif all_packs:
                 raise bad_parameter("all_packs", f"{student_dir} is not a memstore student")
 
             def refresh(admitting: bool) -> None:
                 if self.pack_watcher.check(admitting):
-                    decoder.refresh_packs()
-                    self.refresher.rebind(model)
-                    layers[:] = memory_layers(model).values()
+                    packs_changed()
                 self.refresher.check(admitting)
 
-            layers = list(memory_layers(model).values())  # found again when the packs change
             self.scheduler = Scheduler(
                 decoder, max_batch=max_batch, on_step=snapshot,
                 refresh=None if self.refresher is None else refresh,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from memstore.errors import bad_parameter
 from memstore_gpt2.lm_training import model_device
-from memstore_gpt2.packs.attach import attached_packs, select_packs
+from memstore_gpt2.packs.attach import attached_packs, packs_acting
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -189,7 +189,6 @@ class Decoder:
         wanted = -(-tokens * self.work_per_token // WORK_PER_THREAD)  # each thread <= the unit
         return max(1, min(self.max_threads, wanted))
 
-    @contextlib.contextmanager
     def _packs(self, per_row: list[tuple[str, ...] | None] | None):
         """Let each row's chosen packs act in the forward under way (``per_row[b]``: the names
         of sequence ``b``'s packs, None: all attached ones), every pack again afterwards."""
@@ -198,14 +197,7 @@ class Decoder:
             attached = self.pack_names  # a pack dropped since a request chose it acts no more
             chosen = [attached if n is None else tuple(x for x in n if x in attached)
                       for n in per_row]  # fmt: skip
-        if chosen is None:
-            yield
-            return
-        select_packs(self.model, chosen)
-        try:
-            yield
-        finally:
-            select_packs(self.model, None)
+        return packs_acting(self.model, chosen)
 
     # -- forwards ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from memstore.errors import typed_first_line
 from memstore_gpt2.serve.refresh import REFRESH_INTERVAL_S
 
 
@@ -63,8 +64,7 @@ class PackWatcher:
             return self._swap_if_changed()
         except Exception as exc:  # noqa: BLE001 - e.g. the database is unreachable for a moment
             self.stats.failures += 1
-            text = str(exc).strip()
-            self.stats.last_error = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            self.stats.last_error = typed_first_line(exc)
             return False
 
     def _swap_if_changed(self) -> bool:

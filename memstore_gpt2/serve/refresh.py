@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from memstore.errors import typed_first_line
 from memstore_gpt2.memory_changes import ChangeFeed, versions
 
 #: Longest time between two checks while no request arrives (one small query each).
@@ -113,5 +114,4 @@ class MemoryRefresher:
 
     def _failed(self, exc: BaseException) -> None:
         self.stats.failures += 1
-        text = str(exc).strip()
-        self.stats.last_error = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        self.stats.last_error = typed_first_line(exc)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memstore.errors import bad_parameter
+from memstore.errors import bad_parameter, typed_first_line
 from memstore_gpt2.serve.decoding import Decoder, KVBatch, Sampler, SamplingParams
 
 
@@ -202,7 +202,7 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory joining caches
                 self.stats.failures += 1
                 for entry in active:
-                    entry.request.put(Failed(_one_line(exc)))
+                    entry.request.put(Failed(typed_first_line(exc)))
                 batch, active = None, []
             self.stats.active = len(active)
             if self._on_step is not None:
@@ -234,7 +234,7 @@ class Scheduler:
             joined = cache if batch is None else batch.append(cache)
         except Exception as exc:  # noqa: BLE001 - reported to the request, the server goes on
             self.stats.failures += 1
-            request.put(Failed(_one_line(exc)))
+            request.put(Failed(typed_first_line(exc)))
             return batch, active
         return joined, [*active, entry]
 
@@ -246,7 +246,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - every request in the batch learns it
             self.stats.failures += 1
             for entry in active:
-                entry.request.put(Failed(_one_line(exc)))
+                entry.request.put(Failed(typed_first_line(exc)))
             return None, []
         self.stats.steps += 1
         self.stats.stepped_sequences += len(active)
@@ -295,8 +295,3 @@ def _prompt_scores(logits: torch.Tensor, ids: list[int], top: int | None) -> Pro
     return PromptScores(
         [_token_logprobs(logprobs[t], ids[t + 1], top or 0) for t in range(len(ids) - 1)]
     )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")

@@ -257,6 +257,7 @@ def test_under_a_share_a_pack_learnt_later_pages_its_share_alone(student_dir, tm
     budget = parse_memory_budget("50%")
     loaded = load_student(student, memory_budget=budget)
     try:
+
         def caches():
             return {id(m): m.index.capacity for m in loaded.model.modules()
                     if isinstance(m, ProductKeyMemory) and isinstance(m.index, PagedRows)}  # fmt: skip

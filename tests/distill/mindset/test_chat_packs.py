@@ -79,9 +79,9 @@ def test_a_reply_with_the_pack_differs_from_one_without(with_pack):
 
     ms = with_pack.mindset
     ids = torch.tensor([ms.encode("The for statement in Python")])
-    with torch.no_grad(), packs_acting(ms.model, []):
+    with torch.no_grad(), packs_acting(ms.model, [[]]):
         without = ms.model(input_ids=ids).logits
-    with torch.no_grad(), packs_acting(ms.model, ["alpha"]):
+    with torch.no_grad(), packs_acting(ms.model, [["alpha"]]):
         with_it = ms.model(input_ids=ids).logits
     assert not torch.allclose(without, with_it)
 
