@@ -27,8 +27,8 @@ from memstore_gpt2.packs.attach import attached_packs, packs_acting
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: On a CPU, a forward gets one intra-op thread per this many multiply-adds of dense weights
-#: (tokens x :func:`dense_work_per_token`, rounded up), up to all of them. A decoding step is a
-#: hundred-odd small operations, and waking another thread for each costs more than it saves
+#: (tokens x :func:`dense_work_per_token`, rounded up), up to all of them. A decoding step is
+#: hundreds of small operations, and waking another thread for each costs more than it saves
 #: until each has real work: with ``benchmarks/serve.py`` on 2 cores (docs/serve.md, Threads) a
 #: 128-wide student (under 0.5M per token) served at 0.84 of the dense teacher's generate() on
 #: one thread and 0.60 on two, while 88M-parameter students run on both.
