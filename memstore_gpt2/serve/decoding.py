@@ -30,7 +30,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: (tokens x :func:`dense_work_per_token`, rounded up), up to all of them. A decoding step is
 #: hundreds of small operations, and waking another thread for each costs more than it saves
 #: until each has real work: with ``benchmarks/serve.py`` on 2 cores (docs/serve.md, Threads) a
-#: 128-wide student (under 0.5M per token) served at 0.84 of the dense teacher's generate() on
+#: 128-wide student (under 0.5M per token) served at 0.90 of the dense teacher's generate() on
 #: one thread and 0.60 on two, while 88M-parameter students run on both.
 WORK_PER_THREAD = 16_000_000
 
