@@ -29,11 +29,23 @@ import torch
 
 from memstore.errors import InvalidInputError
 
+#: Up to this many sums in one call (rows x n^2), :func:`product_topk_stacked` scores all of them
+#: and takes their top k: brute force itself, in fewer operators than the two-stage search, which
+#: is cheaper beyond (a decoding step of one sequence is the case: 4,096 or 16,384 rows, one
+#: token; ``python benchmarks/pkm_search.py`` measures both routes).
+FULL_SEARCH_SUMS = 16384
+
 
 def best_first(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Positions (m, k) of the k best entries of each row of ``scores`` (m, c), ordered best
     first under "higher score, then lower id" (``ids`` (m, c), distinct within a row; default:
-    the positions themselves) -- the same answer for equal inputs on any device.
+    the positions themselves) -- the same answer for equal inputs on any device."""
+    return _best_first(scores, k, ids)[1]
+
+
+def _best_first(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None):
+    """``(values (m, k), positions (m, k))`` of :func:`best_first`; ``values`` are entries of
+    ``scores`` (differentiable where ``scores`` is).
 
     ``torch.topk`` of k + 1, sorted, is already that answer wherever its k + 1 values are strictly
     decreasing; only rows with two equal values there (almost none, for real-valued scores; the
@@ -42,8 +54,7 @@ def best_first(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None) ->
     m, c = scores.shape
     if not 0 < k <= c:
         raise InvalidInputError(f"k must be in [1, {c}], got {k}")
-    values, chosen = scores.topk(min(k + 1, c), dim=1)  # best first; equal values in any order
-    chosen = chosen[:, :k]
+    values, chosen = _detached(scores).topk(min(k + 1, c), dim=1)  # equal values in any order
     equal = values[:, 1:] == values[:, :-1]
     if bool(equal.any()):  # one test for the whole batch: ties are rare
         rows = equal.any(dim=1).nonzero().reshape(-1)
@@ -52,9 +63,13 @@ def best_first(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None) ->
             if ids is None
             else ids[rows]
         )
-        chosen = chosen.clone()
-        chosen[rows] = _lexsorted(scores[rows], row_ids)[:, :k]
-    return chosen
+        chosen = chosen[:, :k].clone()
+        chosen[rows] = _lexsorted(_detached(scores)[rows], row_ids)[:, :k]
+        return scores.gather(1, chosen), chosen
+    chosen = chosen[:, :k]
+    if scores.requires_grad:  # read through the graph, so a gradient reaches the entries
+        return scores.gather(1, chosen), chosen
+    return values[:, :k], chosen
 
 
 def _lexsorted(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -101,9 +116,8 @@ def product_topk(s1: torch.Tensor, s2: torch.Tensor, k: int) -> tuple[torch.Tens
     if n1 == n2:  # both halves in one search (fewer operations: a decoding step's cost)
         return product_topk_stacked(torch.stack([s1, s2], dim=1), k)
     k1, k2 = min(k, n1), min(k, n2)
-    i1 = best_first(_detached(s1), k1)  # (m, k1): sub-key indices, best first
-    i2 = best_first(_detached(s2), k2)
-    v1, v2 = s1.gather(1, i1), s2.gather(1, i2)  # (m, k1), (m, k2): differentiable
+    v1, i1 = _best_first(s1, k1)  # (m, k1): best sub-key scores and indices, best first
+    v2, i2 = _best_first(s2, k2)
     a, b = candidate_pairs(k1, k2, k, s1.device)  # (c,) rank pairs, c ~ k ln k
     candidates = v1[:, a] + v2[:, b]  # (m, c)
     ids = i1[:, a] * n2 + i2[:, b]  # (m, c) row numbers, distinct within a row
@@ -119,11 +133,12 @@ def product_topk_stacked(halves: torch.Tensor, k: int) -> tuple[torch.Tensor, to
         raise InvalidInputError(f"halves must be (m, 2, n) with k in [1, n^2], got "
                                 f"{tuple(halves.shape)} and k={k}")  # fmt: skip
     m, _, n = halves.shape
+    if m * n * n <= FULL_SEARCH_SUMS:  # every sum, searched at once: row i * n + j is its column
+        return _best_first((halves[:, 0, :, None] + halves[:, 1, None, :]).reshape(m, n * n), k)
     k1 = min(k, n)
     flat = halves.reshape(2 * m, n)  # row 2i: token i's first half, 2i + 1: its second
-    chosen = best_first(_detached(flat), k1)  # (2m, k1): sub-key indices, best first
-    picked = flat.gather(1, chosen).reshape(m, 2 * k1)  # differentiable; [first k1 | second k1]
-    chosen = chosen.reshape(m, 2 * k1)
+    picked, chosen = _best_first(flat, k1)  # (2m, k1): best sub-key scores and indices
+    picked, chosen = picked.reshape(m, 2 * k1), chosen.reshape(m, 2 * k1)  # [first | second]
     a, b = _candidate_columns(k1, k, halves.device)
     candidates = picked[:, a] + picked[:, b]  # (m, c)
     ids = chosen[:, a] * n + chosen[:, b]  # (m, c) row numbers, distinct within a row
@@ -143,5 +158,5 @@ def _detached(scores: torch.Tensor) -> torch.Tensor:
 
 def _best_candidates(candidates, ids, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of the candidate sums (m, c) with row numbers ``ids``: ``(scores, rows)``."""
-    pos = best_first(_detached(candidates), k, ids)
-    return candidates.gather(1, pos), ids.gather(1, pos)
+    scores, pos = _best_first(candidates, k, ids)
+    return scores, ids.gather(1, pos)

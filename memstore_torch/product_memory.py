@@ -385,12 +385,12 @@ class ProductKeyMemory(MemoryLayer):
         for inputs ``x`` (T, d_model), best first (ties: lower row). Differentiable in the
         scores."""
         cfg = self.config
-        t, heads, dk = x.shape[0], cfg.heads, cfg.key_dim
-        q = self.queries(x).reshape(t, heads, 2, dk // 2).permute(1, 2, 0, 3)  # (H, 2, T, dk/2)
+        t, heads, dk, n = x.shape[0], cfg.heads, cfg.key_dim, cfg.n_keys
+        q = self.queries(x).reshape(t, 2 * heads, dk // 2).transpose(0, 1)  # (2H, T, dk/2)
         sub = self.sub_keys if self.sub_keys.dtype == q.dtype else self.sub_keys.to(q.dtype)
-        s = torch.matmul(q, sub.transpose(-1, -2))  # (H, 2, T, n_keys)
+        s = torch.bmm(q, sub.view(2 * heads, n, dk // 2).transpose(1, 2))  # (2H, T, n_keys)
         k = min(self.k, self.n_rows)
-        halves = s.permute(2, 0, 1, 3).reshape(t * heads, 2, cfg.n_keys)  # (T * H, 2, n_keys)
+        halves = s.view(heads, 2, t, n).permute(2, 0, 1, 3).reshape(t * heads, 2, n)  # token-major
         scores, rows = product_topk_stacked(halves, k)  # (T * H, k), token-major
         return scores.view(t, heads, k), rows.view(t, heads, k)
 

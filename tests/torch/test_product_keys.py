@@ -9,7 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memstore.errors import InvalidInputError
+from memstore_torch import product_keys
 from memstore_torch.product_keys import best_first, candidate_pairs, product_topk
+
+
+@pytest.fixture(autouse=True, params=["full-search", "two-stage"])
+def search_route(request, monkeypatch):
+    """Every test under both routes for equal halves: all n^2 sums at once (small calls) and
+    the two-stage candidate search (larger ones), by moving the limit between them."""
+    if request.param == "two-stage":
+        monkeypatch.setattr(product_keys, "FULL_SEARCH_SUMS", 0)
+    return request.param
 
 
 def brute_force(s1: np.ndarray, s2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +114,17 @@ def test_gradients_reach_the_selected_halves():
             want2[r, row % 7] += 1
     assert torch.equal(s1.grad, want1)
     assert torch.equal(s2.grad, want2)
+
+
+def test_gradients_reach_the_selected_halves_of_equal_size():
+    g = torch.Generator().manual_seed(4)
+    s1 = torch.randperm(14, generator=g).double().reshape(2, 7).requires_grad_(True)
+    s2 = (torch.randperm(14, generator=g).double().reshape(2, 7) * 0.37).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: product_topk(a, b, 5)[0], (s1, s2))
+    with torch.no_grad():  # the search without a graph gives the same answer
+        plain = product_topk(s1.detach(), s2.detach(), 5)
+    graphed = product_topk(s1, s2, 5)
+    assert torch.equal(plain[1], graphed[1]) and torch.equal(plain[0], graphed[0].detach())
 
 
 @pytest.mark.parametrize(

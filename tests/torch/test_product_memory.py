@@ -59,9 +59,15 @@ def explicit_read(layer: ProductKeyMemory, x: torch.Tensor) -> tuple[torch.Tenso
 
 
 @pytest.mark.parametrize("options", [{}, {"value_dim": 7}, {"query_norm": "none"}])
-def test_read_equals_brute_force_over_explicit_keys(options):
+@pytest.mark.parametrize("full_search_sums", [0, 16384])  # the two routes of product_topk
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_read_equals_brute_force_over_explicit_keys(options, full_search_sums, tokens,
+                                                    monkeypatch):  # fmt: skip
+    from memstore_torch import product_keys
+
+    monkeypatch.setattr(product_keys, "FULL_SEARCH_SUMS", full_search_sums)
     layer = small(**options).eval()
-    x = torch.randn(9, 12)
+    x = torch.randn(tokens, 12)
     want, want_rows = explicit_read(layer, x)
     _, rows = layer.search(x)
     assert torch.equal(rows, want_rows)
