@@ -274,18 +274,21 @@ def rows_command(student, layer, promotes, sort, ascending, limit, top, db, pack
     "--dry-run", is_flag=True, help="Show the edit's effect on a loaded copy; write nothing."
 )
 @db_option
+@pack_option
 @json_option
 def edit_command(
-    student, layer, delete, zero, scale, prompt, max_new_tokens, dry_run, db, as_json
+    student, layer, delete, zero, scale, prompt, max_new_tokens, dry_run, db, packs, as_json
 ) -> None:
     """Delete, zero or scale rows of LAYER, in one transaction.
 
     \b
     Refused while a training run holds the database (its next checkpoint would undo the edit).
-    Takes effect the next time the student is loaded. Product-key rows (layer0.extra) have
-    fixed addresses: zero or scale them; they cannot be deleted.
+    Takes effect the next time the student is loaded. Product-key rows (layer0.extra, and a
+    pack's pack.NAME.layerI, named with --pack NAME) have fixed addresses: zero or scale them;
+    they cannot be deleted.
       memstore edit student/ layer0 --delete 102 --prompt "The for statement" --dry-run
       memstore edit student/ layer0 --scale 102,162 0.5
+      memstore edit student/ pack.python.layer1 --pack python --zero 7 --prompt "A list is"
     """
     given = [
         (name, value)
@@ -314,6 +317,7 @@ def edit_command(
             dry_run=dry_run,
             db=db,
             max_new_tokens=max_new_tokens,
+            packs=packs,
         )
     except InvalidInputError as exc:
         if exc.parameter in ("ids", "factor"):  # the library's names for what this flag gave

@@ -24,7 +24,7 @@ generations with some rows off.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -221,15 +221,18 @@ def run_edit(
     dry_run: bool = False,
     db: str | None = None,
     max_new_tokens: int = 30,
+    packs: Sequence[str] = (),
 ) -> dict:
-    """The ``memstore edit`` command: validate, (dry-)apply, and generate before and after."""
+    """The ``memstore edit`` command: validate, (dry-)apply, and generate before and after.
+    ``packs``: knowledge packs attached (their layers ``pack.<name>.layer<i>`` can be edited, and
+    the text before and after is generated with them acting)."""
     from memstore_gpt2.db_lock import hold_database
     from memstore_gpt2.mindset.session import Mindset, check_student
 
     db_url = check_student(student_dir, db)
     writer = None if dry_run else hold_database(db_url, student_dir, "edit")
     try:
-        mindset = Mindset.open(student_dir, db_url)
+        mindset = Mindset.open(student_dir, db_url, packs)
         try:
             if prompt is not None:
                 mindset.encode(prompt)  # an empty prompt fails before anything is written
@@ -245,7 +248,7 @@ def run_edit(
                 rows_after = len(mindset.layer(edit.layer).collection)
                 # The edit takes effect on the next load: load again, and generate from that.
                 mindset.close()
-                mindset = Mindset.open(student_dir, db_url)
+                mindset = Mindset.open(student_dir, db_url, packs)
             after = mindset.greedy(prompt, max_new_tokens) if prompt is not None else None
         finally:
             mindset.close()

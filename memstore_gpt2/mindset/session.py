@@ -129,8 +129,11 @@ class Mindset:
             if text in (entry.module, str(entry.slot), entry.title):
                 return entry
         known = ", ".join(self.layers) or "none"
+        hint = ""
+        if text.startswith("pack.") and not any(name.startswith("pack.") for name in self.layers):
+            hint = f"; a pack's layers are there when it is attached: --pack {text.split('.')[1]}"
         raise bad_parameter(
-            parameter, f"{text!r} is not a memory layer of this student (known: {known})"
+            parameter, f"{text!r} is not a memory layer of this student (known: {known}){hint}"
         )
 
     def select(self, spec: str | None, *, parameter: str = "layers") -> list[MindsetLayer]:

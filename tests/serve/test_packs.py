@@ -307,3 +307,44 @@ def test_a_pack_that_does_not_fit_is_skipped_once_and_the_rest_served(pack_stude
         assert list(attached_packs(loaded.model)) == ["alpha"]
     finally:
         loaded.close()
+
+
+def test_an_edit_of_a_packs_rows_reaches_a_running_server(pack_student, tmp_path):
+    """``memstore edit --pack``: a pack's product-key rows are zeroed in one transaction, and the
+    memory refresher of a server serving the pack reads them again between steps: it then
+    computes what a student loaded with the edited pack computes."""
+    import numpy as np
+
+    from memstore_gpt2.serve.refresh import MemoryRefresher
+    from memstore_gpt2.student import load_student
+
+    student = copy_student(pack_student, tmp_path / "student")
+    loaded = load_student(student, packs=("alpha",))
+    try:
+        refresher = MemoryRefresher(loaded.model, loaded.store)
+        store = loaded.store
+        names = [c.name for c in store.list_collections()]
+        layer = sorted(n for n in names if n.startswith("pack.alpha."))[0]
+        block = store.collection(layer).export_rows()
+        every = block.ids  # ids r + 1 of rows 0..n-1: the whole layer, as a range
+        ids = f"{int(every.min())}-{int(every.max())}"
+        refused = run_cli(["edit", student, layer, "--zero", ids])  # the pack is not attached
+        assert "--pack alpha" in error_line(refused)
+        edited = last_json(run_cli(["edit", student, layer, "--pack", "alpha", "--zero", ids,
+                                    "--prompt", PROMPT, "--max-new-tokens", 4, "--json"]))  # fmt: skip
+        assert edited["layer"] == layer and edited["rows_changed"] == len(every)
+        assert np.abs(store.collection(layer).get(every).values).max() == 0
+        prompt = torch.tensor([loaded.tokenizer(PROMPT)["input_ids"]])
+        fresh = load_student(student, packs=("alpha",))
+        with torch.no_grad():
+            try:
+                want = fresh.model(input_ids=prompt).logits
+            finally:
+                fresh.close()
+            stale = loaded.model(input_ids=prompt).logits  # the rows as loaded before the edit
+            assert (stale - want).abs().max() > 1e-4  # the edit changes what the pack predicts
+            assert refresher.check(admitting=True) >= 1
+            got = loaded.model(input_ids=prompt).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        loaded.close()
