@@ -1,8 +1,12 @@
-"""Sampling text from a causal LM (teacher or memory student) without relying on ``generate()``.
+"""Sampling text from a GPT-2 model (teacher or memory student) without relying on ``generate()``.
 
-A hand-written loop because memory layers are ordinary modules inside the blocks: every new token
-re-runs the (short) context, so no KV cache is needed and nothing depends on transformers' cache
-classes, which change between versions.
+Memory layers are ordinary modules inside the blocks, so a new token needs only the keys and values
+of the tokens before it: within the model's context the loop decodes with
+:class:`~memstore_gpt2.serve.decoding.Decoder`'s KV cache (``memstore serve``'s decoder: the same
+tokens as serving, each step one token's work). Past the context, or with ``cache=False``, it
+re-runs the last ``context`` tokens for every new one (a sliding window; the reference the
+decoder is tested against). Neither depends on transformers' cache classes, which change between
+versions. The draws are the same either way: one seeded CPU generator, the same operations.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ def sample_tokens(
     context: int | None = None,
     eos_id: int | None = None,
     precision: str = "fp32",
+    cache: bool = True,
 ) -> list[int]:
     """Extend ``prompt_ids`` by up to ``max_new_tokens`` sampled tokens (greedy if temperature 0).
 
     Runs where the model's weights are; ``precision="bf16"`` under ``torch.autocast``. Sampling
     itself draws on the CPU, so a seed gives the same tokens for the same logits on any device.
+    ``cache``: decode with the KV cache where prompt and new tokens fit the context (the module
+    docstring says when it cannot).
     """
     if max_new_tokens < 0:
         raise bad_parameter("max_new_tokens", f"must be >= 0, got {max_new_tokens}")
@@ -37,6 +44,12 @@ def sample_tokens(
     if not prompt_ids:
         raise bad_parameter("prompt", "is empty after tokenization: give some text")
     context = context or model.config.n_positions
+    from memstore_gpt2.serve.decoding import unsupported
+
+    fits = len(prompt_ids) + max_new_tokens <= min(context, model.config.n_positions)
+    if cache and fits and unsupported(model.config) is None:
+        return _cached(model, prompt_ids, max_new_tokens, temperature, top_k, seed, eos_id,
+                       precision)  # fmt: skip
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
@@ -63,6 +76,19 @@ def sample_tokens(
     finally:
         model.train(was_training)
     return ids
+
+
+def _cached(model, prompt_ids, max_new_tokens, temperature, top_k, seed, eos_id, precision):
+    """:func:`sample_tokens` through the KV-cache decoder (its draws: :class:`Sampler`)."""
+    from memstore_gpt2.serve.decoding import Decoder, Sampler, SamplingParams, decode
+
+    sampler = Sampler(SamplingParams(temperature, top_k, 1.0, seed))
+    was_training = model.training
+    model.eval()
+    try:
+        return decode(Decoder(model, precision), list(prompt_ids), max_new_tokens, sampler, eos_id)
+    finally:
+        model.train(was_training)
 
 
 def generate_text(model, tokenizer, prompt: str, **kwargs) -> str:

@@ -151,13 +151,47 @@ def _digest(array: np.ndarray) -> str:
 
 
 # -- the pack's inputs ----------------------------------------------------------------------------
+#: Sequences :func:`sample_background` decodes together (their KV caches side by side).
+SAMPLE_BATCH = 64
+
+
 @torch.no_grad()
 def sample_background(model, tokenizer, n_blocks: int, block_len: int, seed: int) -> np.ndarray:
     """``(n_blocks, block_len)`` tokens the student samples itself from its end-of-text token
-    (temperature 1, seeded): the distribution a pack must leave alone."""
+    (temperature 1, seeded): the distribution a pack must leave alone. Decoded with the KV cache
+    (``memstore serve``'s decoder), :data:`SAMPLE_BATCH` sequences at a time, each step one token
+    per sequence; the draws come from one generator in a fixed order, so a seed gives the same
+    blocks."""
+    from memstore_gpt2.serve.decoding import Decoder, unsupported
+
     generator = torch.Generator().manual_seed(int(seed))
-    start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    ids = torch.full((n_blocks, 1), int(start), dtype=torch.long)
+    start = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+    if unsupported(model.config) is not None or block_len > int(model.config.n_positions):
+        return _sample_without_cache(model, start, n_blocks, block_len, generator)
+    was_training = model.training
+    decoder = Decoder(model)  # (in eval mode, as every forward of the frozen student is)
+    try:
+        prompt, logits = decoder.prefill([start])  # every sequence starts from the same token
+        blocks = []
+        for first in range(0, n_blocks, SAMPLE_BATCH):
+            n = min(SAMPLE_BATCH, n_blocks - first)
+            batch, last = prompt.select([0] * n), logits[-1:].expand(n, -1)
+            ids = torch.full((n, block_len), start, dtype=torch.long)
+            for position in range(1, block_len):
+                probs = torch.softmax(last.float().cpu(), dim=-1)  # (n, V)
+                ids[:, position] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                if position < block_len - 1:
+                    batch, last = decoder.step(batch, ids[:, position].tolist())
+            blocks.append(ids)
+    finally:
+        model.train(was_training)
+    return torch.cat(blocks).numpy()
+
+
+def _sample_without_cache(model, start: int, n_blocks: int, block_len: int, generator):
+    """:func:`sample_background` for a model the decoder does not run: every step re-runs the
+    blocks sampled so far."""
+    ids = torch.full((n_blocks, 1), start, dtype=torch.long)
     for _ in range(block_len - 1):
         logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)

@@ -82,6 +82,15 @@ def intra_op_threads(count: int | None):
         torch.set_num_threads(before)
 
 
+def unsupported(config) -> str | None:
+    """Why :class:`Decoder` cannot run a GPT-2 model of ``config`` (None: it can)."""
+    if getattr(config, "reorder_and_upcast_attn", False):
+        return "GPT-2 configs with reorder_and_upcast_attn are not served"
+    if getattr(config, "add_cross_attention", False):
+        return "GPT-2 models with cross-attention are not served"
+    return None
+
+
 @dataclass
 class KVBatch:
     """Keys and values of every block for ``B`` sequences, left-padded to a common length ``L``.
@@ -152,12 +161,9 @@ class Decoder:
 
     def __init__(self, model, precision: str = "fp32", threads: int | None = None) -> None:
         config = model.config
-        if getattr(config, "reorder_and_upcast_attn", False):
-            raise bad_parameter(
-                "model", "GPT-2 configs with reorder_and_upcast_attn are not served"
-            )
-        if getattr(config, "add_cross_attention", False):
-            raise bad_parameter("model", "GPT-2 models with cross-attention are not served")
+        refused = unsupported(config)
+        if refused is not None:
+            raise bad_parameter("model", refused)
         precision_context(torch.device("cpu"), precision)  # validates the name
         self.model = model.eval()
         self.precision = precision

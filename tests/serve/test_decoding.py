@@ -1,5 +1,7 @@
-"""The KV-cache decoder against ``memstore generate``'s loop (``sample_tokens``), which re-runs
-the whole context for every token: the same greedy tokens, the same seeded draws."""
+"""The KV-cache decoder against the loop that re-runs the whole context for every token
+(``sample_tokens(cache=False)``): the same greedy tokens, the same seeded draws; ``memstore
+generate`` (``sample_tokens``) decodes with the cache within the context, and slides a window
+past it."""
 
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ def _ids(student, text):
 def test_greedy_tokens_equal_sample_tokens(student, prompt):
     ids = _ids(student, prompt)
     steps = 32 - len(ids)  # up to the end of the tiny model's context
-    expected = sample_tokens(student.model, ids, max_new_tokens=steps, temperature=0)
+    expected = sample_tokens(student.model, ids, max_new_tokens=steps, temperature=0, cache=False)
     assert greedy_decode(Decoder(student.model), ids, steps) == expected
+    assert sample_tokens(student.model, ids, max_new_tokens=steps, temperature=0) == expected
 
 
 def test_seeded_sampling_is_reproducible_and_draws_as_sample_tokens(student):
@@ -32,7 +35,19 @@ def test_seeded_sampling_is_reproducible_and_draws_as_sample_tokens(student):
         Decoder(student.model), ids, 20, Sampler(SamplingParams(**{**params, "seed": 8}))
     )
     assert first == again and first != other
+    assert first == sample_tokens(student.model, ids, max_new_tokens=20, cache=False, **params)
     assert first == sample_tokens(student.model, ids, max_new_tokens=20, **params)
+
+
+def test_generation_past_the_context_slides_a_window(student):
+    """More tokens than the context holds: the cache cannot, so every token re-runs the last
+    ``context`` tokens; within the context both loops give the same tokens."""
+    ids = _ids(student, PROMPTS[0])
+    steps = 40 - len(ids)  # the tiny model reads 32
+    out = sample_tokens(student.model, ids, max_new_tokens=steps, temperature=0)
+    assert len(out) == 40
+    within = 32 - len(ids)
+    assert out[:32] == sample_tokens(student.model, ids, max_new_tokens=within, temperature=0)
 
 
 def test_step_logits_match_a_full_forward(student):

@@ -200,3 +200,28 @@ def test_the_vocabulary_delta_gradient_is_the_same_every_time():
 
     first = gradient()
     assert all(torch.equal(first, gradient()) for _ in range(20))
+
+
+def test_background_sampled_with_the_cache_draws_as_the_loop_without_it(base_student_dir,
+                                                                        monkeypatch):  # fmt: skip
+    """The student's own background text: decoded with the KV cache, the same tokens as
+    re-running the blocks at every position (one batch: the same draws in the same order); in
+    several batches, the same blocks for the same seed."""
+    from memstore_gpt2.packs import learn
+
+    loaded = load_student(base_student_dir)
+    try:
+        model, tokenizer = loaded.model, loaded.tokenizer
+        start = tokenizer.eos_token_id
+        sampled = learn.sample_background(model, tokenizer, 6, 12, seed=3)
+        reference = learn._sample_without_cache(model, start, 6, 12,
+                                                torch.Generator().manual_seed(3))  # fmt: skip
+        assert sampled.shape == (6, 12) and (sampled[:, 0] == start).all()
+        np.testing.assert_array_equal(sampled, reference)
+        monkeypatch.setattr(learn, "SAMPLE_BATCH", 4)  # batches of 4 and 2
+        chunked = learn.sample_background(model, tokenizer, 6, 12, seed=3)
+        assert chunked.shape == (6, 12)
+        np.testing.assert_array_equal(chunked, learn.sample_background(model, tokenizer, 6, 12, 3))
+        assert not np.array_equal(chunked, learn.sample_background(model, tokenizer, 6, 12, 4))
+    finally:
+        loaded.close()
