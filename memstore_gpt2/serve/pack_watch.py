@@ -12,12 +12,10 @@ it mixes in at the head, so the next token simply reads the new packs.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memstore.errors import typed_first_line
-from memstore_gpt2.serve.refresh import REFRESH_INTERVAL_S
+from memstore_gpt2.serve.refresh import REFRESH_INTERVAL_S, CheckClock, count_failure
 
 
 @dataclass
@@ -44,9 +42,8 @@ class PackWatcher:
         self.names = None if names is None else tuple(names)
         self.memory_budget = memory_budget
         self.fingerprint = student_fingerprint(student_dir)
-        self.interval = float(interval)
+        self.clock = CheckClock(interval)
         self.stats = PackWatchStats()
-        self._due = 0.0
         held = finished_pack_versions(loaded.store)
         self.served = {n: held.get(n) for n in loaded.pack_names}
         #: Versions of packs that cannot be served here (they do not fit this student).
@@ -55,16 +52,13 @@ class PackWatcher:
     def check(self, admitting: bool = False) -> bool:
         """Swap in the packs that changed since the last check; True when the served packs
         changed. Without ``admitting``, only when :attr:`interval` has passed. Never raises."""
-        now = time.monotonic()
-        if not admitting and now < self._due:
+        if not self.clock.due(admitting):
             return False
-        self._due = now + self.interval
         self.stats.checks += 1
         try:
             return self._swap_if_changed()
         except Exception as exc:  # noqa: BLE001 - e.g. the database is unreachable for a moment
-            self.stats.failures += 1
-            self.stats.last_error = typed_first_line(exc)
+            count_failure(self.stats, exc)
             return False
 
     def _swap_if_changed(self) -> bool:

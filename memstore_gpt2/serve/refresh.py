@@ -28,6 +28,31 @@ from memstore_gpt2.memory_changes import ChangeFeed, versions
 REFRESH_INTERVAL_S = 0.5
 
 
+class CheckClock:
+    """When a check between two decoding steps runs: always before new requests are admitted
+    (so they see every change committed before they arrived), otherwise at most once per
+    ``interval`` seconds. The memory refresher and the pack watcher keep one each."""
+
+    def __init__(self, interval: float = REFRESH_INTERVAL_S) -> None:
+        self.interval = float(interval)
+        self._due = 0.0
+
+    def due(self, admitting: bool) -> bool:
+        """Whether to check now; a check that runs starts the next interval."""
+        now = time.monotonic()
+        if not admitting and now < self._due:
+            return False
+        self._due = now + self.interval
+        return True
+
+
+def count_failure(stats, exc: BaseException) -> None:
+    """A check that failed (the server goes on and tries again at the next): counted in
+    ``stats.failures``, its one-line reason in ``stats.last_error``."""
+    stats.failures += 1
+    stats.last_error = typed_first_line(exc)
+
+
 @dataclass
 class RefreshStats:
     """Counters for ``/metrics``: checks made, collection versions applied (``refreshes``), rows
@@ -68,9 +93,8 @@ class MemoryRefresher:
         self.layers: dict[str, list] = {}
         self.rebind(model)
         self.feed = ChangeFeed(store, known)
-        self.interval = float(interval)
+        self.clock = CheckClock(interval)
         self.stats = RefreshStats()
-        self._due = 0.0
 
     def rebind(self, model) -> None:
         """Find ``model``'s memory layers again (its knowledge packs were swapped)."""
@@ -86,15 +110,13 @@ class MemoryRefresher:
         """Apply every change committed since the last check; returns the collections refreshed.
         Without ``admitting`` (no new request waits), only when :attr:`interval` has passed.
         Never raises: a failure is counted and retried at the next check."""
-        now = time.monotonic()
-        if not admitting and now < self._due:
+        if not self.clock.due(admitting):
             return 0
-        self._due = now + self.interval
         self.stats.checks += 1
         try:
             changes = self.feed.poll()
         except Exception as exc:  # noqa: BLE001 - e.g. the database is unreachable for a moment
-            self._failed(exc)
+            count_failure(self.stats, exc)
             return 0
         done = 0
         for change in changes:
@@ -102,7 +124,7 @@ class MemoryRefresher:
             try:
                 rows = sum(layer.refresh_rows(change.ids) for layer in layers)
             except Exception as exc:  # noqa: BLE001 - retried: refreshing a row twice is harmless
-                self._failed(exc)
+                count_failure(self.stats, exc)
                 continue
             self.feed.applied(change)
             if layers:
@@ -111,7 +133,3 @@ class MemoryRefresher:
                 self.stats.rows += rows
                 self.stats.reloads += change.ids is None
         return done
-
-    def _failed(self, exc: BaseException) -> None:
-        self.stats.failures += 1
-        self.stats.last_error = typed_first_line(exc)
