@@ -15,6 +15,7 @@ import torch
 
 from memstore.errors import bad_parameter
 from memstore_gpt2.lm_training import autocast, model_device
+from memstore_gpt2.serve.decoding import Decoder, Sampler, SamplingParams, decode, unsupported
 
 
 @torch.no_grad()
@@ -44,8 +45,6 @@ def sample_tokens(
     if not prompt_ids:
         raise bad_parameter("prompt", "is empty after tokenization: give some text")
     context = context or model.config.n_positions
-    from memstore_gpt2.serve.decoding import unsupported
-
     fits = len(prompt_ids) + max_new_tokens <= min(context, model.config.n_positions)
     if cache and fits and unsupported(model.config) is None:
         return _cached(model, prompt_ids, max_new_tokens, temperature, top_k, seed, eos_id,
@@ -80,8 +79,6 @@ def sample_tokens(
 
 def _cached(model, prompt_ids, max_new_tokens, temperature, top_k, seed, eos_id, precision):
     """:func:`sample_tokens` through the KV-cache decoder (its draws: :class:`Sampler`)."""
-    from memstore_gpt2.serve.decoding import Decoder, Sampler, SamplingParams, decode
-
     sampler = Sampler(SamplingParams(temperature, top_k, 1.0, seed))
     was_training = model.training
     model.eval()

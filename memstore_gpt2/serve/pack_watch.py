@@ -51,7 +51,7 @@ class PackWatcher:
 
     def check(self, admitting: bool = False) -> bool:
         """Swap in the packs that changed since the last check; True when the served packs
-        changed. Without ``admitting``, only when :attr:`interval` has passed. Never raises."""
+        changed. Without ``admitting``, only when its clock's interval has passed. Never raises."""
         if not self.clock.due(admitting):
             return False
         self.stats.checks += 1

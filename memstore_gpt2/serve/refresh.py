@@ -108,7 +108,7 @@ class MemoryRefresher:
 
     def check(self, admitting: bool = False) -> int:
         """Apply every change committed since the last check; returns the collections refreshed.
-        Without ``admitting`` (no new request waits), only when :attr:`interval` has passed.
+        Without ``admitting`` (no new request waits), only when its clock's interval has passed.
         Never raises: a failure is counted and retried at the next check."""
         if not self.clock.due(admitting):
             return 0
