@@ -7,7 +7,9 @@ caller scores the halves (``s1 = q1 C1^T``, ``s2 = q2 C2^T``: O(sqrt(N) d) per q
 :func:`product_topk` finds the best k of the N sums from them: the best pairs can only combine a
 best-k ``i`` with a best-k ``j``, and of those k x k pairs only the ~k ln k with rank product
 ``(a + 1)(b + 1) <= k`` can make the top k (:func:`candidate_pairs`). Row ``(i, j)`` is numbered
-``i * n2 + j``.
+``i * n2 + j``. A small call (equal halves, rows x N at most :data:`FULL_SEARCH_SUMS`: one
+decoding token) skips the two stages and takes the top k of all N sums -- brute force itself, in
+fewer operators, which is what such a call's time is made of.
 
 **Exact, ties included.** The answer equals brute force over all N sums under one total order:
 higher score first, then lower row number. Each half keeps its k best under "higher score, then
