@@ -141,19 +141,16 @@ def topk_memory_read(
     casts are differentiable, so fp32 rows still get fp32 gradients), because autograd runs a
     Function's backward outside autocast, where mixed bf16/fp32 products would fail.
     """
-    if not needs_graph(q, keys, bias, values):
-        out, idx, weights = _read_without_graph(q, keys, bias, values, k, weight_fn, return_weights)
-        return (out, idx, weights) if return_weights else (out, idx)
+    # no gradient wanted (decoding, evaluation): the same read without the Function's bookkeeping
+    read = TopKMemoryRead.apply if needs_graph(q, keys, bias, values) else _read_without_graph
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             q, keys, bias, values = (t.to(dtype) for t in (q, keys, bias, values))
-            out, idx, weights = TopKMemoryRead.apply(
-                q, keys, bias, values, k, weight_fn, return_weights
-            )
-        return (out, idx, weights) if return_weights else (out, idx)
-    out, idx, weights = TopKMemoryRead.apply(q, keys, bias, values, k, weight_fn, return_weights)
+            out, idx, weights = read(q, keys, bias, values, k, weight_fn, return_weights)
+    else:
+        out, idx, weights = read(q, keys, bias, values, k, weight_fn, return_weights)
     return (out, idx, weights) if return_weights else (out, idx)
 
 
@@ -161,13 +158,8 @@ def _read_without_graph(q, keys, bias, values, k: int, weight_fn: WeightFn, retu
     """:class:`TopKMemoryRead`'s forward where no gradient is wanted (decoding, evaluation):
     the ``k`` selected value rows are read by index (an embedding bag) instead of through the
     dense ``(N, n)`` weight matrix the backward needs, so a token reads ``k`` rows, not ``n``.
-    The same selection and weights; the sum differs from the dense product by rounding only."""
-    device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):  # the read runs in the autocast dtype, as above
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            q, keys, bias, values = (t.to(dtype) for t in (q, keys, bias, values))
-            return _read_without_graph(q, keys, bias, values, k, weight_fn, return_weights)
+    The same selection and weights; the sum differs from the dense product by rounding only.
+    Called with the inputs already in one dtype, outside autocast (:func:`topk_memory_read`)."""
     n = keys.shape[0]
     scores = torch.addmm(bias, q, keys.T)  # (N, n)
     if k >= n:

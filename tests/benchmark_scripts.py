@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -24,3 +28,15 @@ def load_benchmark(monkeypatch: pytest.MonkeyPatch, script: str, *, cpu_env: boo
     module: ModuleType = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_json(script: str, *args) -> tuple[dict, list[str]]:
+    """``python benchmarks/<script> ARGS --json`` in its own process (offline): the JSON object it
+    printed last and every line of its output; fails the test with the script's stderr when it
+    exits non-zero."""
+    command = [sys.executable, str(BENCHMARKS / script), *map(str, args), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]), lines

@@ -3,22 +3,16 @@ timed with and without the cache, their draws checked equal by the script itself
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
-from tests.benchmark_scripts import BENCHMARKS
+from tests.benchmark_scripts import BENCHMARKS, run_json
 
 
 def test_toy_run_times_both_loops_both_ways(student_dir):
-    args = [sys.executable, str(BENCHMARKS / "generate_cache.py"), "--student", str(student_dir),
-            "--tokens", "10", "--blocks", "4", "--block-len", "12", "--repeats", "1", "--json"]  # fmt: skip
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
-    result = json.loads(lines[-1])
+    result, lines = run_json("generate_cache.py", "--student", student_dir, "--tokens", 10,
+                             "--blocks", 4, "--block-len", 12, "--repeats", 1)  # fmt: skip
     for loop in ("generate", "background"):
         figures = result[loop]
         assert figures["cached_s"] > 0 and figures["uncached_s"] > 0, loop

@@ -4,29 +4,19 @@ server's greedy text is ``memstore generate``'s."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 
-from tests.benchmark_scripts import BENCHMARKS
+from tests.benchmark_scripts import run_json
 
 ISSUE_KEYS = ("tokens_per_s_1", "tokens_per_s_2", "batching_speedup_2", "vs_hf_generate_1",
               "p99_ms_2")  # fmt: skip
 
 
 def test_toy_run_keys_and_consistent_figures(student_dir, teacher_dir, tmp_path):
-    args = [sys.executable, str(BENCHMARKS / "serve.py"), "--student", str(student_dir),
-            "--teacher", str(teacher_dir), "--clients", "1,2", "--requests", "1",
-            "--max-tokens", "4", "--repeats", "3", "--paired-requests", "2", "--work", str(tmp_path),
-            "--json"]  # fmt: skip
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
-    result = json.loads(lines[-1])
+    result, lines = run_json("serve.py", "--student", student_dir, "--teacher", teacher_dir,
+                             "--clients", "1,2", "--requests", 1, "--max-tokens", 4, "--repeats", 3,
+                             "--paired-requests", 2, "--work", tmp_path)  # fmt: skip
     for key in ISSUE_KEYS:
         assert math.isfinite(result[key]) and result[key] > 0, key
     assert result["greedy_identical"] is True

@@ -3,21 +3,13 @@ timed for every shape, and the route named is the one the limit picks."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 from memstore_torch.product_keys import FULL_SEARCH_SUMS
-from tests.benchmark_scripts import BENCHMARKS
+from tests.benchmark_scripts import run_json
 
 
 def test_toy_run_times_both_routes():
-    args = [sys.executable, str(BENCHMARKS / "pkm_search.py"), "--n-keys", "8,256",
-            "--tokens", "1,2", "--k", "4", "--rounds", "2", "--calls", "2", "--json"]  # fmt: skip
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
-    result = json.loads(lines[-1])
+    result, lines = run_json("pkm_search.py", "--n-keys", "8,256", "--tokens", "1,2", "--k", 4,
+                             "--rounds", 2, "--calls", 2)  # fmt: skip
     assert result["limit"] == FULL_SEARCH_SUMS
     assert [(r["n_keys"], r["tokens"]) for r in result["rows"]] == [(8, 1), (8, 2), (256, 1),
                                                                     (256, 2)]  # fmt: skip
