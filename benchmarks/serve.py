@@ -22,9 +22,10 @@ The arms are interleaved ``--repeats`` times (each client count on the batched s
 the unbatched one, then the paired round), so a slow minute on a shared machine hits every arm
 alike; each figure is the median over the repeats, each ratio the median of the repeats' ratios.
 ``--pack NAME`` (repeatable) serves the student with knowledge packs attached (every request
-uses them); ``--threads N`` gives both servers ``--threads N`` (default: their own choice per
-step). Also checks that the server's greedy text equals ``memstore generate``'s loop
-(``sample_tokens``, temperature 0) for the same prompt (``greedy_identical``).
+uses them); ``--threads N`` gives both servers ``--threads N`` (default: what each measures at
+start per step size; ``server_threads`` records the batched server's, from its ``/metrics``).
+Also checks that the server's greedy text equals ``memstore generate``'s loop (``sample_tokens``,
+temperature 0) for the same prompt (``greedy_identical``).
 
 JSON keys: ``tokens_per_s_1``, ``tokens_per_s_4``, ``tokens_per_s_16`` (batched server),
 ``unbatched_tokens_per_s_*``, ``batching_speedup_16`` (batched / unbatched at 16 clients),
@@ -84,6 +85,26 @@ def complete(url: str, prompt: str, max_tokens: int) -> tuple[str, int]:
     except urllib.error.HTTPError as exc:
         raise RuntimeError(f"HTTP {exc.code}: {exc.read().decode()[:300]}") from None
     return reply["choices"][0]["text"], reply["usage"]["completion_tokens"]
+
+
+def measured_threads(url: str) -> dict[str, int]:
+    """The server's CPU threads per step size, from ``/metrics`` (``memstore_decode_threads``:
+    what it measured at start, or its ``--threads``)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=60) as response:
+        text = response.read().decode()
+    prefix = 'memstore_decode_threads{sequences="'
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            labels, value = line.rsplit(" ", 1)
+            found[labels[len(prefix) : -2]] = int(float(value))
+    return found
+
+
+def describe_threads(threads) -> str:
+    if not isinstance(threads, dict):
+        return str(threads)
+    return ", ".join(f"{t} at {n} sequence{'s' * (int(n) > 1)}" for n, t in threads.items())
 
 
 def load_round(url: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -198,7 +219,7 @@ def format_table(result: dict) -> str:
     last = result["clients"][-1]
     return "\n".join([
         f"# memstore serve: {result['student']} ({result['device']}, threads "
-        f"{result['server_threads']}, packs: "
+        f"{describe_threads(result['server_threads'])}, packs: "
         f"{', '.join(result['packs']) or 'none'}); {result['requests_per_client']} greedy "
         f"requests of {result['max_tokens']} tokens per client; medians of "
         f"{len(result['repeats'])} interleaved repeats",
@@ -246,7 +267,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pack", action="append", default=[], help="Serve with this pack.")
     parser.add_argument("--threads", type=int, default=None,
-                        help="The servers' --threads [default: theirs, by each step's size].")  # fmt: skip
+                        help="The servers' --threads [default: what they measure at start].")  # fmt: skip
     parser.add_argument("--work", default=None, help="Where the server logs go [default: tmp].")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -257,7 +278,6 @@ def main() -> None:
     counts = [int(c) for c in args.clients.split(",")]
     result: dict = {"clients": counts, "max_tokens": args.max_tokens, "device": args.device,
                     "requests_per_client": args.requests, "packs": args.pack,
-                    "server_threads": args.threads or "auto",
                     "student": str(args.student)}  # fmt: skip
     servers = {}
     try:
@@ -266,6 +286,7 @@ def main() -> None:
                                           work / f"server{max_batch}.log", args.pack,
                                           args.threads)  # fmt: skip
             complete(servers[label][1], PROMPTS[0], 2)  # warm-up
+        result["server_threads"] = args.threads or measured_threads(servers[""][1])
         text, _ = complete(servers[""][1], PROMPTS[0], args.max_tokens)
         result["greedy_identical"] = text == reference_greedy(args.student, args.max_tokens,
                                                               args.pack)  # fmt: skip

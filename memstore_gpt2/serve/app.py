@@ -758,6 +758,12 @@ def render_metrics(state: ServeState) -> str:
            [((), stats.waiting)])  # fmt: skip
     metric("memstore_model_failures_total", "counter", "Model runs that failed (e.g. database).",
            [((), stats.failures)])  # fmt: skip
+    decoder = state.scheduler.decoder
+    metric("memstore_decode_threads", "gauge",
+           "CPU threads a decoding step of that many sequences uses (measured at start, or "
+           "--threads); 0 off a CPU.",
+           [((("sequences", n),), decoder.threads_for(n) or 0)
+            for n in sorted({1, *decoder.tuned_threads, state.scheduler.max_batch})])  # fmt: skip
     tokens = stats.model_tokens
     rows_read = paging.get("rows_read", 0)
     lookups = paging.get("cache_lookups", 0)

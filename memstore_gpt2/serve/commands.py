@@ -92,7 +92,7 @@ class Server:
             self.scheduler = Scheduler(
                 decoder, max_batch=max_batch, on_step=snapshot,
                 refresh=None if self.refresher is None else refresh,
-                refresh_interval=REFRESH_INTERVAL_S,
+                refresh_interval=REFRESH_INTERVAL_S, tune_threads=threads is None,
             )  # fmt: skip
             name = Path(student_dir).resolve().name
             self.state = ServeState(name, self.run.tokenizer, self.scheduler, api_key=api_key,
@@ -109,6 +109,7 @@ class Server:
                 ) from None
             self.http.daemon_threads = True
             self.scheduler.start()
+            self.scheduler.ready.wait()  # its threads measured: the first request meets them
         except BaseException:
             self.run.opened.close()
             raise
@@ -151,8 +152,8 @@ class Server:
 @click.option("--max-batch", default=16, show_default=True, type=int,
               help="Sequences decoded together per step (1: batching off).")  # fmt: skip
 @click.option("--threads", default=None, type=int,
-              help="CPU threads per forward [default: by its size: one per 16M multiply-adds, "
-                   "up to all cores].")  # fmt: skip
+              help="CPU threads per forward [default: measured at start for 1, 4, 16 "
+                   "sequences per step; larger steps one per 16M multiply-adds].")  # fmt: skip
 @click.option("--api-key", default=None, envvar="MEMSTORE_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/ (or set MEMSTORE_API_KEY).")  # fmt: skip
 def serve_command(student_dir, host, port, db, packs, all_packs, memory_budget, device, precision,
@@ -183,8 +184,11 @@ def serve_command(student_dir, host, port, db, packs, all_packs, memory_budget, 
 
     signal.signal(signal.SIGTERM, stop)
     loaded = f", packs {', '.join(server.state.packs)}" if server.state.packs else ""
+    threads = server.scheduler.decoder.describe_threads()
+    threads = f", {threads}" if threads else ""
     click.echo(f"memstore serve: {server.url}/v1 (model {server.state.model_name!r}, "
-               f"device {server.run.device}, max batch {max_batch}{loaded}); Ctrl-C stops it")  # fmt: skip
+               f"device {server.run.device}{threads}, max batch {max_batch}{loaded}); "
+               "Ctrl-C stops it")  # fmt: skip
     sys.stdout.flush()
     try:
         server.serve_forever()

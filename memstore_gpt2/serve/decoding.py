@@ -15,6 +15,7 @@ their own) and leave between steps; the columns every remaining sequence pads ar
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,14 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: 128-wide student (under 0.5M per token) served at 0.90 of the dense teacher's generate() on
 #: one thread and 0.60 on two, while 88M-parameter students run on both.
 WORK_PER_THREAD = 16_000_000
+
+#: Sequences per step at which :meth:`Decoder.tune_threads` times the thread counts (those up to
+#: a server's ``--max-batch``, and ``--max-batch`` itself).
+TUNED_BATCHES = (1, 4, 16)
+
+#: A thread count timed within this share of the fastest one's step time counts as fast: the
+#: fewest such threads are chosen (more threads take cores from everything else for nothing).
+THREADS_TOLERANCE = 0.05
 
 
 def precision_context(device: torch.device, precision: str):
@@ -154,8 +163,9 @@ class Decoder:
     """Prefill and batched single-token steps of a GPT-2 (teacher or memory student).
 
     Runs where the model's weights are, under ``precision`` (fp32, bf16, fp16 autocast). On a
-    CPU, each forward uses ``threads`` intra-op threads, or by default (None) one per
-    :data:`WORK_PER_THREAD` multiply-adds it does, up to torch's count when the decoder was made.
+    CPU, each forward uses ``threads`` intra-op threads, or by default (None) what
+    :meth:`tune_threads` measured for its batch size, else one per :data:`WORK_PER_THREAD`
+    multiply-adds it does, up to torch's count when the decoder was made.
     Not thread-safe: one thread (the scheduler) owns it.
     """
 
@@ -177,6 +187,8 @@ class Decoder:
         self.threads = threads
         self.max_threads = torch.get_num_threads()
         self.work_per_token = dense_work_per_token(model)
+        #: Sequences per step -> the intra-op threads :meth:`tune_threads` found fastest.
+        self.tuned_threads: dict[int, int] = {}
         #: The knowledge packs attached to the model (all act unless a forward chooses); a
         #: tuple replaced whole (:meth:`refresh_packs`), so other threads may read it any time.
         self.pack_names: tuple[str, ...] = tuple(attached_packs(model))
@@ -192,8 +204,71 @@ class Decoder:
             return None
         if self.threads is not None:
             return self.threads
+        if self.tuned_threads and tokens <= max(self.tuned_threads):
+            return self.tuned_threads[max(b for b in self.tuned_threads if b <= tokens)]
         wanted = -(-tokens * self.work_per_token // WORK_PER_THREAD)  # each thread <= the unit
         return max(1, min(self.max_threads, wanted))
+
+    def describe_threads(self) -> str:
+        """What a startup line says of the threads: ``threads 2``, ``threads 1 at 1 sequence,
+        2 at 16 (measured)``, ``threads by step size``; empty off a CPU."""
+        if self.device.type != "cpu":
+            return ""
+        if self.threads is not None:
+            return f"threads {self.threads}"
+        if not self.tuned_threads:
+            return "threads by step size"
+        parts = [f"{t} at {n} sequence{'s' if n > 1 else ''}"
+                 for n, t in sorted(self.tuned_threads.items())]  # fmt: skip
+        return f"threads {', '.join(parts)} (measured)"
+
+    def tune_threads(self, batch_sizes=TUNED_BATCHES, *, steps: int = 3, rounds: int = 3,
+                     budget_s: float = 5.0) -> dict[int, int]:  # fmt: skip
+        """Time decoding steps of ``batch_sizes`` sequences on 1, 2, 4... up to all intra-op
+        threads and keep, per size, the fewest threads within :data:`THREADS_TOLERANCE` of the
+        fastest (:meth:`threads_for` then uses them). Returns what it chose (empty off a CPU or
+        with ``threads`` fixed).
+
+        Why measure: whether a second thread pays for a step depends on the machine as much as
+        on the model -- shared cores, memory bandwidth, and the thread that decodes (on a
+        2-core VM, one thread stepped an 88M-parameter student 10 % faster in a server's
+        scheduler thread, where the work rule gave it two; docs/serve.md, Threads). Run it in
+        the thread that will decode. The counts take turns, ``rounds`` times ``steps`` steps
+        each after a warm-up step; sizes not reached within ``budget_s`` keep the rule. The
+        steps read memory rows like any (a paged memory's cache counts them) and change
+        nothing.
+        """
+        if self.device.type != "cpu" or self.threads is not None or self.context < 2:
+            return {}
+        counts = sorted({1, self.max_threads} | {2**i for i in range(8) if 2**i < self.max_threads})
+        start = time.perf_counter()
+        probe, _ = self.prefill([0] * min(8, self.context - 1))
+        try:
+            for size in sorted(set(batch_sizes)):
+                if time.perf_counter() - start > budget_s:
+                    break
+                self.tuned_threads[size] = self._fewest_fast_threads(probe.select([0] * size),
+                                                                     counts, steps, rounds)  # fmt: skip
+        finally:
+            self.threads = None
+        return dict(self.tuned_threads)
+
+    def _fewest_fast_threads(self, batch: KVBatch, counts: list[int], steps: int,
+                             rounds: int) -> int:  # fmt: skip
+        tokens = [0] * batch.size
+        seconds: dict[int, float] = {}
+        for turn in range(rounds):
+            shift = turn % len(counts)  # who goes first changes every round
+            for count in counts[shift:] + counts[:shift]:
+                self.threads = count
+                self.step(batch, tokens)  # warm-up: a new count wakes its threads
+                began = time.perf_counter()
+                for _ in range(steps):
+                    self.step(batch, tokens)
+                took = time.perf_counter() - began
+                seconds[count] = min(seconds.get(count, took), took)
+        fastest = min(seconds.values())
+        return min(c for c, t in seconds.items() if t <= fastest * (1 + THREADS_TOLERANCE))
 
     def _packs(self, per_row: list[tuple[str, ...] | None] | None):
         """Let each row's chosen packs act in the forward under way (``per_row[b]``: the names

@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 import torch
 
 from memstore.errors import bad_parameter, typed_first_line
-from memstore_gpt2.serve.decoding import Decoder, KVBatch, Sampler, SamplingParams
+from memstore_gpt2.serve.decoding import (
+    TUNED_BATCHES,
+    Decoder,
+    KVBatch,
+    Sampler,
+    SamplingParams,
+)
 
 
 @dataclass
@@ -132,12 +138,16 @@ class Scheduler:
     """Owns the decoder and its thread; :meth:`submit` from any thread."""
 
     def __init__(self, decoder: Decoder, max_batch: int = 16, on_step=None, *,
-                 refresh=None, refresh_interval: float = 0.5) -> None:  # fmt: skip
+                 refresh=None, refresh_interval: float = 0.5,
+                 tune_threads: bool = False) -> None:  # fmt: skip
         """``on_step()`` runs in the scheduler thread after each iteration; ``refresh(admitting)``
         before each one, between steps (never during one): where the memory re-reads rows that
         another process changed (:mod:`memstore_gpt2.serve.refresh`); ``admitting`` is True when
         new requests are about to join. With ``refresh`` an idle scheduler still wakes every
-        ``refresh_interval`` seconds to call it."""
+        ``refresh_interval`` seconds to call it. ``tune_threads``: the thread first measures
+        the decoder's CPU threads per batch size (:meth:`Decoder.tune_threads`, in this thread,
+        at 1, 4, 16 sequences up to ``max_batch`` and at ``max_batch``); :attr:`ready` is set
+        once it serves."""
         if max_batch < 1:
             raise bad_parameter("max_batch", f"must be >= 1, got {max_batch}")
         self.decoder = decoder
@@ -149,6 +159,9 @@ class Scheduler:
         self._pending: list[Request] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._tune_threads = tune_threads
+        #: Set when the thread takes requests (after measuring its threads, if asked to).
+        self.ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memstore-scheduler", daemon=True)
 
     def start(self) -> Scheduler:
@@ -175,7 +188,17 @@ class Scheduler:
         return request
 
     # -- the thread -------------------------------------------------------------------------------
+    def _tune(self) -> None:
+        sizes = [b for b in TUNED_BATCHES if b < self.max_batch] + [self.max_batch]
+        try:
+            self.decoder.tune_threads(sizes)
+        except Exception:  # noqa: BLE001 - the rule then picks; a broken model fails requests
+            self.stats.failures += 1
+
     def _run(self) -> None:
+        if self._tune_threads:
+            self._tune()
+        self.ready.set()
         batch: KVBatch | None = None
         active: list[_Active] = []
         while True:

@@ -114,3 +114,63 @@ def test_a_forward_runs_on_its_threads_and_restores_the_setting(student, monkeyp
     batch, _ = decoder.prefill(_ids(student, PROMPTS[0]))
     decoder.step(batch, [5])
     assert set(seen) == {decoder.threads} and torch.get_num_threads() == before
+
+
+class _FakeClock:
+    """``time.perf_counter`` for :meth:`Decoder.tune_threads`: every decoding step advances it
+    by what ``cost(threads, sequences)`` says a step of that many sequences on the decoder's
+    current thread count takes, so the choice is tested without timing anything."""
+
+    def __init__(self, decoder, monkeypatch, cost):
+        from memstore_gpt2.serve import decoding
+
+        self.now = 0.0
+        real_step = decoder.step
+
+        def step(batch, tokens, packs=None):
+            self.now += cost(decoder.threads, batch.size)
+            return real_step(batch, tokens, packs)
+
+        monkeypatch.setattr(decoder, "step", step)
+        monkeypatch.setattr(decoding.time, "perf_counter", lambda: self.now)
+
+
+def test_tuned_threads_are_the_fewest_within_the_tolerance_of_the_fastest(student, monkeypatch):
+    """Per batch size the thread count whose steps were fastest, unless fewer threads came
+    within THREADS_TOLERANCE of it; sizes between two measured ones use the smaller's count,
+    larger ones the work rule; ``threads`` fixed or a budget spent measures nothing more."""
+    decoder = Decoder(student.model)
+    decoder.max_threads = 4  # counts 1, 2, 4 whatever this machine has
+    # one sequence: 2 threads 3 % slower than 4 but within the tolerance; 4 sequences: 4 threads
+    # clearly fastest; 16: one thread fastest
+    cost = {1: {1: 1.0, 2: 0.62, 4: 0.60}, 4: {1: 2.0, 2: 1.5, 4: 1.0}, 16: {1: 3.0, 2: 3.3, 4: 4}}
+    _FakeClock(decoder, monkeypatch, lambda threads, size: cost[size][threads])
+    assert decoder.tune_threads((1, 4, 16), budget_s=1e9) == {1: 2, 4: 4, 16: 1}
+    assert decoder.threads is None  # what it set while measuring is undone
+    assert [decoder.threads_for(n) for n in (1, 3, 4, 15, 16)] == [2, 2, 4, 4, 1]
+    from memstore_gpt2.serve import decoding
+
+    monkeypatch.setattr(decoding, "WORK_PER_THREAD", decoder.work_per_token)
+    assert decoder.threads_for(17) == 4  # past the largest measured size: the rule
+    assert decoder.describe_threads() == (
+        "threads 2 at 1 sequence, 4 at 4 sequences, 1 at 16 sequences (measured)"
+    )
+    fixed = Decoder(student.model, threads=3)
+    assert fixed.tune_threads() == {} and fixed.describe_threads() == "threads 3"
+    # each step takes 1 s: the budget is spent after the first size
+    slow = Decoder(student.model)
+    slow.max_threads = 2
+    _FakeClock(slow, monkeypatch, lambda threads, size: 1.0)
+    assert slow.tune_threads((1, 4), budget_s=2.0) == {1: 1}
+    assert slow.describe_threads() == "threads 1 at 1 sequence (measured)"
+    assert Decoder(student.model).describe_threads() == "threads by step size"
+
+
+def test_tuning_steps_change_no_answer(student):
+    """Measuring the threads runs steps on a probe sequence only: the decoder then decodes
+    exactly what an untuned one does."""
+    ids = _ids(student, PROMPTS[0])
+    expected = greedy_decode(Decoder(student.model), ids, 12)
+    tuned = Decoder(student.model)
+    assert set(tuned.tune_threads((1, 2), steps=1, rounds=1)) == {1, 2}
+    assert greedy_decode(tuned, ids, 12) == expected

@@ -132,3 +132,18 @@ def test_bad_max_batch_is_refused(student):
 
     with pytest.raises(InvalidInputError, match="max_batch"):
         Scheduler(Decoder(student.model), max_batch=0)
+
+
+def test_a_tuning_scheduler_measures_its_threads_before_it_serves(student):
+    """``tune_threads``: the scheduler thread times its thread counts at 1, 4 and ``max_batch``
+    sequences first; ``ready`` is set once it takes requests, which decode as usual."""
+    decoder = Decoder(student.model)
+    scheduler = Scheduler(decoder, max_batch=8, tune_threads=True)
+    assert not scheduler.ready.is_set()
+    request = Request(_ids(student, PROMPTS[0]), max_tokens=6)
+    [events] = _run(scheduler, [request])
+    assert scheduler.ready.is_set()
+    assert set(decoder.tuned_threads) == {1, 4, 8}
+    tokens = [e.id for e in events if isinstance(e, Token)]
+    expected = greedy_decode(Decoder(student.model), request.prompt_ids, 6)
+    assert request.prompt_ids + tokens == expected

@@ -32,5 +32,9 @@ def test_toy_run_keys_and_consistent_figures(student_dir, teacher_dir, tmp_path)
     for r in repeats:  # the reference's better thread count counts
         by_threads = [v for k, v in r.items() if k.startswith("hf_generate_tokens_per_s_threads_")]
         assert by_threads and r["hf_generate_tokens_per_s"] == max(by_threads)
+    # what the batched server (--max-batch 16) measured at start, read from its /metrics
+    assert set(result["server_threads"]) == {"1", "4", "16"}
+    assert all(t >= 1 for t in result["server_threads"].values())
+    assert "1 at 1 sequence, " in lines[0]
     assert lines[0].startswith("# memstore serve: ") and lines[1].startswith("# machine: ")
     assert any(line.startswith("| 2 | ") for line in lines)  # the table's 2-client row

@@ -5,6 +5,7 @@ logprobs/echo, the errors, the metrics, and greedy output identical to ``memstor
 from __future__ import annotations
 
 import json
+import os
 import threading
 import urllib.error
 import urllib.request
@@ -264,6 +265,9 @@ def test_metrics_report_requests_tokens_and_paging(server, client):
     assert values["memstore_memory_rows_paged_total"] > 0
     assert 0 < values["memstore_memory_cache_hit_rate"] < 1
     assert values["memstore_memory_rows_paged_per_token"] > 0
+    # the threads it measured at start for 1 and 4 sequences per step (--max-batch 4)
+    threads = [values[f'memstore_decode_threads{{sequences="{n}"}}'] for n in (1, 4)]
+    assert all(1 <= t <= os.cpu_count() for t in threads), threads
 
 
 def test_bad_threads_are_refused_before_loading(student_dir):
