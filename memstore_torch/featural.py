@@ -195,13 +195,16 @@ class FeaturalMemory(MemoryLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
             raise InvalidInputError(f"expected (..., {self.d_model}) input, got {tuple(x.shape)}")
-        self._apply_pending()
+        if self._pending:  # (a decoding step has none: skip the no_grad call)
+            self._apply_pending()
         lead = x.shape[:-1]
         h = x.reshape(-1, self.d_model)  # (N, d)
         q = h if self.query_proj is None else self.query_proj(h)  # (N, H * dh)
         # The rows keep their own dtype (float32 unless the layer was converted): reduced-precision
         # activations (autocast) are read in the rows' precision and cast back on the way out.
-        q = q.reshape(-1, self.head_dim).to(self.memory_keys.dtype)  # (N * H, dh)
+        q = q.reshape(-1, self.head_dim)  # (N * H, dh)
+        if q.dtype != self.memory_keys.dtype:
+            q = q.to(self.memory_keys.dtype)
         n = self.index.n
         if n == 0:
             out = h.new_zeros((h.shape[0], self.row_value_dim))
@@ -226,7 +229,8 @@ class FeaturalMemory(MemoryLayer):
                 )
             if self.heads > 1:
                 out = out.reshape(h.shape[0], self.heads, -1).sum(1)
-            out = out.to(h.dtype)  # (N, dv)
+            if out.dtype != h.dtype:
+                out = out.to(h.dtype)  # (N, dv)
             if self.training or self.update_in_eval:
                 self._after_read(q.detach(), idx)
         if self.out_proj is not None:

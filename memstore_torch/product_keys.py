@@ -136,7 +136,8 @@ def product_topk_stacked(halves: torch.Tensor, k: int) -> tuple[torch.Tensor, to
                                 f"{tuple(halves.shape)} and k={k}")  # fmt: skip
     m, _, n = halves.shape
     if m * n * n <= FULL_SEARCH_SUMS:  # every sum, searched at once: row i * n + j is its column
-        return _best_first((halves[:, 0, :, None] + halves[:, 1, None, :]).reshape(m, n * n), k)
+        first, second = halves.unbind(1)  # (m, n) each
+        return _best_first((first.unsqueeze(2) + second.unsqueeze(1)).view(m, n * n), k)
     k1 = min(k, n)
     flat = halves.reshape(2 * m, n)  # row 2i: token i's first half, 2i + 1: its second
     picked, chosen = _best_first(flat, k1)  # (2m, k1): best sub-key scores and indices

@@ -372,25 +372,28 @@ class ProductKeyMemory(MemoryLayer):
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         """Per-head queries ``norm(W_q x)`` (T, heads, key_dim) for inputs ``x`` (T, d_model)."""
         cfg = self.config
-        t = x.shape[0]
         q = self.query_proj(x)  # (T, H * dk)
         if cfg.query_norm == "batchnorm":
             q = self.query_norm(q)
-        elif cfg.query_norm == "layernorm":
-            q = self.query_norm(q.view(t, cfg.heads, cfg.key_dim))
-        return q.reshape(t, cfg.heads, cfg.key_dim)
+        q = q.view(x.shape[0], cfg.heads, cfg.key_dim)
+        if cfg.query_norm == "layernorm":
+            q = self.query_norm(q)
+        return q
 
     def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token and head, the ``k`` best rows: ``(scores (T, heads, k), rows (T, heads, k))``
         for inputs ``x`` (T, d_model), best first (ties: lower row). Differentiable in the
         scores."""
         cfg = self.config
-        t, heads, dk, n = x.shape[0], cfg.heads, cfg.key_dim, cfg.n_keys
-        q = self.queries(x).reshape(t, 2 * heads, dk // 2).transpose(0, 1)  # (2H, T, dk/2)
+        t, heads, half, n = x.shape[0], cfg.heads, cfg.key_dim // 2, cfg.n_keys
+        q = self.queries(x).view(t, 2 * heads, half).transpose(0, 1)  # (2H, T, dk/2)
         sub = self.sub_keys if self.sub_keys.dtype == q.dtype else self.sub_keys.to(q.dtype)
-        s = torch.bmm(q, sub.view(2 * heads, n, dk // 2).transpose(1, 2))  # (2H, T, n_keys)
+        s = torch.bmm(q, sub.view(2 * heads, n, half).transpose(1, 2))  # (2H, T, n_keys)
         k = min(self.k, self.n_rows)
-        halves = s.view(heads, 2, t, n).permute(2, 0, 1, 3).reshape(t * heads, 2, n)  # token-major
+        if t == 1:  # a decoding token: (2H, 1, n) is already token-major
+            halves = s.view(heads, 2, n)
+        else:
+            halves = s.view(heads, 2, t, n).permute(2, 0, 1, 3).reshape(t * heads, 2, n)
         scores, rows = product_topk_stacked(halves, k)  # (T * H, k), token-major
         return scores.view(t, heads, k), rows.view(t, heads, k)
 
