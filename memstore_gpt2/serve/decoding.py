@@ -27,12 +27,14 @@ from memstore_gpt2.packs.attach import attached_packs, packs_acting
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-#: On a CPU, a forward gets one intra-op thread per this many multiply-adds of dense weights
-#: (tokens x :func:`dense_work_per_token`, rounded up), up to all of them. A decoding step is
-#: hundreds of small operations, and waking another thread for each costs more than it saves
-#: until each has real work: with ``benchmarks/serve.py`` on 2 cores (docs/serve.md, Threads) a
-#: 128-wide student (under 0.5M per token) served at 0.90 of the dense teacher's generate() on
-#: one thread and 0.60 on two, while 88M-parameter students run on both.
+#: On a CPU, a forward that :meth:`Decoder.tune_threads` did not measure (one of more tokens than
+#: its largest size: a long prefill, a larger batch; or a decoder never tuned, as ``memstore
+#: generate``'s) gets one intra-op thread per this many multiply-adds of dense weights (tokens x
+#: :func:`dense_work_per_token`, rounded up), up to all of them. A decoding step is hundreds of
+#: small operations, and waking another thread for each costs more than it saves until each has
+#: real work: with ``benchmarks/serve.py`` on 2 cores (docs/serve.md, Threads) a 128-wide student
+#: (under 0.5M per token) served at 0.90 of the dense teacher's generate() on one thread and 0.60
+#: on two.
 WORK_PER_THREAD = 16_000_000
 
 #: Sequences per step at which :meth:`Decoder.tune_threads` times the thread counts (those up to
@@ -241,6 +243,9 @@ class Decoder:
         if self.device.type != "cpu" or self.threads is not None or self.context < 2:
             return {}
         counts = sorted({1, self.max_threads} | {2**i for i in range(8) if 2**i < self.max_threads})
+        if counts == [1]:  # one thread is all there is: nothing to measure
+            self.tuned_threads.update(dict.fromkeys(batch_sizes, 1))
+            return dict(self.tuned_threads)
         start = time.perf_counter()
         probe, _ = self.prefill([0] * min(8, self.context - 1))
         try:

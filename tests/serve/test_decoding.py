@@ -164,6 +164,12 @@ def test_tuned_threads_are_the_fewest_within_the_tolerance_of_the_fastest(studen
     assert slow.tune_threads((1, 4), budget_s=2.0) == {1: 1}
     assert slow.describe_threads() == "threads 1 at 1 sequence (measured)"
     assert Decoder(student.model).describe_threads() == "threads by step size"
+    # one thread is all torch has: nothing is timed
+    single = Decoder(student.model)
+    single.max_threads = 1
+    monkeypatch.setattr(single, "step", lambda *a, **k: pytest.fail("stepped"))
+    monkeypatch.setattr(single, "prefill", lambda *a, **k: pytest.fail("prefilled"))
+    assert single.tune_threads((1, 4)) == {1: 1, 4: 1}
 
 
 def test_tuning_steps_change_no_answer(student):
