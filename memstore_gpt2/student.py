@@ -396,6 +396,26 @@ def resolve_db_url(student_dir: str | os.PathLike, manifest: dict, db: str | Non
     return manifest["db"]
 
 
+def _product_key_entries(manifest: dict) -> list[dict[str, Any]]:
+    """The student's own product-key layer entries (alone or inside a grown layer)."""
+    entries = []
+    for entry in manifest["layers"].values():
+        parts = entry.get("parts", [entry]) if entry["class"] == GROWN_CLASS else [entry]
+        entries += [p for p in parts if p.get("class") == "ProductKeyMemory"]
+    return entries
+
+
+def _tables(entries: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
+    """``(rows, bytes per cached row)`` of product-key entries, as a budget splits them."""
+    from memstore_torch import PagedRows, ProductKeyMemory
+
+    tables = []
+    for entry in entries:
+        config, _ = ProductKeyMemory.split_saved_config(entry["config"])
+        tables.append((config.n_rows, PagedRows.bytes_per_slot(2, config.row_value_dim)))
+    return tables
+
+
 def _cache_rows(
     manifest: dict, memory_budget, pack_entries: Sequence[dict[str, Any]] = ()
 ) -> dict[int, int | None]:
@@ -404,30 +424,24 @@ def _cache_rows(
     (``{"class": "ProductKeyMemory", "config": ...}`` of attached packs) share the one budget."""
     if memory_budget is None:
         return {}
-    from memstore_torch import PagedRows, ProductKeyMemory
-
-    entries = []
-    for entry in manifest["layers"].values():
-        parts = entry.get("parts", [entry]) if entry["class"] == GROWN_CLASS else [entry]
-        entries += [p for p in parts if p.get("class") == "ProductKeyMemory"]
-    entries += list(pack_entries)
-    tables = []
-    for entry in entries:
-        config, _ = ProductKeyMemory.split_saved_config(entry["config"])
-        tables.append((config.n_rows, PagedRows.bytes_per_slot(2, config.row_value_dim)))
-    rows = memory_budget.cache_rows(tables)
+    entries = _product_key_entries(manifest) + list(pack_entries)
+    rows = memory_budget.cache_rows(_tables(entries))
     return {id(entry): n for entry, n in zip(entries, rows, strict=True)}
+
+
+def _pack_entries(records: Sequence[Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {
+        (r.name, int(layer)): {"class": "ProductKeyMemory", "config": config}
+        for r in records
+        for layer, config in (r.manifest.get("memories") or {}).items()
+    }
 
 
 def budget_split(manifest: dict, memory_budget, records: Sequence[Any]):
     """``memory_budget`` split over the student's product-key layers and those of the pack
     ``records``: ``(cache rows by entry id, {pack name: {layer: cache rows}})`` (all None,
     every row resident, without a budget)."""
-    pack_entries = {
-        (r.name, int(layer)): {"class": "ProductKeyMemory", "config": config}
-        for r in records
-        for layer, config in (r.manifest.get("memories") or {}).items()
-    }
+    pack_entries = _pack_entries(records)
     try:
         cache_rows = _cache_rows(manifest, memory_budget, list(pack_entries.values()))
     except (TypeError, KeyError) as exc:
@@ -438,6 +452,40 @@ def budget_split(manifest: dict, memory_budget, records: Sequence[Any]):
     for (name, layer), entry in pack_entries.items():
         pack_cache.setdefault(name, {})[layer] = cache_rows.get(id(entry))
     return cache_rows, pack_cache
+
+
+def packs_split_after_student(manifest: dict, memory_budget, records: Sequence[Any]):
+    """``{pack name: {layer: cache rows}}`` for packs that join a student already loaded under
+    a ``memory_budget`` in bytes: the student's own tables keep what they took alone (they are
+    not resized while serving), and the packs share the rest of the budget. Raises
+    :class:`~memstore_gpt2.errors.PackError` when the rest cannot hold one row of every pack
+    table."""
+    from memstore_torch.budget import MemoryBudget
+
+    from .errors import PackError
+
+    pack_entries = _pack_entries(records)
+    try:
+        own_tables = _tables(_product_key_entries(manifest))
+        pack_tables = _tables(list(pack_entries.values()))
+    except (TypeError, KeyError) as exc:
+        raise StudentFormatError(
+            f"{STUDENT_FILE} or a pack: a product-key layer's config is damaged ({exc})"
+        ) from None
+    own_rows = memory_budget.cache_rows(own_tables)  # what the student took, loaded alone
+    used = sum((n if n is not None else rows) * row_bytes
+               for n, (rows, row_bytes) in zip(own_rows, own_tables, strict=True))  # fmt: skip
+    left = memory_budget.bytes - used
+    if left < sum(row_bytes for _, row_bytes in pack_tables):
+        raise PackError(
+            f"no room for packs under --memory-budget {memory_budget}: the student's own rows "
+            f"take {used} bytes of it; give a larger budget, or a share such as 10%"
+        )
+    rows = MemoryBudget(bytes=left).cache_rows(pack_tables)
+    pack_cache: dict[str, dict[int, int | None]] = {}
+    for (name, layer), n in zip(pack_entries, rows, strict=True):
+        pack_cache.setdefault(name, {})[layer] = n
+    return pack_cache
 
 
 def build_student_skeleton(

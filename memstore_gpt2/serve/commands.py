@@ -29,7 +29,7 @@ class Server:
                  threads: int | None = None) -> None:  # fmt: skip
         from werkzeug.serving import make_server
 
-        from memstore_gpt2.commands import _open_for_run, parse_memory_budget
+        from memstore_gpt2.commands import _open_for_run
         from memstore_gpt2.local_pages import LOOPBACK_NAMES
         from memstore_gpt2.serve.app import ServeState, create_app
         from memstore_gpt2.serve.decoding import Decoder
@@ -49,12 +49,6 @@ class Server:
             raise bad_parameter("api_key", "is empty")
         if all_packs and packs:
             raise bad_parameter("all_packs", "serves every pack: give it or --pack, not both")
-        if all_packs and getattr(parse_memory_budget(memory_budget), "bytes", None) is not None:
-            # a share is each table's own, so a pack joining later takes its share and changes
-            # no one else's cache; bytes are split over the tables there are at the start
-            raise bad_parameter("all_packs", "cannot follow new packs under a --memory-budget in "
-                                "bytes (split over the tables at start); give a share such as "
-                                "10%, or name the packs with --pack")  # fmt: skip
         known = versions_before_load(student_dir, db)  # edits during the load are applied after
         self.run = _open_for_run(student_dir, db, memory_budget, device, packs)
         try:

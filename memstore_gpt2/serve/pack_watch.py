@@ -5,9 +5,12 @@ refresher) :class:`PackWatcher` reads each finished pack's version (a digest of 
 parts: one small query, no blob) and, when the packs the server should serve changed, builds the
 new ones and swaps the attachment: a pack learnt or imported again under its name is served in
 its new version, a dropped one stops being served, and with ``--all-packs`` a pack learnt or
-imported after the start joins. Swapping between steps is safe for the sequences in flight: a pack
-never changes the student's own stream (the KV cache holds only the student's keys and values);
-it mixes in at the head, so the next token simply reads the new packs.
+imported after the start joins. Under a ``--memory-budget`` in bytes, ``--all-packs`` gives the
+student's own tables what they took when it loaded (they are not resized while it serves) and
+splits the rest over the packs at every swap; a pack with no room left is refused. Swapping
+between steps is safe for the sequences in flight: a pack never changes the student's own
+stream (the KV cache holds only the student's keys and values); it mixes in at the head, so
+the next token simply reads the new packs.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class PackWatcher:
         from memstore_gpt2.errors import PackError
         from memstore_gpt2.packs.attach import attach, build_pack, check_fits
         from memstore_gpt2.packs.storage import finished_pack_versions, read_pack
-        from memstore_gpt2.student import budget_split
+        from memstore_gpt2.student import budget_split, packs_split_after_student
 
         versions = finished_pack_versions(self.loaded.store)
         wanted = sorted(versions) if self.names is None else [n for n in self.names
@@ -74,22 +77,34 @@ class PackWatcher:
         target = {n: versions[n] for n in wanted}
         if target == self.served:
             return False
-        model, store = self.loaded.model, self.loaded.store
+        model, store, manifest = self.loaded.model, self.loaded.store, self.loaded.manifest
+
+        def refuse(name: str, exc: PackError) -> None:
+            """Not served in this version (retried when the pack is learnt or imported again)."""
+            self.refused[name] = versions[name]
+            self.stats.failures += 1
+            self.stats.last_error = str(exc)
+            target.pop(name)
+
+        # --all-packs under bytes: the student keeps what it took alone, the packs share the rest
+        share_the_rest = self.names is None and getattr(self.memory_budget, "bytes", None)
         records = []
         for name in wanted:
             try:
                 record = read_pack(store, name)
                 check_fits(record, model, self.fingerprint)
+                if share_the_rest:  # the packs before it in name order keep their room
+                    packs_split_after_student(manifest, self.memory_budget, [*records, record])
             except PackError as exc:  # e.g. learnt for another student: never served
-                self.refused[name] = versions[name]
-                self.stats.failures += 1
-                self.stats.last_error = str(exc)
-                target.pop(name)
+                refuse(name, exc)
                 continue
             records.append(record)
         if target == self.served:  # what changed was only refused: nothing to swap
             return False
-        _, cache_rows = budget_split(self.loaded.manifest, self.memory_budget, records)
+        if share_the_rest:
+            cache_rows = packs_split_after_student(manifest, self.memory_budget, records)
+        else:
+            _, cache_rows = budget_split(manifest, self.memory_budget, records)
         built = [build_pack(r, store, cache_rows.get(r.name)) for r in records]
         if self.loaded.packs is not None:  # everything new is built: now swap
             self.loaded.packs.detach()

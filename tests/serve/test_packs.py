@@ -232,13 +232,83 @@ def test_a_named_pack_is_followed_and_others_are_not(pack_student, tmp_path):
         loaded.close()
 
 
-def test_all_packs_is_refused_with_pack_or_a_budget_in_bytes(pack_student):
+def test_all_packs_is_refused_with_pack(pack_student):
     line = error_line(run_cli(["serve", pack_student, "--port", 0, "--all-packs", "--pack",
                                "alpha"]), exit_code=None)  # fmt: skip
     assert "all_packs" in line or "--all-packs" in line
-    line = error_line(run_cli(["serve", pack_student, "--port", 0, "--all-packs",
-                               "--memory-budget", "2MB"]), exit_code=None)  # fmt: skip
-    assert "--memory-budget in bytes" in line and "10%" in line
+
+
+def _table_bytes(configs) -> list[tuple[int, int]]:
+    """(rows, bytes per cached row) of product-key configs, the arithmetic of a budget."""
+    from memstore_torch import PagedRows, ProductKeyMemory
+
+    out = []
+    for saved in configs:
+        config, _ = ProductKeyMemory.split_saved_config(saved)
+        out.append((config.n_rows, PagedRows.bytes_per_slot(2, config.row_value_dim)))
+    return out
+
+
+def test_all_packs_under_bytes_share_what_the_student_leaves(student_dir, tmp_path):
+    """``--all-packs --memory-budget BYTES``: the student takes what it takes alone (here all
+    its rows, resident), a pack learnt later pages through caches that split the rest of the
+    budget, and computes what it computes resident; with nothing left, the pack is refused
+    once (counted, its reason kept) and the student serves on."""
+    from memstore_gpt2.packs.attach import attached_packs
+    from memstore_gpt2.packs.storage import read_pack
+    from memstore_gpt2.serve.pack_watch import PackWatcher
+    from memstore_gpt2.student import load_student, read_manifest
+    from memstore_torch import PagedRows, ProductKeyMemory
+    from memstore_torch.budget import MemoryBudget
+
+    student = copy_student(student_dir, tmp_path / "student")
+    own = []
+    for entry in read_manifest(student)["layers"].values():
+        own += [p["config"] for p in entry.get("parts", [entry])
+                if p.get("class") == "ProductKeyMemory"]  # fmt: skip
+    own_bytes = sum(rows * row_bytes for rows, row_bytes in _table_bytes(own))
+    assert own_bytes > 0
+    learn_tiny_pack(student, "fresh", 40)
+    probe = load_student(student)
+    try:
+        pack_tables = _table_bytes(read_pack(probe.store, "fresh").manifest["memories"].values())
+    finally:
+        probe.close()
+    pack_bytes = sum(rows * row_bytes for rows, row_bytes in pack_tables)
+    budget = MemoryBudget(bytes=own_bytes + pack_bytes // 3)
+    loaded = load_student(student, memory_budget=budget)
+    try:
+        assert not any(isinstance(m.index, PagedRows) for m in loaded.model.modules()
+                       if isinstance(m, ProductKeyMemory))  # fmt: skip
+        watcher = PackWatcher(loaded, str(student), None, budget)
+        assert watcher.check(admitting=True) and list(attached_packs(loaded.model)) == ["fresh"]
+        layers = [m for m in attached_packs(loaded.model)["fresh"].modules()
+                  if isinstance(m, ProductKeyMemory)]  # fmt: skip
+        assert layers and all(isinstance(m.index, PagedRows) for m in layers)
+        cached = sum(m.index.capacity * row_bytes
+                     for m, (_, row_bytes) in zip(layers, pack_tables, strict=True))  # fmt: skip
+        assert 0 < cached <= pack_bytes // 3  # the rest of the budget, no more
+        ids = torch.tensor([[5, 17, 42, 9, 100]])
+        with torch.no_grad():
+            got = loaded.model(input_ids=ids).logits
+        resident = load_student(student, packs=("fresh",))
+        try:
+            with torch.no_grad():
+                want = resident.model(input_ids=ids).logits
+        finally:
+            resident.close()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        loaded.close()
+    tight = MemoryBudget(bytes=own_bytes)  # the student's rows take it all
+    loaded = load_student(student, memory_budget=tight)
+    try:
+        watcher = PackWatcher(loaded, str(student), None, tight)
+        assert not watcher.check(admitting=True) and list(attached_packs(loaded.model)) == []
+        assert watcher.stats.failures == 1 and "no room for packs" in watcher.stats.last_error
+        assert not watcher.check(admitting=True) and watcher.stats.failures == 1  # not retried
+    finally:
+        loaded.close()
 
 
 def test_under_a_share_a_pack_learnt_later_pages_its_share_alone(student_dir, tmp_path):
