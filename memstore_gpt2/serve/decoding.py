@@ -15,6 +15,7 @@ their own) and leave between steps; the columns every remaining sequence pads ar
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -44,6 +45,9 @@ TUNED_BATCHES = (1, 4, 16)
 #: A thread count timed within this share of the fastest one's step time counts as fast: the
 #: fewest such threads are chosen (more threads take cores from everything else for nothing).
 THREADS_TOLERANCE = 0.05
+
+#: :meth:`Decoder.tune_threads` times each count for at least this long per round.
+ROUND_S = 0.02
 
 
 def precision_context(device: torch.device, precision: str):
@@ -236,7 +240,8 @@ class Decoder:
         2-core VM, one thread stepped an 88M-parameter student 10 % faster in a server's
         scheduler thread, where the work rule gave it two; docs/serve.md, Threads). Run it in
         the thread that will decode. The counts take turns, ``rounds`` times ``steps`` steps
-        each after a warm-up step; sizes not reached within ``budget_s`` keep the rule. The
+        each (more where that takes under :data:`ROUND_S`) after a warm-up step; sizes not
+        reached within ``budget_s`` keep the rule. The
         steps read memory rows like any (a paged memory's cache counts them) and change
         nothing.
         """
@@ -261,6 +266,12 @@ class Decoder:
     def _fewest_fast_threads(self, batch: KVBatch, counts: list[int], steps: int,
                              rounds: int) -> int:  # fmt: skip
         tokens = [0] * batch.size
+        self.threads = counts[0]
+        began = time.perf_counter()
+        self.step(batch, tokens)
+        # a round lasts at least ROUND_S: steps of a small model take a millisecond, and three
+        # of them are one scheduler tick of noise
+        steps = max(steps, math.ceil(ROUND_S / max(time.perf_counter() - began, 1e-6)))
         seconds: dict[int, float] = {}
         for turn in range(rounds):
             shift = turn % len(counts)  # who goes first changes every round
