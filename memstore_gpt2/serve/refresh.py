@@ -10,13 +10,16 @@ read fetches them; a change of "any row" reloads the collection.
 
 When it asks: before admitting a new request, always (so a request sent after an edit committed is
 answered wholly by the edited memory), and otherwise at most every :data:`REFRESH_INTERVAL_S`
-seconds, while sequences decode or the server idles. A sequence already decoding sees the edit
-from its next token on; the positions it had already run keep what they computed.
+seconds, while sequences decode or the server idles. On SQLite, :class:`CommitProbe` lets the
+check before a request skip reading the versions when nothing was committed since its last look.
+A sequence already decoding sees the edit from its next token on; the positions it had already
+run keep what they computed.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,47 @@ class CheckClock:
             return False
         self._due = now + self.interval
         return True
+
+
+class CommitProbe:
+    """Whether anything was committed to the memory's database since the last look, for the
+    check before new requests join: on SQLite one ``PRAGMA data_version`` on a read-only
+    connection of its own (it moves whenever another connection commits; microseconds, where
+    reading the pack and change versions takes a millisecond); on other databases it always
+    answers yes, so the versions are read as before."""
+
+    def __init__(self, url) -> None:
+        self._conn: sqlite3.Connection | None = None
+        self._seen: int | None = None
+        path = url.database if url.get_backend_name() == "sqlite" else None
+        if path and path != ":memory:" and Path(path).is_file():
+            uri = Path(path).resolve().as_uri() + "?mode=ro"
+            try:
+                self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            except sqlite3.Error:  # the versions are read every time instead
+                self._conn = None
+
+    def moved(self) -> bool:
+        """True unless the database is known unchanged since the last call that said True."""
+        if self._conn is None:
+            return True
+        try:
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            return True
+        if version == self._seen:
+            return False
+        self._seen = version
+        return True
+
+    def forget(self) -> None:
+        """Say True next time (a check failed: what it missed is read again at the next one)."""
+        self._seen = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def count_failure(stats, exc: BaseException) -> None:

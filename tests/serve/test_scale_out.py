@@ -54,6 +54,32 @@ def test_change_feed_returns_each_change_once_until_applied(tmp_path):
         assert ChangeFeed(store).poll() == []  # a new reader starts at the committed versions
 
 
+def test_commit_probe_sees_what_other_connections_commit(tmp_path):
+    """The check before a request joins skips reading versions only when SQLite says nothing
+    was committed since its last look; elsewhere (or closed) it always looks."""
+    import sqlalchemy as sa
+
+    from memstore_gpt2.serve.refresh import CommitProbe
+
+    with Store(f"sqlite:///{tmp_path / 'm.db'}") as store:
+        probe = CommitProbe(store.url)
+        assert probe.moved()  # the first look
+        assert not probe.moved()  # nothing committed since
+        with store.read() as conn:
+            versions(conn)  # reading commits nothing
+        assert not probe.moved()
+        with store.transaction() as conn:
+            record_change(conn, "a", [1])
+        assert probe.moved() and not probe.moved()
+        probe.forget()
+        assert probe.moved()
+        probe.close()
+        assert probe.moved() and probe.moved()
+    for url in ("postgresql://u@localhost/db", "sqlite://"):
+        other = CommitProbe(sa.make_url(url))
+        assert other.moved() and other.moved()
+
+
 def test_a_rolled_back_edit_announces_nothing(tmp_path):
     with Store(f"sqlite:///{tmp_path / 'm.db'}") as store:
         coll = store.create_collection("a", key_dim=2)
