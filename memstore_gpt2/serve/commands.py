@@ -32,7 +32,7 @@ class Server:
         from memstore_gpt2.commands import _open_for_run
         from memstore_gpt2.local_pages import LOOPBACK_NAMES
         from memstore_gpt2.serve.app import ServeState, create_app
-        from memstore_gpt2.serve.decoding import Decoder
+        from memstore_gpt2.serve.decoding import Decoder, check_threads
         from memstore_gpt2.serve.pack_watch import PackWatcher
         from memstore_gpt2.serve.refresh import (
             REFRESH_INTERVAL_S,
@@ -44,8 +44,7 @@ class Server:
         from memstore_torch.model_memory import memory_layers, paging_stats
 
         require_flask("serve")  # before the student loads: a missing extra is the first thing said
-        if threads is not None and threads < 1:
-            raise bad_parameter("threads", f"must be >= 1, got {threads}")
+        check_threads(threads)
         if api_key is not None and not api_key.strip():
             raise bad_parameter("api_key", "is empty")
         if all_packs and packs:

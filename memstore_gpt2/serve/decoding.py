@@ -97,6 +97,12 @@ def intra_op_threads(count: int | None):
         torch.set_num_threads(before)
 
 
+def check_threads(threads: int | None) -> None:
+    """Refuse a thread count below 1 (None: the decoder's choice), before anything loads."""
+    if threads is not None and threads < 1:
+        raise bad_parameter("threads", f"must be >= 1, got {threads}")
+
+
 def unsupported(config) -> str | None:
     """Why :class:`Decoder` cannot run a GPT-2 model of ``config`` (None: it can)."""
     if getattr(config, "reorder_and_upcast_attn", False):
@@ -188,8 +194,7 @@ class Decoder:
         self.transformer = model.transformer
         self.blocks = list(self.transformer.h)
         self.scales = [_attention_scale(block.attn, i) for i, block in enumerate(self.blocks)]
-        if threads is not None and threads < 1:
-            raise bad_parameter("threads", f"must be >= 1, got {threads}")
+        check_threads(threads)
         self.threads = threads
         self.max_threads = torch.get_num_threads()
         self.work_per_token = dense_work_per_token(model)
