@@ -102,9 +102,12 @@ def measured_threads(url: str) -> dict[str, int]:
 
 
 def describe_threads(threads) -> str:
+    """``--threads N`` as given, or the servers' measured counts as their startup line says."""
+    from memstore_gpt2.serve.decoding import threads_summary
+
     if not isinstance(threads, dict):
         return str(threads)
-    return ", ".join(f"{t} at {n} sequence{'s' * (int(n) > 1)}" for n, t in threads.items())
+    return threads_summary({int(n): t for n, t in threads.items()})
 
 
 def load_round(url: str, clients: int, requests: int, max_tokens: int) -> dict:

@@ -429,6 +429,12 @@ def _cache_rows(
     return {id(entry): n for entry, n in zip(entries, rows, strict=True)}
 
 
+def _damaged_config(exc: Exception) -> StudentFormatError:
+    return StudentFormatError(
+        f"{STUDENT_FILE} or a pack: a product-key layer's config is damaged ({exc})"
+    )
+
+
 def _pack_entries(records: Sequence[Any]) -> dict[tuple[str, int], dict[str, Any]]:
     return {
         (r.name, int(layer)): {"class": "ProductKeyMemory", "config": config}
@@ -445,9 +451,7 @@ def budget_split(manifest: dict, memory_budget, records: Sequence[Any]):
     try:
         cache_rows = _cache_rows(manifest, memory_budget, list(pack_entries.values()))
     except (TypeError, KeyError) as exc:
-        raise StudentFormatError(
-            f"{STUDENT_FILE} or a pack: a product-key layer's config is damaged ({exc})"
-        ) from None
+        raise _damaged_config(exc) from None
     pack_cache: dict[str, dict[int, int | None]] = {}
     for (name, layer), entry in pack_entries.items():
         pack_cache.setdefault(name, {})[layer] = cache_rows.get(id(entry))
@@ -469,9 +473,7 @@ def packs_split_after_student(manifest: dict, memory_budget, records: Sequence[A
         own_tables = _tables(_product_key_entries(manifest))
         pack_tables = _tables(list(pack_entries.values()))
     except (TypeError, KeyError) as exc:
-        raise StudentFormatError(
-            f"{STUDENT_FILE} or a pack: a product-key layer's config is damaged ({exc})"
-        ) from None
+        raise _damaged_config(exc) from None
     own_rows = memory_budget.cache_rows(own_tables)  # what the student took, loaded alone
     used = sum((n if n is not None else rows) * row_bytes
                for n, (rows, row_bytes) in zip(own_rows, own_tables, strict=True))  # fmt: skip

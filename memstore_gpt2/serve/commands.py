@@ -36,7 +36,6 @@ class Server:
         from memstore_gpt2.serve.pack_watch import PackWatcher
         from memstore_gpt2.serve.refresh import (
             REFRESH_INTERVAL_S,
-            CommitProbe,
             MemoryRefresher,
             versions_before_load,
         )
@@ -67,10 +66,9 @@ class Server:
                 layers[:] = memory_layers(model).values()
 
             student = self.run.opened.student
-            self.refresher = self.pack_watcher = self.commits = None
+            self.refresher = self.pack_watcher = None
             if student is not None:  # a plain GPT-2 directory has no memory to keep fresh
                 self.refresher = MemoryRefresher(model, student.store, known=known)
-                self.commits = CommitProbe(student.store.url)
                 self.pack_watcher = PackWatcher(student, student_dir,
                                                 None if all_packs else packs,
                                                 self.run.budget)  # fmt: skip
@@ -80,14 +78,9 @@ class Server:
                 raise bad_parameter("all_packs", f"{student_dir} is not a memstore student")
 
             def refresh(admitting: bool) -> None:
-                if admitting and not self.commits.moved():
-                    return  # nothing committed since the last check before a request: current
-                failures = self.pack_watcher.stats.failures + self.refresher.stats.failures
                 if self.pack_watcher.check(admitting):
                     packs_changed()
                 self.refresher.check(admitting)
-                if self.pack_watcher.stats.failures + self.refresher.stats.failures > failures:
-                    self.commits.forget()  # look again before the next request
 
             self.scheduler = Scheduler(
                 decoder, max_batch=max_batch, on_step=snapshot,
@@ -123,8 +116,9 @@ class Server:
     def close(self) -> None:
         self.http.server_close()
         self.scheduler.stop()
-        if self.commits is not None:
-            self.commits.close()
+        for watcher in (self.refresher, self.pack_watcher):
+            if watcher is not None:
+                watcher.close()
         self.run.opened.close()
 
 

@@ -97,6 +97,12 @@ def intra_op_threads(count: int | None):
         torch.set_num_threads(before)
 
 
+def threads_summary(threads: dict[int, int]) -> str:
+    """``1 at 1 sequence, 2 at 16 sequences`` of ``{sequences per step: threads}``."""
+    return ", ".join(f"{t} at {n} sequence{'s' if n > 1 else ''}"
+                     for n, t in sorted(threads.items()))  # fmt: skip
+
+
 def check_threads(threads: int | None) -> None:
     """Refuse a thread count below 1 (None: the decoder's choice), before anything loads."""
     if threads is not None and threads < 1:
@@ -229,9 +235,7 @@ class Decoder:
             return f"threads {self.threads}"
         if not self.tuned_threads:
             return "threads by step size"
-        parts = [f"{t} at {n} sequence{'s' if n > 1 else ''}"
-                 for n, t in sorted(self.tuned_threads.items())]  # fmt: skip
-        return f"threads {', '.join(parts)} (measured)"
+        return f"threads {threads_summary(self.tuned_threads)} (measured)"
 
     def tune_threads(self, batch_sizes=TUNED_BATCHES, *, steps: int = 3, rounds: int = 3,
                      budget_s: float = 5.0) -> dict[int, int]:  # fmt: skip

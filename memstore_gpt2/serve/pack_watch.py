@@ -18,7 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memstore_gpt2.serve.refresh import REFRESH_INTERVAL_S, CheckClock, count_failure
+from memstore_gpt2.serve.refresh import (
+    REFRESH_INTERVAL_S,
+    CheckClock,
+    CommitProbe,
+    count_failure,
+)
 
 
 @dataclass
@@ -45,12 +50,15 @@ class PackWatcher:
         self.names = None if names is None else tuple(names)
         self.memory_budget = memory_budget
         self.fingerprint = student_fingerprint(student_dir)
-        self.clock = CheckClock(interval)
+        self.clock = CheckClock(interval, CommitProbe(loaded.store.url))
         self.stats = PackWatchStats()
         held = finished_pack_versions(loaded.store)
         self.served = {n: held.get(n) for n in loaded.pack_names}
         #: Versions of packs that cannot be served here (they do not fit this student).
         self.refused: dict[str, str] = {}
+
+    def close(self) -> None:
+        self.clock.close()
 
     def check(self, admitting: bool = False) -> bool:
         """Swap in the packs that changed since the last check; True when the served packs
@@ -61,7 +69,7 @@ class PackWatcher:
         try:
             return self._swap_if_changed()
         except Exception as exc:  # noqa: BLE001 - e.g. the database is unreachable for a moment
-            count_failure(self.stats, exc)
+            count_failure(self.stats, exc, self.clock)
             return False
 
     def _swap_if_changed(self) -> bool:

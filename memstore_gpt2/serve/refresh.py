@@ -10,7 +10,7 @@ read fetches them; a change of "any row" reloads the collection.
 
 When it asks: before admitting a new request, always (so a request sent after an edit committed is
 answered wholly by the edited memory), and otherwise at most every :data:`REFRESH_INTERVAL_S`
-seconds, while sequences decode or the server idles. On SQLite, :class:`CommitProbe` lets the
+seconds, while sequences decode or the server idles. On SQLite, a :class:`CommitProbe` lets the
 check before a request skip reading the versions when nothing was committed since its last look.
 A sequence already decoding sees the edit from its next token on; the positions it had already
 run keep what they computed.
@@ -29,24 +29,6 @@ from memstore_gpt2.memory_changes import ChangeFeed, versions
 
 #: Longest time between two checks while no request arrives (one small query each).
 REFRESH_INTERVAL_S = 0.5
-
-
-class CheckClock:
-    """When a check between two decoding steps runs: always before new requests are admitted
-    (so they see every change committed before they arrived), otherwise at most once per
-    ``interval`` seconds. The memory refresher and the pack watcher keep one each."""
-
-    def __init__(self, interval: float = REFRESH_INTERVAL_S) -> None:
-        self.interval = float(interval)
-        self._due = 0.0
-
-    def due(self, admitting: bool) -> bool:
-        """Whether to check now; a check that runs starts the next interval."""
-        now = time.monotonic()
-        if not admitting and now < self._due:
-            return False
-        self._due = now + self.interval
-        return True
 
 
 class CommitProbe:
@@ -90,9 +72,44 @@ class CommitProbe:
             self._conn = None
 
 
-def count_failure(stats, exc: BaseException) -> None:
-    """A check that failed (the server goes on and tries again at the next): counted in
-    ``stats.failures``, its one-line reason in ``stats.last_error``."""
+class CheckClock:
+    """When a check between two decoding steps runs: before new requests are admitted (so they
+    see every change committed before they arrived) unless ``probe`` knows nothing was committed
+    since, otherwise at most once per ``interval`` seconds. The memory refresher and the pack
+    watcher keep one each."""
+
+    def __init__(self, interval: float = REFRESH_INTERVAL_S, probe: CommitProbe | None = None
+                 ) -> None:  # fmt: skip
+        self.interval = float(interval)
+        self.probe = probe
+        self._due = 0.0
+
+    def due(self, admitting: bool) -> bool:
+        """Whether to check now; a check that runs starts the next interval."""
+        now = time.monotonic()
+        if admitting:
+            if self.probe is not None and not self.probe.moved():
+                return False  # nothing committed since the last check before a request
+        elif now < self._due:
+            return False
+        self._due = now + self.interval
+        return True
+
+    def forget(self) -> None:
+        """The check failed: the next one before a request runs whatever the probe says."""
+        if self.probe is not None:
+            self.probe.forget()
+
+    def close(self) -> None:
+        if self.probe is not None:
+            self.probe.close()
+
+
+def count_failure(stats, exc: BaseException, clock: CheckClock) -> None:
+    """A check that failed (the server goes on and tries again at the next, before the next
+    request at the latest): counted in ``stats.failures``, its one-line reason in
+    ``stats.last_error``."""
+    clock.forget()
     stats.failures += 1
     stats.last_error = typed_first_line(exc)
 
@@ -137,8 +154,11 @@ class MemoryRefresher:
         self.layers: dict[str, list] = {}
         self.rebind(model)
         self.feed = ChangeFeed(store, known)
-        self.clock = CheckClock(interval)
+        self.clock = CheckClock(interval, CommitProbe(store.url))
         self.stats = RefreshStats()
+
+    def close(self) -> None:
+        self.clock.close()
 
     def rebind(self, model) -> None:
         """Find ``model``'s memory layers again (its knowledge packs were swapped)."""
@@ -160,7 +180,7 @@ class MemoryRefresher:
         try:
             changes = self.feed.poll()
         except Exception as exc:  # noqa: BLE001 - e.g. the database is unreachable for a moment
-            count_failure(self.stats, exc)
+            count_failure(self.stats, exc, self.clock)
             return 0
         done = 0
         for change in changes:
@@ -168,7 +188,7 @@ class MemoryRefresher:
             try:
                 rows = sum(layer.refresh_rows(change.ids) for layer in layers)
             except Exception as exc:  # noqa: BLE001 - retried: refreshing a row twice is harmless
-                count_failure(self.stats, exc)
+                count_failure(self.stats, exc, self.clock)
                 continue
             self.feed.applied(change)
             if layers:

@@ -373,6 +373,7 @@ def test_a_pack_that_does_not_fit_is_skipped_once_and_the_rest_served(pack_stude
         assert watcher.stats.failures == 2 and "another student" in watcher.stats.last_error
         assert not watcher.check(admitting=True) and watcher.stats.failures == 2  # not retried
         watcher.fingerprint, watcher.refused = real, {"beta": watcher.refused["beta"]}
+        watcher.clock.forget()  # changed here, not by a commit its probe would see: look again
         assert watcher.check(admitting=True)
         assert list(attached_packs(loaded.model)) == ["alpha"]
     finally:

@@ -78,6 +78,19 @@ def test_commit_probe_sees_what_other_connections_commit(tmp_path):
     for url in ("postgresql://u@localhost/db", "sqlite://"):
         other = CommitProbe(sa.make_url(url))
         assert other.moved() and other.moved()
+    # the clock each watcher keeps asks its probe before a request, its interval otherwise
+    from memstore_gpt2.serve.refresh import CheckClock
+
+    with Store(f"sqlite:///{tmp_path / 'm.db'}") as store:
+        clock = CheckClock(3600, CommitProbe(store.url))
+        assert clock.due(admitting=True) and not clock.due(admitting=True)
+        assert not clock.due(admitting=False)  # the interval has not passed
+        with store.transaction() as conn:
+            record_change(conn, "a", [2])
+        assert clock.due(admitting=True)
+        clock.forget()  # a check failed
+        assert clock.due(admitting=True) and not clock.due(admitting=True)
+        clock.close()
 
 
 def test_a_rolled_back_edit_announces_nothing(tmp_path):
